@@ -1,0 +1,270 @@
+"""The command line: click for parsing, rich for output.
+
+Global options may be given before or after the command (``consolidator -f x.yaml
+plan`` and ``consolidator plan -f x.yaml`` are the same). Errors print as one
+line (plus hint); ``-v`` adds the traceback. Exit codes: see
+:class:`consolidator.errors.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from . import __version__
+from . import log as logmod
+from .errors import (ConsolidatorError, ExitCode, InventoryError, NotYetImplemented, PlanExit)
+from .state import DEFAULT_STATE_DIR
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Ctx:
+    """Settings shared by every command."""
+
+    def __init__(self) -> None:
+        self.state_dir: str = os.environ.get("CONSOLIDATOR_STATE_DIR", DEFAULT_STATE_DIR)
+        self.file: str = os.environ.get("CONSOLIDATOR_INVENTORY", "inventory.yaml")
+        self.log_format: str = "console"
+        self.verbose: bool = False
+
+    def state(self):
+        from .state import StateDir
+        return StateDir(self.state_dir)
+
+    def fleet(self):
+        from .inventory import load_inventory
+        return load_inventory(self.file)
+
+
+def _set(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def cb(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        if value is not None and value is not False:
+            root = ctx.find_root()
+            root.ensure_object(Ctx)
+            setattr(root.obj, attr, value)
+    return cb
+
+
+def common_options(f: Callable) -> Callable:
+    """Global options, accepted on the group and on every command."""
+    opts = [
+        click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+                     expose_value=False, callback=_set("state_dir"), is_eager=True,
+                     help=f"State directory [env CONSOLIDATOR_STATE_DIR; default "
+                          f"{DEFAULT_STATE_DIR}]"),
+        click.option("-f", "--file", type=click.Path(dir_okay=False), default=None,
+                     expose_value=False, callback=_set("file"), is_eager=True,
+                     help="Inventory file [default ./inventory.yaml]"),
+        click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
+                     expose_value=False, callback=_set("log_format"), is_eager=True,
+                     help="Log lines for people (console) or machines (json)"),
+        click.option("-v", "--verbose", is_flag=True, default=False, expose_value=False,
+                     callback=_set("verbose"), is_eager=True,
+                     help="More detail, and tracebacks on errors"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def handled(f: Callable) -> Callable:
+    """Run a command: errors become one clear message and their exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        c: Ctx = ctx.find_root().ensure_object(Ctx)
+        logmod.configure(c.log_format, verbose=c.verbose)  # type: ignore[arg-type]
+        try:
+            return f(c, *args, **kwargs)
+        except InventoryError as e:
+            for p in e.problems:
+                err.print(p.render(), markup=False)
+            err.print(f"[red]{e.message}[/]; nothing was applied")
+            if c.verbose:
+                err.print(traceback.format_exc(), markup=False)
+            sys.exit(_code(ctx, e))
+        except ConsolidatorError as e:
+            err.print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
+            if e.hint:
+                err.print(f"[yellow]hint:[/] {e.hint}")
+            if c.verbose:
+                err.print(traceback.format_exc(), markup=False)
+            sys.exit(_code(ctx, e))
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(ExitCode.INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence for users
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}")
+            if c.verbose:
+                err.print(traceback.format_exc(), markup=False)
+            else:
+                err.print("[dim]run again with -v for the traceback[/]")
+            sys.exit(ExitCode.FAILURE)
+
+    return wrapper
+
+
+def _code(ctx: click.Context, e: ConsolidatorError) -> int:
+    if ctx.meta.get("detailed_exitcode"):
+        return PlanExit.ERROR
+    return int(e.exit_code)
+
+
+EXIT_HELP = "\n".join(f"  {c.value:>3}  {c.name}" for c in ExitCode)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog="Exit codes:\n\n\b\n" + EXIT_HELP)
+@common_options
+@click.version_option(__version__, prog_name="consolidator")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Declare a fleet of QEMU/KVM guests in one YAML inventory and run it on this host.
+
+    \b
+    consolidator validate       check the inventory, report every error at once
+    consolidator plan           show what apply would change
+    consolidator apply          make it so (the supervisor starts if needed)
+    consolidator status         what runs, and how it is doing
+    consolidator doctor         what this host offers, and what is missing
+    """
+    ctx.ensure_object(Ctx)
+
+
+# ------------------------------------------------------------------ validate, schema
+
+@cli.command()
+@common_options
+@handled
+def validate(c: Ctx) -> None:
+    """Check the inventory; print ok and a summary, or every error with FILE:LINE:COL.
+
+    Exits 0 when valid, 2 when not. Nothing is applied either way.
+    """
+    fleet = c.fleet()
+    out.print(f"ok: {c.file}: {fleet.summary()}", markup=False)
+
+
+@cli.command()
+@common_options
+@handled
+def schema(c: Ctx) -> None:
+    """Print the inventory's JSON Schema (for editor completion and checks)."""
+    from .inventory import json_schema
+    out.print_json(json.dumps(json_schema()))
+
+
+# ---------------------------------------------------------------------------- plan
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON")
+@click.option("--detailed-exitcode", is_flag=True,
+              help="Exit 0 for no changes, 1 for an error, 2 when there are changes")
+@click.option("--prune", is_flag=True, help="Plan removal of guests and networks not in "
+                                            "the inventory")
+@click.option("--purge", is_flag=True, help="With --prune: also delete their disk overlays")
+@click.option("--allow-restart", is_flag=True,
+              help="Plan restarts of running guests for changes that need one")
+@handled
+def plan(c: Ctx, as_json: bool, detailed_exitcode: bool, prune: bool, purge: bool,
+         allow_restart: bool) -> None:
+    """Show what apply would change, Terraform style (+ create, ~ change, - remove).
+
+    Each action is labelled live (no disruption), restart or replace. Changes that
+    need a running guest restarted are listed as pending unless --allow-restart.
+    """
+    from .plan import plan as make_plan
+    from .render import render_plan
+    ctx = click.get_current_context()
+    ctx.meta["detailed_exitcode"] = detailed_exitcode
+    fleet = c.fleet()
+    state = c.state()
+    observed = state.observe()
+    p = make_plan(fleet, observed, prune=prune, purge=purge, allow_restart=allow_restart)
+    if as_json:
+        out.print_json(json.dumps({**p.to_json(), "instance": fleet.instance,
+                                   "fleet_hash": fleet.fleet_hash()}))
+    else:
+        where = str(state.root) + ("" if state.exists() else " (empty: nothing runs)")
+        render_plan(out, p, header=f"Plan for instance {fleet.instance}, state {where}")
+    if detailed_exitcode:
+        sys.exit(PlanExit.CHANGES if not p.empty else PlanExit.NO_CHANGES)
+
+
+# -------------------------------------------------------------------------- doctor
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+@handled
+def doctor(c: Ctx, as_json: bool) -> None:
+    """Check this host: KVM (hardware or PVM), cgroups, tun, netns, QEMU, busybox, kernel.
+
+    Exits 4 when something required is missing.
+    """
+    from .doctor import gather
+    from .render import doctor_table
+    instance = "cns"
+    try:
+        instance = c.fleet().instance
+    except ConsolidatorError:
+        pass
+    report = gather(instance, Path(c.state_dir) / "images")
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        out.print(doctor_table(report))
+        out.print(f"[bold]Guests will run under {report['accel']['name'].upper()}[/]: "
+                  f"{report['accel']['reason']}")
+        if not report["ok"]:
+            out.print(f"[bold red]missing:[/] {', '.join(report['missing'])}")
+    if not report["ok"]:
+        sys.exit(ExitCode.HOST)
+
+
+# ------------------------------------------------------------ not yet implemented
+
+def _later(name: str, lacks: str, doc: str) -> None:
+    @cli.command(name=name, help=doc, context_settings={"ignore_unknown_options": True})
+    @common_options
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    @handled
+    def cmd(c: Ctx, args: tuple[str, ...]) -> None:
+        raise NotYetImplemented(name, lacks)
+
+
+for _name, _lacks, _doc in (
+        ("apply", "the supervisor (guest launcher, networks, cgroups)",
+         "Validate, plan, show the plan, then make it so through the supervisor."),
+        ("status", "the supervisor", "One row per guest: state, uptime, CPU, memory, IPs."),
+        ("console", "the supervisor's console sockets", "Attach to a guest's serial console."),
+        ("logs", "the supervisor's guest logs", "Show a guest's serial log and events."),
+        ("stop", "the supervisor", "Stop a guest gracefully."),
+        ("start", "the supervisor", "Start a stopped or failed guest."),
+        ("destroy", "the supervisor", "Remove every guest, network and cgroup of the instance."),
+        ("report", "the history recorder", "Capacity report: usage, right-sizing, what fits."),
+        ("supervise", "the supervisor daemon", "Run the supervisor in the foreground."),
+):
+    _later(_name, _lacks, _doc)
+
+
+def main() -> None:
+    cli(prog_name="consolidator")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""``consolidator doctor``: what this host offers, whether it is usable, and the fix if not."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import stat
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .sched.cgroup import CgroupLayout, detect
+from .vm.accel import KvmFacts, KvmKind, choose_accel, probe_kvm
+
+
+@dataclass(frozen=True)
+class Fact:
+    name: str
+    value: str
+    ok: bool
+    required: bool
+    fix: str | None = None
+
+
+def _version(argv: list[str], pattern: str = r"version ([\w.+~:-]+)") -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(pattern, out.stdout + out.stderr)
+    return m[1] if m else (out.stdout.strip().splitlines() or ["?"])[0]
+
+
+def _is_static_elf(path: str) -> bool:
+    """True when the ELF has no PT_INTERP program header (statically linked)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:
+                return False
+            phoff = int.from_bytes(head[32:40], "little")
+            phentsize = int.from_bytes(head[54:56], "little")
+            phnum = int.from_bytes(head[56:58], "little")
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+        return not any(int.from_bytes(table[i:i + 4], "little") == 3
+                       for i in range(0, len(table), phentsize))
+    except OSError:
+        return False
+
+
+def kvm_facts(kvm: KvmFacts) -> list[Fact]:
+    accel = choose_accel(kvm)
+    return [
+        Fact("/dev/kvm", f"opens, KVM API {kvm.api_version}" if kvm.opens else
+             (kvm.error or "absent"), kvm.opens, False,
+             None if kvm.opens else "load kvm_intel or kvm_amd, or accept TCG (slower)"),
+        Fact("KVM kind", kvm.explain(), kvm.kind is KvmKind.HARDWARE, False,
+             None if kvm.kind is KvmKind.HARDWARE else
+             "guests run under TCG; on PVM hosts mark an image pvm: true only if its kernel "
+             "boots under PVM"),
+        Fact("accelerator", accel.reason, True, True),
+    ]
+
+
+def cgroup_facts(layout: CgroupLayout, instance: str) -> list[Fact]:
+    out = []
+    if layout.mode.value == "hybrid":
+        desc = (f"hybrid: v1 controllers {', '.join(sorted(layout.v1))}; cgroup2 at "
+                f"{layout.v2.point if layout.v2 else '?'} with "
+                f"[{' '.join(layout.v2_controllers) or 'no controllers'}]")
+    elif layout.mode.value == "v2":
+        desc = f"v2: controllers [{' '.join(layout.v2_controllers)}]"
+    elif layout.mode.value == "v1":
+        desc = f"v1: controllers {', '.join(sorted(layout.v1))}"
+    else:
+        desc = "no cgroup filesystem mounted"
+    backend = layout.backend
+    out.append(Fact("cgroup mode", desc + f" -> {backend} backend", backend != "none", True,
+                    None if backend != "none" else "mount cgroup2 with cpu and memory, or the v1 "
+                    "cpu and memory hierarchies"))
+    if backend != "none":
+        sub = layout.subtree(instance)
+        own = layout.own_dirs()
+        writable = all(os.access(p, os.W_OK) for p in own.values())
+        shown = "; ".join(f"{c}: {p}" for c, p in sub.items())
+        out.append(Fact("cgroup subtree", shown, writable, True,
+                        None if writable else "run as root, or under systemd with Delegate=yes"))
+    return out
+
+
+def kernel_source_fact(images_dir: Path | None) -> Fact:
+    from .vm.image import describe_kernel_source
+    desc, ok, fix = describe_kernel_source(images_dir)
+    return Fact("builtin image kernel", desc, ok, True, fix)
+
+
+def gather(instance: str = "cns", images_dir: Path | None = None) -> dict[str, Any]:
+    kvm = probe_kvm()
+    layout = detect()
+    facts: list[Fact] = []
+    facts.append(Fact("root", "yes" if os.geteuid() == 0 else f"no (uid {os.geteuid()})",
+                      os.geteuid() == 0, True, None if os.geteuid() == 0 else "run as root"))
+    facts.append(Fact("kernel", platform.release(), True, False))
+    facts += kvm_facts(kvm)
+    facts += cgroup_facts(layout, instance)
+    try:
+        st = os.stat("/dev/net/tun")
+        tun_ok = stat.S_ISCHR(st.st_mode)
+    except OSError:
+        tun_ok = False
+    facts.append(Fact("/dev/net/tun", "present" if tun_ok else "missing", tun_ok, True,
+                      None if tun_ok else "modprobe tun"))
+    netns_ok = os.path.exists("/proc/self/ns/net")
+    facts.append(Fact("network namespaces", "supported" if netns_ok else "unsupported",
+                      netns_ok, True, None if netns_ok else "a kernel with CONFIG_NET_NS"))
+    psi = all(os.path.exists(f"/proc/pressure/{r}") for r in ("cpu", "memory", "io"))
+    facts.append(Fact("PSI", "/proc/pressure/{cpu,memory,io}" if psi else "absent", psi, False,
+                      None if psi else "boot with psi=1; the rebalancer then relies on "
+                      "MemAvailable and guest stats only"))
+    for binary, pkg, required, pattern in (
+            ("qemu-system-x86_64", "qemu-system-x86", True, r"version ([\d.]+)"),
+            ("qemu-img", "qemu-utils", True, r"version ([\d.]+)"),
+            ("busybox", "busybox-static", True, r"BusyBox v([\d.]+)"),
+            ("modinfo", "kmod", True, r"kmod version (\d+)"),
+            ("nft", "nftables", True, r"v([\d.]+)")):
+        path = shutil.which(binary)
+        ver = _version([path, "--version"] if binary != "busybox" else [path], pattern) \
+            if path else None
+        value = f"{ver} ({path})" if path else "not found"
+        ok = path is not None
+        if ok and binary == "busybox" and not _is_static_elf(path):
+            value += ", dynamically linked"
+            ok = False
+        facts.append(Fact(binary, value, ok, required,
+                          None if ok else f"apt-get install {pkg}"))
+    facts.append(kernel_source_fact(images_dir))
+    missing = [f.name for f in facts if f.required and not f.ok]
+    accel = choose_accel(kvm)
+    return {
+        "format": 1,
+        "ok": not missing,
+        "missing": missing,
+        "accel": {"name": accel.name, "reason": accel.reason},
+        "kvm": {"kind": kvm.kind.value, "opens": kvm.opens, "api_version": kvm.api_version,
+                "modules": list(kvm.modules), "cpu_flags": list(kvm.cpu_flags)},
+        "cgroup": {"mode": layout.mode.value, "backend": layout.backend,
+                   "v1_controllers": sorted(layout.v1),
+                   "v2_controllers": list(layout.v2_controllers),
+                   "subtree": {c: str(p) for c, p in layout.subtree(instance).items()}
+                   if layout.backend != "none" else {}},
+        "facts": [asdict(f) for f in facts],
+    }

@@ -1,0 +1,229 @@
+"""Load an inventory file into a :class:`~consolidator.model.Fleet`, or report every error.
+
+Three passes, all of which always run, so the operator sees every problem at once:
+
+1. YAML, through :class:`PositionLoader` (syntax errors stop here: there is no tree).
+2. Structure, through pydantic: unknown keys (with a suggestion), types, sizes.
+3. Meaning, through :mod:`.checks`, on every section that parsed.
+
+Each problem is reported as ``FILE:LINE:COL: dotted.path: message``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import InventoryError, Problem
+from ..hostfacts import HostFacts
+from ..model import Fleet
+from . import checks
+from .schema import GuestSpec, HostSpec, ImageSpec, Inventory, NetworkSpec
+from .yamlpos import Mark, SourceMap, load_yaml
+
+DEFAULT_FILE = "inventory.yaml"
+
+
+def dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(root)"
+
+
+class Reporter:
+    """Collects problems, placing each by the source map."""
+
+    def __init__(self, source: SourceMap) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def at(self, mark: Mark, loc: tuple, message: str, hint: str | None = None) -> None:
+        self.problems.append(Problem(self.source.file, mark.line, mark.col, dotted(loc),
+                                     message, hint))
+
+    def value(self, loc: tuple, message: str, hint: str | None = None) -> None:
+        self.at(self.source.value(loc), loc, message, hint)
+
+    def key(self, loc: tuple, message: str, hint: str | None = None) -> None:
+        self.at(self.source.key(loc), loc, message, hint)
+
+
+def load_inventory(path: str | os.PathLike[str], facts: HostFacts | None = None) -> Fleet:
+    """Read and validate ``path``. Raises :class:`InventoryError` listing every problem."""
+    p = Path(path)
+    shown = str(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise InventoryError([Problem(shown, 1, 1, "(file)", "no such file",
+                                      "pass -f FILE or run from the inventory's directory")])
+    except (OSError, UnicodeDecodeError) as e:
+        raise InventoryError([Problem(shown, 1, 1, "(file)", f"cannot read: {e}")])
+    return parse_inventory(text, shown, facts or HostFacts.probe(), base_dir=p.parent)
+
+
+def parse_inventory(text: str, file: str, facts: HostFacts, base_dir: Path | None = None) -> Fleet:
+    try:
+        data, source, yproblems = load_yaml(text, file)
+    except yaml.MarkedYAMLError as e:
+        mark = Mark.of(e.problem_mark or e.context_mark)
+        msg = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
+        raise InventoryError([Problem(file, mark.line, mark.col, "yaml", msg)]) from None
+    rep = Reporter(source)
+    for yp in yproblems:
+        rep.at(yp.mark, yp.path, yp.message)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        rep.value((), f"the inventory must be a mapping, got {type(data).__name__}")
+        raise InventoryError(rep.problems)
+
+    try:
+        Inventory.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            _report_pydantic(rep, err)
+
+    parsed = _parse_sections(data)
+    fleet = checks.run(rep, data, parsed, facts, base_dir or Path("."))
+    if rep.problems:
+        raise InventoryError(_dedupe(rep.problems))
+    assert fleet is not None
+    return fleet
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen: set[tuple] = set()
+    out = []
+    for p in problems:
+        k = (p.line, p.col, p.path, p.message)
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
+
+
+def _parse_sections(data: dict[str, Any]) -> checks.Parsed:
+    """Each section element validated on its own: what parsed is checked for meaning."""
+
+    def one(model: type[BaseModel], raw: Any) -> Any:
+        try:
+            return model.model_validate(raw if raw is not None else {})
+        except ValidationError:
+            return None
+
+    def many(model: type[BaseModel], raw: Any) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            return {}
+        return {str(k): one(model, v) for k, v in raw.items()}
+
+    return checks.Parsed(
+        instance=data.get("instance", "cns"),
+        host=one(HostSpec, data.get("host")),
+        images=many(ImageSpec, data.get("images", {})),
+        networks=many(NetworkSpec, data.get("networks", {})),
+        guests=many(GuestSpec, data.get("guests", {})),
+    )
+
+
+_MESSAGES = {
+    "missing": "required field is missing",
+    "dict_type": "expected a mapping",
+    "list_type": "expected a list",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+}
+
+
+def _report_pydantic(rep: Reporter, err: dict[str, Any]) -> None:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else (
+            f"allowed here: {', '.join(allowed)}" if allowed else None)
+        rep.key(loc, f"unknown key {key!r}", hint)
+        return
+    if kind == "missing":
+        rep.key(loc[:-1], f"{_MESSAGES['missing']}: {loc[-1]}")
+        return
+    msg = _MESSAGES.get(kind) or err["msg"]
+    if kind == "value_error":
+        msg = str(err["ctx"]["error"]) if "ctx" in err else msg.removeprefix("Value error, ")
+    elif kind in ("literal_error",):
+        msg = err["msg"].replace("Input should be", "expected")
+    elif kind.startswith(("greater_than", "less_than")):
+        msg = err["msg"].replace("Input should be", "must be")
+    if "input" in err and kind != "value_error" and _scalar(err["input"]):
+        msg += f", got {_show(err['input'])}"
+    rep.value(loc, msg)
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return repr(v)
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            tp = models[0] if models else args[0]
+            if not models and len(args) > 1:
+                return tp
+        else:
+            return tp
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys allowed at ``loc``, by walking the schema along it."""
+    tp: Any = Inventory
+    parts = list(loc)
+    while parts:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(parts.pop(0)))
+            if field is None:
+                return []
+            tp = field.annotation
+            continue
+        origin = typing.get_origin(tp)
+        if origin in (dict, list, tuple):
+            parts.pop(0)
+            tp = typing.get_args(tp)[-1 if origin is dict else 0]
+            continue
+        return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return []

@@ -1,0 +1,299 @@
+"""The inventory schema (pydantic v2). Structural checks only.
+
+Checks that need more than one field or the host (min <= max, IPs in their
+subnet, references between sections, files, capacity) live in
+:mod:`consolidator.inventory.checks` so that every error is reported at once,
+each at its own place. The JSON Schema (``consolidator schema``) is generated
+from these models.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
+                      WithJsonSchema)
+
+from ..units import format_duration, format_size, parse_duration, parse_size
+
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([KMGTP](iB)?|B)?\s*$"
+
+
+def _size(v: Any) -> int:
+    return parse_size(v)
+
+
+def _duration(v: Any) -> float:
+    return parse_duration(v)
+
+
+Size = Annotated[
+    int,
+    BeforeValidator(_size),
+    PlainSerializer(format_size, return_type=str, when_used="json"),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0},
+                              {"type": "string", "pattern": SIZE_PATTERN}],
+                    "description": "bytes, or a binary size: 512MiB, 1GiB, 1G, 1024M"}),
+]
+Duration = Annotated[
+    float,
+    BeforeValidator(_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
+                              {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"}],
+                    "description": "seconds, or 500ms, 1s, 2m, 1h"}),
+]
+
+
+def _cpulist(v: Any) -> tuple[int, ...] | None:
+    """``"0-2,5"``, ``3`` or ``[0, 1]`` -> sorted unique tuple of CPU numbers."""
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        raise ValueError("expected a CPU list such as '0-1,3' or [0, 1]")
+    if isinstance(v, int):
+        v = [v]
+    if isinstance(v, str):
+        cpus: set[int] = set()
+        for part in v.replace(" ", "").split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not m:
+                raise ValueError(f"cannot parse CPU list {v!r}: expected e.g. '0-1,3'")
+            lo, hi = int(m[1]), int(m[2] or m[1])
+            if hi < lo:
+                raise ValueError(f"CPU range {part!r} runs backwards")
+            cpus.update(range(lo, hi + 1))
+        return tuple(sorted(cpus))
+    if isinstance(v, (list, tuple)):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v):
+            raise ValueError("a CPU list holds non-negative integers")
+        if not v:
+            raise ValueError("an empty CPU list pins to nothing; leave pin out instead")
+        return tuple(sorted(set(v)))
+    raise ValueError("expected a CPU list such as '0-1,3' or [0, 1]")
+
+
+def format_cpulist(cpus: tuple[int, ...]) -> str:
+    runs: list[str] = []
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        runs.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(runs)
+
+
+CpuList = Annotated[
+    tuple[int, ...] | None,
+    BeforeValidator(_cpulist),
+    PlainSerializer(lambda v: format_cpulist(v) if v else None, when_used="json"),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^\d+(-\d+)?(,\d+(-\d+)?)*$"},
+                              {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                              {"type": "integer", "minimum": 0}, {"type": "null"}],
+                    "description": "host CPUs, as '0-1,3' or a list"}),
+]
+
+
+def _mac(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ValueError("a MAC address is a string such as 52:54:00:12:34:56")
+    s = v.strip().lower().replace("-", ":")
+    if not MAC_RE.match(s):
+        raise ValueError(f"{v!r} is not a MAC address such as 52:54:00:12:34:56")
+    return s
+
+
+Mac = Annotated[str | None, BeforeValidator(_mac),
+                WithJsonSchema({"anyOf": [{"type": "string", "pattern": MAC_RE.pattern},
+                                          {"type": "null"}]})]
+
+
+def _network(v: Any) -> ipaddress.IPv4Network:
+    if isinstance(v, ipaddress.IPv4Network):
+        return v
+    if not isinstance(v, str):
+        raise ValueError("a subnet is a string such as 10.77.0.0/24")
+    try:
+        net = ipaddress.ip_network(v.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a subnet such as 10.77.0.0/24") from None
+    if net.version != 4:
+        raise ValueError("only IPv4 subnets are supported")
+    if "/" not in v:
+        raise ValueError(f"{v!r} has no prefix length; write e.g. {v}/24")
+    if net.network_address != ipaddress.ip_interface(v.strip()).ip:
+        raise ValueError(f"{v!r} has host bits set; did you mean {net}?")
+    return net  # type: ignore[return-value]
+
+
+Subnet = Annotated[ipaddress.IPv4Network, BeforeValidator(_network),
+                   PlainSerializer(str, return_type=str),
+                   WithJsonSchema({"type": "string", "format": "ipv4-network"})]
+
+
+def _addr(v: Any) -> str | None:
+    """Keep the text (``10.0.0.5`` or ``10.0.0.5/24``): checks need the prefix if given."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ValueError("an address is a string such as 10.77.0.10")
+    try:
+        iface = ipaddress.ip_interface(v.strip())
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IPv4 address") from None
+    if iface.version != 4:
+        raise ValueError("only IPv4 addresses are supported")
+    return v.strip()
+
+
+Address = Annotated[str | None, BeforeValidator(_addr),
+                    WithJsonSchema({"anyOf": [{"type": "string", "format": "ipv4"},
+                                              {"type": "null"}]})]
+
+Cores = Annotated[float, Field(ge=0, le=4096)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              ser_json_inf_nan="strings")
+
+
+# ----------------------------------------------------------------------------- host
+
+class HostReserve(_Model):
+    """What the host keeps for itself; guests are never promised it."""
+
+    cpus: Cores = Field(0.5, description="cores kept for the host")
+    memory: Size = Field(1 << 30, description="RAM kept for the host")
+
+
+class Overcommit(_Model):
+    cpus: float = Field(4.0, gt=0, le=64,
+                        description="vCPUs allowed per usable core (cores minus reserve)")
+    memory: float = Field(1.5, gt=0, le=16,
+                          description="sum of memory.max allowed per byte of guest budget")
+
+
+class Rebalance(_Model):
+    enabled: bool = True
+    interval: Duration = Field(1.0, description="how often the rebalancer observes and decides")
+
+
+class Metrics(_Model):
+    enabled: bool = True
+    listen: str = Field("127.0.0.1:9477", description="Prometheus endpoint, host:port")
+
+
+class HostSpec(_Model):
+    reserve: HostReserve = HostReserve()
+    memory: Literal["auto"] | Size = Field(
+        "auto", description="guest memory budget: auto = RAM minus reserve, or a size")
+    overcommit: Overcommit = Overcommit()
+    rebalance: Rebalance = Rebalance()
+    fabric_netns: str | None = Field(
+        None, description="netns holding the bridges; null = the host's root netns")
+    runas: str | None = Field(None, description="unprivileged user QEMU drops to (-runas)")
+    cgroup_parent: str | None = Field(
+        None, description="cgroup below which guests go; default: the supervisor's own")
+    concurrency: int | Literal["auto"] = Field(
+        "auto", description="guests started at once by apply; auto = host cores")
+    metrics: Metrics = Metrics()
+
+
+# --------------------------------------------------------------------------- images
+
+class ImageSpec(_Model):
+    """One of: ``builtin: tiny``; ``kernel`` (+ ``initrd``, ``cmdline``); ``disk``.
+
+    ``builtin`` may take a ``kernel`` override. ``disk`` may be combined with a
+    direct-boot ``kernel`` or with ``builtin`` (the tiny init mounts the disk as root).
+    """
+
+    builtin: Literal["tiny"] | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    disk: str | None = None
+    format: Literal["qcow2", "raw"] | None = None
+    pvm: bool = Field(False, description="the kernel is known to boot under PVM KVM")
+
+
+# ------------------------------------------------------------------------- networks
+
+class NetworkSpec(_Model):
+    subnet: Subnet
+    gateway: Address = Field(
+        None, description="host-side address on the bridge; none = isolated from the host")
+    nat: bool = Field(False, description="masquerade the subnet towards the default route")
+
+
+# --------------------------------------------------------------------------- guests
+
+class CpuSpec(_Model):
+    shares: int = Field(1024, ge=2, le=262144, description="relative weight (cgroup v1 units)")
+    reserve: Cores = Field(0.0, description="cores guaranteed under contention")
+    limit: Annotated[float, Field(gt=0, le=4096)] | None = Field(
+        None, description="hard cap in cores")
+    pin: CpuList = None
+
+
+class MemorySpec(_Model):
+    max: Size = Field(256 << 20, description="guest RAM; the balloon never gives more")
+    min: Size | None = Field(None, description="floor the balloon never goes under; "
+                                               "default: max (no ballooning)")
+    shares: int = Field(1000, ge=0, le=50000, description="weight when memory is short")
+
+
+class NicSpec(_Model):
+    network: str
+    ip: Address = None
+    mac: Mac = None
+
+
+class GuestSpec(_Model):
+    image: str = "tiny"
+    vcpus: int = Field(1, ge=1, le=255)
+    cpu: CpuSpec = CpuSpec()
+    memory: MemorySpec = MemorySpec()
+    nics: list[NicSpec] = Field(default_factory=list)
+    restart: Literal["always", "on-failure", "never"] = "on-failure"
+    autostart: bool = True
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------ inventory
+
+class Inventory(_Model):
+    """The whole file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"title": "consolidator inventory"})
+
+    version: Literal[1] = 1
+    instance: str = Field("cns", description="prefix of every kernel object; 1-8 of [a-z0-9]")
+    host: HostSpec = HostSpec()
+    images: dict[str, ImageSpec] = Field(default_factory=dict)
+    networks: dict[str, NetworkSpec] = Field(default_factory=dict)
+    guests: dict[str, GuestSpec] = Field(default_factory=dict)
+
+
+BUILTIN_IMAGES: dict[str, ImageSpec] = {"tiny": ImageSpec(builtin="tiny")}
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Inventory.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    for section in ("images", "networks", "guests"):
+        schema["properties"][section]["propertyNames"] = {"pattern": DNS_LABEL_RE.pattern}
+    schema["properties"]["instance"]["pattern"] = INSTANCE_RE.pattern
+    return schema

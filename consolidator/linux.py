@@ -1,0 +1,75 @@
+"""Syscalls Python 3.11 lacks, through cffi in ABI mode (no compiler at install time).
+
+``setns``/``unshare`` arrived in Python 3.12's ``os``; ``pidfd_open`` exists in
+``os`` but ``pidfd_send_signal`` does not; KVM needs ``ioctl`` with integer
+returns. Each wrapper raises ``OSError`` with errno set, like ``os`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import cffi
+
+_CDEF = """
+int ioctl(int fd, unsigned long request, ...);
+int setns(int fd, int nstype);
+int unshare(int flags);
+long syscall(long number, ...);
+"""
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUTS = 0x04000000
+
+# x86_64 syscall numbers (the same on aarch64 for these "new" syscalls).
+SYS_PIDFD_SEND_SIGNAL = 424
+SYS_PIDFD_OPEN = 434
+
+
+@cache
+def _lib() -> tuple[cffi.FFI, object]:
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    return ffi, ffi.dlopen(None)
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        ffi, _ = _lib()
+        err = ffi.errno
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
+    """``ioctl(fd, request, arg)`` returning the int result (e.g. KVM_GET_API_VERSION)."""
+    ffi, lib = _lib()
+    return _check(lib.ioctl(fd, ffi.cast("unsigned long", request),  # type: ignore[attr-defined]
+                            ffi.cast("unsigned long", arg)), f"ioctl {request:#x}")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _, lib = _lib()
+    _check(lib.setns(fd, nstype), "setns")  # type: ignore[attr-defined]
+
+
+def unshare(flags: int) -> None:
+    _, lib = _lib()
+    _check(lib.unshare(flags), "unshare")  # type: ignore[attr-defined]
+
+
+def pidfd_open(pid: int) -> int:
+    if hasattr(os, "pidfd_open"):
+        return os.pidfd_open(pid)
+    ffi, lib = _lib()
+    return _check(lib.syscall(SYS_PIDFD_OPEN, ffi.cast("int", pid),  # type: ignore
+                              ffi.cast("unsigned int", 0)), "pidfd_open")
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    ffi, lib = _lib()
+    _check(lib.syscall(SYS_PIDFD_SEND_SIGNAL, ffi.cast("int", pidfd),  # type: ignore
+                       ffi.cast("int", sig), ffi.NULL, ffi.cast("unsigned int", 0)),
+           "pidfd_send_signal")

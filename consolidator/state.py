@@ -1,0 +1,202 @@
+"""The state dir: what was applied, and a record per guest and network.
+
+Layout (format 1), mode 0700 throughout::
+
+    <state>/FORMAT                   "consolidator-state 1"
+    <state>/applied.json             last applied fleet, its hash and the inventory text
+    <state>/networks/<name>.json     a network as created (spec + kernel object names)
+    <state>/guests/<name>/record.json   a guest as defined/launched (intent, state, pid, ...)
+    <state>/guests/<name>/run/       QMP and console sockets, pidfile (0700)
+    <state>/images/                  the image cache
+    <state>/history.sqlite           samples for reports
+    <state>/supervisor/              lock, API socket, daemon log
+
+Every write is atomic: write a temporary file, fsync, rename, fsync the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError
+from .inventory.schema import HostSpec, NetworkSpec
+from .model import Fleet, GuestIntent
+from .plan import GuestState, Observed, ObservedGuest
+
+FORMAT = 1
+FORMAT_TAG = f"consolidator-state {FORMAT}\n"
+DEFAULT_STATE_DIR = "/var/lib/consolidator"
+
+
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+    if isinstance(data, str):
+        data = data.encode()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def write_json(path: Path, obj: Any, mode: int = 0o600) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise StateError(f"{path}: corrupt JSON ({e})",
+                         hint="the file was not written by consolidator's atomic writer; "
+                              "move it aside and re-apply") from None
+
+
+class StateDir:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    # -- layout
+    @property
+    def applied_path(self) -> Path:
+        return self.root / "applied.json"
+
+    @property
+    def networks_dir(self) -> Path:
+        return self.root / "networks"
+
+    @property
+    def guests_dir(self) -> Path:
+        return self.root / "guests"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def supervisor_dir(self) -> Path:
+        return self.root / "supervisor"
+
+    @property
+    def history_path(self) -> Path:
+        return self.root / "history.sqlite"
+
+    def guest_dir(self, name: str) -> Path:
+        return self.guests_dir / name
+
+    def guest_record_path(self, name: str) -> Path:
+        return self.guest_dir(name) / "record.json"
+
+    def network_record_path(self, name: str) -> Path:
+        return self.networks_dir / f"{name}.json"
+
+    # -- lifecycle
+    def exists(self) -> bool:
+        return (self.root / "FORMAT").exists()
+
+    def ensure(self) -> "StateDir":
+        """Create the dir (0700) with its format tag, or check an existing one."""
+        if self.exists():
+            self.check_format()
+            return self
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.root, 0o700)
+            for d in (self.networks_dir, self.guests_dir, self.images_dir, self.supervisor_dir):
+                d.mkdir(exist_ok=True, mode=0o700)
+            atomic_write(self.root / "FORMAT", FORMAT_TAG, 0o644)
+        except PermissionError as e:
+            raise StateError(f"cannot create state dir {self.root}: {e.strerror}",
+                             hint="run as root, or set --state-dir / CONSOLIDATOR_STATE_DIR") from None
+        return self
+
+    def check_format(self) -> None:
+        try:
+            tag = (self.root / "FORMAT").read_text()
+        except FileNotFoundError:
+            return
+        if tag != FORMAT_TAG:
+            raise StateError(f"{self.root}: state format {tag.strip()!r} is not "
+                             f"{FORMAT_TAG.strip()!r}",
+                             hint="this state dir was written by another consolidator version")
+
+    # -- applied fleet
+    def read_applied(self) -> dict[str, Any] | None:
+        if not self.applied_path.exists():
+            return None
+        return read_json(self.applied_path)
+
+    def write_applied(self, fleet: Fleet, inventory_text: str, applied_at: float) -> None:
+        write_json(self.applied_path, {
+            "format": FORMAT, "hash": fleet.fleet_hash(), "applied_at": applied_at,
+            "fleet": fleet.model_dump(mode="json"), "inventory": inventory_text})
+
+    # -- records
+    def read_guest_record(self, name: str) -> dict[str, Any] | None:
+        p = self.guest_record_path(name)
+        return read_json(p) if p.exists() else None
+
+    def write_guest_record(self, name: str, record: dict[str, Any]) -> None:
+        self.guest_dir(name).mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json(self.guest_record_path(name), {"format": FORMAT, **record})
+
+    def guest_names(self) -> list[str]:
+        if not self.guests_dir.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.guests_dir.glob("*/record.json"))
+
+    def read_network_record(self, name: str) -> dict[str, Any] | None:
+        p = self.network_record_path(name)
+        return read_json(p) if p.exists() else None
+
+    def write_network_record(self, name: str, record: dict[str, Any]) -> None:
+        write_json(self.network_record_path(name), {"format": FORMAT, **record})
+
+    def network_names(self) -> list[str]:
+        if not self.networks_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.networks_dir.glob("*.json"))
+
+    # -- observed state
+    def observe(self) -> Observed:
+        """The observed fleet as the state dir records it. Absent or empty: nothing runs."""
+        if not self.root.exists():
+            return Observed.empty()
+        self.check_format()
+        applied = self.read_applied()
+        host = HostSpec.model_validate(applied["fleet"]["host"]) if applied else None
+        instance = applied["fleet"]["instance"] if applied else None
+        networks = {}
+        for n in self.network_names():
+            rec = self.read_network_record(n)
+            if rec and "spec" in rec:
+                networks[n] = NetworkSpec.model_validate(rec["spec"])
+        guests = {}
+        for g in self.guest_names():
+            rec = self.read_guest_record(g)
+            if rec and "intent" in rec:
+                guests[g] = ObservedGuest(GuestIntent.model_validate(rec["intent"]),
+                                          GuestState(rec.get("state", "defined")))
+        if instance is None:
+            instance = next((r.get("instance") for r in
+                             (self.read_guest_record(g) for g in guests) if r), None)
+        return Observed(instance=instance, host=host, networks=networks, guests=guests)

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian/Ubuntu host, as root:
+#   bash tools/bootstrap.sh run    install everything, then apply ./inventory.yaml
+#   bash tools/bootstrap.sh test   install everything, then run every test
+#   bash tools/bootstrap.sh setup  install only
+# Installs apt packages (when any is missing: apt-get update first), a venv in
+# .venv, and the project into it with its test extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 nftables
+              python3 python3-venv ca-certificates)
+VENV=${CONSOLIDATOR_VENV:-.venv}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+setup_apt() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        say "apt packages present"
+        return
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing packages ${missing[*]}: run as root" >&2
+        exit 4
+    fi
+    say "apt-get update; installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+}
+
+setup_python() {
+    local py=${PYTHON:-python3}
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating venv $VENV with $($py --version)"
+        "$py" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.consolidator-installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        say "pip install -e .[test]"
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+        touch "$stamp"
+    fi
+}
+
+cmd=${1:-run}
+shift || true
+setup_apt
+setup_python
+case "$cmd" in
+    setup) ;;
+    run)
+        exec "$VENV/bin/consolidator" apply "$@"
+        ;;
+    test)
+        say "pytest"
+        set +e
+        "$VENV/bin/python" -m pytest "$@"
+        rc=$?
+        set -e
+        if [ $rc -eq 5 ]; then
+            echo "pytest collected no tests: that is a failure" >&2
+        fi
+        exit $rc
+        ;;
+    *)
+        echo "usage: $0 run|test|setup [args]" >&2
+        exit 2
+        ;;
+esac
