@@ -236,6 +236,88 @@ def doctor(c: Ctx, as_json: bool) -> None:
         sys.exit(ExitCode.HOST)
 
 
+# --------------------------------------------------------------------------- image
+
+@cli.group()
+def image() -> None:
+    """The builtin guest image: build, list, remove (cached in the state dir)."""
+
+
+def _image_cache(c: Ctx) -> Path:
+    from .vm.launch import image_cache_dir
+    return image_cache_dir(Path(c.state_dir) / "images")
+
+
+@image.command("build")
+@common_options
+@click.option("--kernel", type=click.Path(dir_okay=False), default=None,
+              help="Use this bzImage instead of the host's or Debian's cloud kernel")
+@click.option("--force", is_flag=True, help="Rebuild even when a build of the same inputs exists")
+@click.option("--refresh", is_flag=True, help="Fetch Debian's cloud kernel again")
+@handled
+def image_build(c: Ctx, kernel: str | None, force: bool, refresh: bool) -> None:
+    """Build the tiny image (kernel + busybox initramfs). Same inputs give the same bytes."""
+    import time as _t
+    from .vm.image import build_tiny
+    t0 = _t.monotonic()
+    built = build_tiny(_image_cache(c), kernel, force=force, refresh=refresh,
+                       progress=lambda s: err.print(f"[dim]{s}[/]"))
+    m = built.manifest
+    out.print(f"tiny image {built.dir.name}: kernel {m['kernel']['source']}, "
+              f"initrd sha256 {m['outputs']['initrd.cpio']['sha256'][:16]}..., "
+              f"{len(m['modules_order'])} modules ({_t.monotonic() - t0:.1f}s)", markup=False)
+
+
+@image.command("list")
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON")
+@handled
+def image_list(c: Ctx, as_json: bool) -> None:
+    """List built images with their sources and checksums."""
+    from rich.table import Table
+    from .units import human_size
+    from .vm.image import list_images
+    images = list_images(_image_cache(c))
+    if as_json:
+        out.print_json(json.dumps([{"dir": str(i.dir), **i.manifest} for i in images]))
+        return
+    t = Table(title=f"images in {_image_cache(c)}", title_justify="left")
+    for col in ("name", "kernel", "initrd sha256", "size"):
+        t.add_column(col)
+    for i in images:
+        o = i.manifest["outputs"]
+        t.add_row(i.dir.name, i.manifest["kernel"]["source"], o["initrd.cpio"]["sha256"][:16],
+                  human_size(o["vmlinuz"]["size"] + o["initrd.cpio"]["size"]))
+    out.print(t)
+
+
+@image.command("rm")
+@common_options
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Remove every built image and the kernel cache")
+@handled
+def image_rm(c: Ctx, names: tuple[str, ...], all_: bool) -> None:
+    """Remove built images (by name from `image list`). Running guests keep their copy open."""
+    import shutil
+    from .errors import UsageError
+    from .vm.image import list_images
+    cache = _image_cache(c)
+    if not names and not all_:
+        raise UsageError("name an image (see `consolidator image list`) or pass --all")
+    known = {i.dir.name: i.dir for i in list_images(cache)}
+    targets = list(known.values()) if all_ else []
+    for n in names:
+        if n not in known:
+            raise UsageError(f"no image {n!r} in {cache}")
+        targets.append(known[n])
+    for d in targets:
+        shutil.rmtree(d)
+        out.print(f"removed {d.name}")
+    if all_:
+        for sub in ("debian-cloud", "debs"):
+            shutil.rmtree(cache / sub, ignore_errors=True)
+
+
 # ------------------------------------------------------------ not yet implemented
 
 def _later(name: str, lacks: str, doc: str) -> None:

@@ -1,0 +1,44 @@
+"""Per-guest disk overlays: a qcow2 on top of the image's base, which is never written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import ImageError
+
+
+def _qemu_img(*args: str) -> str:
+    try:
+        res = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise ImageError("qemu-img is not installed", hint="apt-get install qemu-utils") from None
+    if res.returncode != 0:
+        raise ImageError(f"qemu-img {args[0]} failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res.stdout
+
+
+def backing_of(overlay: Path) -> str | None:
+    info = json.loads(_qemu_img("info", "--output=json", "-U", str(overlay)))
+    return info.get("full-backing-filename") or info.get("backing-filename")
+
+
+def prepare_overlay(base: Path, base_format: str, overlay: Path) -> Path:
+    """Make (or reuse) ``overlay`` backed by ``base``. An overlay on another base is kept
+    aside as ``<name>.<time>.qcow2``, never deleted: only ``--purge`` deletes disks."""
+    if not os.access(base, os.R_OK):
+        raise ImageError(f"disk image {base} is missing or unreadable")
+    if overlay.exists():
+        if backing_of(overlay) == str(base):
+            return overlay
+        aside = overlay.with_name(f"{overlay.stem}.{int(time.time())}{overlay.suffix}")
+        os.replace(overlay, aside)
+    overlay.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = overlay.with_name(f".{overlay.name}.tmp")
+    _qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(tmp))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, overlay)
+    return overlay

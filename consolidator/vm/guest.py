@@ -1,0 +1,482 @@
+"""One guest = one QEMU process, with an explicit lifecycle.
+
+Modelled on QEMU's own ``python/qemu/machine/machine.py``::
+
+    defined ──launch──► starting ──READY──► running ──shutdown──► stopping ──► stopped
+                           │                   │                                ▲
+                           └──exit/failure─────┴──────exit (non-zero)──► crashed │
+                                              (exit 0: guest powered off) ───────┘
+
+Every transition is guarded (:class:`~consolidator.errors.RunstateError` names the state
+required) and recorded with its time and the duration of the state it ends. ``launch``
+is pre-launch (files, run dir, lock), spawn, post-launch (QMP, READY, stats); a failure
+raises :class:`~consolidator.errors.LaunchError` with QEMU's exit code, argv, stderr tail
+and serial tail, and leaves no process or socket behind. ``shutdown`` tries the soft path
+first: ``system_powerdown``, then QMP ``quit``, then SIGKILL. ``cleanup`` runs in
+``finally`` and is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from .. import linux
+from ..errors import ConflictError, LaunchError, QMPError, ReadyTimeout, RunstateError
+from .agent import Agent
+from .qemu import LaunchSpec, build_argv
+from .qmp import QMP
+
+READY_MARK = b"CONSOLIDATOR-READY"
+SERIAL_LOG_CAP = 4 << 20
+
+
+class Runstate(enum.StrEnum):
+    DEFINED = "defined"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
+_ALLOWED: dict[Runstate, set[Runstate]] = {
+    Runstate.DEFINED: {Runstate.STARTING},
+    Runstate.STARTING: {Runstate.RUNNING, Runstate.STOPPING, Runstate.STOPPED, Runstate.CRASHED},
+    Runstate.RUNNING: {Runstate.STOPPING, Runstate.STOPPED, Runstate.CRASHED},
+    Runstate.STOPPING: {Runstate.STOPPED, Runstate.CRASHED},
+    Runstate.STOPPED: {Runstate.STARTING},
+    Runstate.CRASHED: {Runstate.STARTING},
+}
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: Runstate
+    at: float                 # wall clock (time.time())
+    mono: float               # monotonic clock
+    previous_duration: float  # seconds spent in the state this one ended
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exitcode: int | None      # QEMU's exit status; None when not our child
+    signal: int | None        # the signal that killed it, if any
+    shutdown_reason: str | None = None   # from QMP's SHUTDOWN event
+    requested: bool = False   # we asked it to stop
+
+    @property
+    def clean(self) -> bool:
+        """A guest powered off from inside (or asked to stop) is a clean exit."""
+        if self.requested:
+            return True
+        return self.exitcode == 0 and self.signal is None
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            how = f"killed by {signal.Signals(self.signal).name}"
+        elif self.exitcode is not None:
+            how = f"exit status {self.exitcode}"
+        else:
+            how = "exited"
+        return how + (f" ({self.shutdown_reason})" if self.shutdown_reason else "")
+
+
+class Placement(Protocol):
+    """Where QEMU runs (cgroup, netns): applied in the child before exec."""
+
+    def preexec(self) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def rotate_log(path: Path, cap: int = SERIAL_LOG_CAP) -> bool:
+    """Copy-truncate ``path`` to ``path.1`` when over ``cap``. QEMU appends (O_APPEND), so
+    truncating under it is safe. Returns whether it rotated."""
+    try:
+        if path.stat().st_size <= cap:
+            return False
+    except FileNotFoundError:
+        return False
+    tmp = path.with_name(path.name + ".1.tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(src.read())
+    os.replace(tmp, path.with_name(path.name + ".1"))
+    os.truncate(path, 0)
+    return True
+
+
+def tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Guest:
+    def __init__(self, spec: LaunchSpec, *, ready_timeout: float = 90.0,
+                 qmp_timeout: float = 15.0, placement: Placement | None = None,
+                 ready_probe: str | None = None, binary: str = "qemu-system-x86_64",
+                 hint_pvm: bool = False) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.paths = spec.paths
+        self.ready_timeout = ready_timeout
+        self.qmp_timeout = qmp_timeout
+        self.placement = placement
+        self.ready_probe = ready_probe or ("serial" if spec.boot.builtin else "qmp")
+        self.binary = binary
+        self.hint_pvm = hint_pvm
+        self.log = structlog.get_logger("guest").bind(guest=spec.name)
+        self._state = Runstate.DEFINED
+        self.transitions: list[Transition] = [Transition(Runstate.DEFINED, time.time(),
+                                                         time.monotonic(), 0.0)]
+        self.events: deque[dict[str, Any]] = deque(maxlen=200)
+        self.argv: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QMP | None = None
+        self.exit: ExitInfo | None = None
+        self._agent: Agent | None = None
+        self._exited: asyncio.Event | None = None
+        self._pidfd: int | None = None
+        self._lock_fd: int | None = None
+        self._event_task: asyncio.Task[None] | None = None
+        self._stop_requested = False
+        self._serial_offset = 0
+        self._shutdown_reason: str | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> Runstate:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def _to(self, new: Runstate) -> None:
+        if new not in _ALLOWED[self._state]:
+            raise RunstateError(self.name, self._state.value,
+                                tuple(s.value for s, n in _ALLOWED.items() if new in n),
+                                f"enter {new.value}")
+        now = time.monotonic()
+        prev = self.transitions[-1]
+        self.transitions.append(Transition(new, time.time(), now, now - prev.mono))
+        self.log.debug("guest.state", state=new.value, after=round(now - prev.mono, 3))
+        self._state = new
+
+    def _require(self, op: str, *states: Runstate) -> None:
+        if self._state not in states:
+            raise RunstateError(self.name, self._state.value, tuple(s.value for s in states), op)
+
+    def duration(self, state: Runstate) -> float | None:
+        """How long the guest spent in ``state`` the last time it was there (so far, if now)."""
+        if self.transitions[-1].state is state:
+            return time.monotonic() - self.transitions[-1].mono
+        last = None
+        for a, b in zip(self.transitions, self.transitions[1:]):
+            if a.state is state:
+                last = b.mono - a.mono
+        return last
+
+    # ----------------------------------------------------------------- launch
+    async def launch(self) -> None:
+        """Start QEMU and wait until the guest is up. Raises LaunchError (or ReadyTimeout)."""
+        self._require("launch", Runstate.DEFINED, Runstate.STOPPED, Runstate.CRASHED)
+        self._to(Runstate.STARTING)
+        self.exit = None
+        self._stop_requested = False
+        self._shutdown_reason = None
+        try:
+            self._pre_launch()
+            self._spawn()
+            await self._post_launch()
+        except BaseException as e:
+            await self._abort_launch(e)
+            raise
+        self._to(Runstate.RUNNING)
+
+    def _pre_launch(self) -> None:
+        boot = self.spec.boot
+        for what, path in (("kernel", boot.kernel), ("initrd", boot.initrd),
+                           ("disk", boot.disk)):
+            if path and not os.access(path, os.R_OK):
+                raise LaunchError(f"guest {self.name}: {what} {path} is missing or unreadable")
+        run = self.paths.dir
+        run.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(run, 0o700)
+        self._lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            pid = self.paths.pidfile.read_text().strip() if self.paths.pidfile.exists() else "?"
+            raise ConflictError(f"guest {self.name} is already running (QEMU pid {pid} holds "
+                                f"{self.paths.lock})") from None
+        for sock in self.paths.sockets():
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.pidfile.unlink()
+        rotate_log(self.paths.serial_log)
+        self.paths.serial_log.touch(mode=0o600)
+        self._serial_offset = self.paths.serial_log.stat().st_size
+
+    def _spawn(self) -> None:
+        self.argv = build_argv(self.spec, self.binary)
+        assert self._lock_fd is not None
+        os.set_inheritable(self._lock_fd, True)
+        stderr = open(self.paths.stderr, "wb")
+        placement = self.placement
+        try:
+            # QEMU holds the lock fd for its whole life: a second launch finds it taken.
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                start_new_session=True, pass_fds=(self._lock_fd,), close_fds=True,
+                preexec_fn=placement.preexec if placement else None)
+        except OSError as e:
+            raise LaunchError(f"guest {self.name}: cannot run {self.binary}: {e.strerror}",
+                              argv=self.argv) from e
+        finally:
+            stderr.close()
+        self.log.info("guest.spawned", pid=self.proc.pid,
+                      placement=placement.describe() if placement else None)
+        loop = asyncio.get_running_loop()
+        self._exited = asyncio.Event()
+        self._pidfd = linux.pidfd_open(self.proc.pid)
+        loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._pidfd is not None:
+            loop.remove_reader(self._pidfd)
+        assert self.proc is not None
+        rc = self.proc.wait()
+        sig = -rc if rc < 0 else None
+        self.exit = ExitInfo(None if sig else rc, sig, self._shutdown_reason,
+                             self._stop_requested)
+        if self._exited is not None:
+            self._exited.set()
+        if self._state in (Runstate.RUNNING, Runstate.STARTING) and not self._stop_requested:
+            self._to(Runstate.STOPPED if self.exit.clean else Runstate.CRASHED)
+            level = "info" if self.exit.clean else "warning"
+            getattr(self.log, level)("guest.exited", how=self.exit.describe(),
+                                     serial_tail=tail(self.paths.serial_log, 5))
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and not (
+            self._exited is not None and self._exited.is_set())
+
+    async def _post_launch(self) -> None:
+        self.qmp = QMP(self.name)
+        await self.qmp.connect(str(self.paths.qmp), timeout=self.qmp_timeout, alive=self.alive)
+        self._event_task = asyncio.create_task(self._watch_events(), name=f"{self.name}-events")
+        if self.ready_probe == "serial":
+            await self._wait_ready()
+        else:
+            status = await self.qmp.status()
+            if status not in ("running", "prelaunch"):
+                raise LaunchError(f"guest {self.name}: QEMU status is {status}")
+        await self.qmp.enable_stats(1)
+
+    async def _wait_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout
+        with open(self.paths.serial_log, "rb") as f:
+            f.seek(self._serial_offset)
+            buf = b""
+            while True:
+                chunk = f.read()
+                if chunk:
+                    buf = (buf + chunk)[-4096:]
+                    if READY_MARK in buf:
+                        line = buf[buf.index(READY_MARK):].split(b"\n", 1)[0]
+                        self.log.info("guest.ready", line=line.decode(errors="replace").strip(),
+                                      after=round(time.monotonic() -
+                                                  self.transitions[-1].mono, 3))
+                        return
+                if not self.alive():
+                    raise LaunchError(f"guest {self.name}: QEMU exited during boot")
+                if loop.time() > deadline:
+                    hint = None
+                    if self.hint_pvm:
+                        hint = ("this host's KVM is PVM and the guest runs under -accel kvm: "
+                                "stock kernels hang there before their first printk; unmark "
+                                "pvm: true on the image to use TCG")
+                    raise ReadyTimeout(
+                        f"guest {self.name}: not READY within {self.ready_timeout:g}s; "
+                        f"last serial lines:\n  " + "\n  ".join(
+                            tail(self.paths.serial_log, 12).splitlines() or ["(nothing)"]),
+                        serial_tail=tail(self.paths.serial_log), hint=hint, argv=self.argv)
+                await asyncio.sleep(0.05)
+
+    async def _watch_events(self) -> None:
+        assert self.qmp is not None
+        try:
+            async for ev in self.qmp.events():
+                self.events.append(ev)
+                if ev["event"] == "SHUTDOWN":
+                    self._shutdown_reason = (ev.get("data") or {}).get("reason")
+                self.log.debug("guest.event", qmp_event=ev["event"], data=ev.get("data"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - QMP went away: the pidfd tells the rest
+            return
+
+    async def _abort_launch(self, cause: BaseException) -> None:
+        """Stop whatever was started, and turn the failure into a LaunchError."""
+        exitcode = None
+        if self.proc is not None and self.proc.poll() is None:
+            self._stop_requested = True
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                exitcode = await asyncio.get_running_loop().run_in_executor(
+                    None, self.proc.wait)
+        if self._exited is not None and not self._exited.is_set() and self.proc is not None:
+            self._on_exit()
+        if self._state is Runstate.STARTING:
+            self._to(Runstate.CRASHED if not isinstance(cause, asyncio.CancelledError)
+                     else Runstate.STOPPED)
+        await self.cleanup()
+        if isinstance(cause, LaunchError):
+            if cause.exitcode is None and exitcode is not None and \
+                    not isinstance(cause, ReadyTimeout):
+                cause.exitcode = exitcode
+            if not cause.stderr_tail:
+                cause.stderr_tail = tail(self.paths.stderr, 12)
+                if cause.stderr_tail.strip() and "qemu said" not in cause.message:
+                    cause.message += "\nqemu said:\n  " + "\n  ".join(
+                        cause.stderr_tail.splitlines())
+            cause.serial_tail = cause.serial_tail or tail(self.paths.serial_log)
+            cause.argv = cause.argv or self.argv
+        elif isinstance(cause, QMPError):
+            stderr = tail(self.paths.stderr, 12)
+            raise LaunchError(f"guest {self.name}: {cause.message}", exitcode=exitcode,
+                              argv=self.argv, stderr_tail=stderr,
+                              serial_tail=tail(self.paths.serial_log)) from cause
+
+    # --------------------------------------------------------------- control
+    async def agent(self, timeout: float = 10.0) -> Agent:
+        """The guest agent connection (builtin image), connected on first use."""
+        self._require("talk to the agent", Runstate.RUNNING)
+        if self._agent is None:
+            a = Agent(self.name)
+            await a.connect(str(self.paths.agent), timeout)
+            self._agent = a
+        return self._agent
+
+    async def wait_exit(self, timeout: float | None = None) -> ExitInfo:
+        assert self._exited is not None
+        await asyncio.wait_for(self._exited.wait(), timeout)
+        assert self.exit is not None
+        return self.exit
+
+    async def shutdown(self, timeout: float = 10.0) -> ExitInfo:
+        """Stop: system_powerdown; after a while QMP quit; at the end SIGKILL."""
+        if self._state in (Runstate.STOPPED, Runstate.CRASHED, Runstate.DEFINED):
+            await self.cleanup()
+            return self.exit or ExitInfo(None, None, requested=True)
+        self._require("shut down", Runstate.RUNNING, Runstate.STARTING)
+        self._to(Runstate.STOPPING)
+        self._stop_requested = True
+        start = time.monotonic()
+        steps: list[tuple[str, float]] = [("powerdown", timeout * 0.7), ("quit", timeout * 0.2)]
+        try:
+            for step, budget in steps:
+                if not self.alive():
+                    break
+                try:
+                    if self.qmp is not None:
+                        await (self.qmp.powerdown() if step == "powerdown" else self.qmp.quit())
+                except QMPError as e:
+                    self.log.debug("guest.shutdown_step_failed", step=step,
+                                   error_class=e.error_class)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await self.wait_exit(budget)
+            if self.alive():
+                self.log.warning("guest.kill", reason=f"still running after {timeout:g}s")
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()  # type: ignore[union-attr]
+                await self.wait_exit(10)
+        finally:
+            if self._state is Runstate.STOPPING:
+                self._to(Runstate.STOPPED)
+            await self.cleanup()
+        self.log.info("guest.stopped", how=self.exit.describe() if self.exit else "?",
+                      took=round(time.monotonic() - start, 3))
+        assert self.exit is not None
+        return self.exit
+
+    async def cleanup(self) -> None:
+        """Release everything this object holds. Safe to call twice, and from finally."""
+        if self._event_task is not None:
+            self._event_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._event_task
+            self._event_task = None
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent = None
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if not self.alive():
+            for p in (*self.paths.sockets(), self.paths.pidfile):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def abandon(self) -> None:
+        """Last resort outside any event loop (test teardown, atexit): SIGKILL QEMU, reap
+        it, close our fds and remove its sockets. Synchronous; safe to call twice."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait()
+        for fd_attr in ("_pidfd", "_lock_fd"):
+            fd = getattr(self, fd_attr)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, fd_attr, None)
+        for p in (*self.paths.sockets(), self.paths.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    # ------------------------------------------------------------------ info
+    def serial_tail(self, lines: int = 20) -> str:
+        return tail(self.paths.serial_log, lines)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self._state.value, "pid": self.pid,
+                "argv": self.argv, "exit": self.exit.describe() if self.exit else None,
+                "transitions": [(t.state.value, round(t.previous_duration, 3))
+                                for t in self.transitions]}

@@ -1,0 +1,63 @@
+"""From a guest's intent and this host's facts to a launch spec (and its boot files)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..hostfacts import host_tsc_khz
+from ..model import GuestIntent
+from .accel import KvmFacts, KvmKind, choose_accel, probe_kvm
+from .disk import prepare_overlay
+from .image import BuiltImage, build_tiny
+from .qemu import Boot, LaunchSpec, RunPaths, TapNic, choose_machine
+
+
+@dataclass(frozen=True)
+class VirtHost:
+    """What the launcher needs to know about this host."""
+
+    kvm: KvmFacts
+    tsc_khz: int | None
+    vhost_net: bool
+
+    @classmethod
+    def probe(cls) -> "VirtHost":
+        return cls(probe_kvm(), host_tsc_khz(), os.access("/dev/vhost-net", os.R_OK | os.W_OK))
+
+
+def image_cache_dir(state_images: Path) -> Path:
+    """The image cache: the state dir's, unless CONSOLIDATOR_IMAGE_CACHE names a shared one."""
+    env = os.environ.get("CONSOLIDATOR_IMAGE_CACHE")
+    return Path(env) if env else state_images
+
+
+def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
+                 built: BuiltImage | None = None) -> Boot:
+    """Boot files for the guest: builds the tiny image if needed, makes the disk overlay."""
+    img = intent.image_spec
+    disk = None
+    if img.disk:
+        disk = str(prepare_overlay(Path(img.disk), img.format or "raw",
+                                   guest_dir / "disk.qcow2"))
+    if img.builtin:
+        built = built or build_tiny(cache, img.kernel)
+        return Boot(str(built.kernel), str(built.initrd), img.cmdline or "", disk, "qcow2",
+                    builtin=True)
+    return Boot(img.kernel, img.initrd, img.cmdline or "", disk, "qcow2", builtin=False)
+
+
+def launch_spec(intent: GuestIntent, boot: Boot, paths: RunPaths, host: VirtHost, *,
+                taps: tuple[str, ...] = (), runas: str | None = None,
+                tb_size_mib: int | None = None) -> LaunchSpec:
+    """Pure: everything QEMU's argv depends on."""
+    accel = choose_accel(host.kvm, image_pvm=intent.image_spec.pvm)
+    machine = choose_machine(accel, tsc_khz=host.tsc_khz, firmware_boot=boot.kernel is None)
+    nics = tuple(TapNic(tap, n.mac, n.cidr, n.gateway) for tap, n in zip(taps, intent.nics))
+    extra = {"tb_size_mib": tb_size_mib} if tb_size_mib else {}
+    return LaunchSpec(
+        name=intent.name, vcpus=intent.vcpus, memory_mib=intent.memory.max >> 20, boot=boot,
+        paths=paths, accel=accel, machine=machine, nics=nics, tsc_khz=host.tsc_khz,
+        pvm_host=host.kvm.kind is KvmKind.PVM, runas=runas,
+        vhost=accel.name == "kvm" and host.vhost_net, **extra)

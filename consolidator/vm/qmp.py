@@ -1,0 +1,140 @@
+"""QMP control over ``qemu.qmp`` (asyncio), with timeouts and one error tree.
+
+Every failure becomes :class:`consolidator.errors.QMPError` whose ``error_class`` is
+QMP's own class (``GenericError``, ``DeviceNotActive``, ...) or one of ours:
+``Timeout``, ``Disconnected``, ``ConnectFailed``. Callers branch on that field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, StateError
+from qemu.qmp.error import QMPError as _LibQMPError
+
+from ..errors import QMPError
+
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # we report failures ourselves
+
+EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "BALLOON_CHANGE", "GUEST_PANICKED")
+BALLOON = "/machine/peripheral/balloon0"
+
+
+@dataclass(frozen=True)
+class GuestStats:
+    """The balloon driver's view of guest memory (bytes); None where the guest did not say."""
+
+    available: int | None
+    free: int | None
+    total: int | None
+    disk_caches: int | None
+    major_faults: int | None
+    minor_faults: int | None
+    swap_in: int | None
+    swap_out: int | None
+    last_update: int            # guest-stats timestamp (s since the epoch); 0 = never
+
+    @classmethod
+    def from_qom(cls, reply: dict[str, Any]) -> "GuestStats":
+        s = reply.get("stats", {})
+
+        def g(k: str) -> int | None:
+            v = s.get(k, -1)
+            return None if v is None or v < 0 else int(v)
+
+        return cls(g("stat-available-memory"), g("stat-free-memory"), g("stat-total-memory"),
+                   g("stat-disk-caches"), g("stat-major-faults"), g("stat-minor-faults"),
+                   g("stat-swap-in"), g("stat-swap-out"), int(reply.get("last-update", 0)))
+
+
+class QMP:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._client = QMPClient(name)
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate.name == "RUNNING"
+
+    async def connect(self, path: str, *, timeout: float = 10.0,
+                      alive: Callable[[], bool] = lambda: True) -> None:
+        """Connect, retrying while the socket is not yet listening and ``alive()`` holds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: Exception | None = None
+        while loop.time() < deadline:
+            if not alive():
+                raise QMPError(f"{self.name}: QEMU exited before QMP answered",
+                               error_class="ConnectFailed")
+            try:
+                await asyncio.wait_for(self._client.connect(path),
+                                       timeout=max(0.1, deadline - loop.time()))
+                return
+            except (ConnectError, OSError, asyncio.TimeoutError) as e:
+                last = e
+                with contextlib.suppress(Exception):
+                    await self._client.disconnect()
+                self._client = QMPClient(self.name)
+                await asyncio.sleep(0.01)
+        raise QMPError(f"{self.name}: QMP did not answer on {path} within {timeout:g}s "
+                       f"({last})", error_class="Timeout")
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, *,
+                      timeout: float = 5.0) -> Any:
+        try:
+            return await asyncio.wait_for(self._client.execute(cmd, args), timeout)
+        except ExecuteError as e:
+            raise QMPError(f"{self.name}: {cmd}: {e}", error_class=e.error_class,
+                           command=cmd) from e
+        except asyncio.TimeoutError:
+            raise QMPError(f"{self.name}: {cmd} timed out after {timeout:g}s",
+                           error_class="Timeout", command=cmd) from None
+        except (StateError, _LibQMPError, EOFError, ConnectionError, OSError) as e:
+            raise QMPError(f"{self.name}: {cmd}: QMP connection lost ({type(e).__name__})",
+                           error_class="Disconnected", command=cmd) from e
+
+    async def status(self) -> str:
+        return (await self.execute("query-status"))["status"]
+
+    async def set_balloon(self, size: int) -> None:
+        await self.execute("balloon", {"value": int(size)})
+
+    async def balloon(self) -> int:
+        return int((await self.execute("query-balloon"))["actual"])
+
+    async def enable_stats(self, interval_s: int = 1) -> None:
+        await self.execute("qom-set", {"path": BALLOON, "property":
+                                       "guest-stats-polling-interval", "value": interval_s})
+
+    async def guest_stats(self) -> GuestStats:
+        return GuestStats.from_qom(await self.execute(
+            "qom-get", {"path": BALLOON, "property": "guest-stats"}))
+
+    async def powerdown(self) -> None:
+        await self.execute("system_powerdown")
+
+    async def quit(self) -> None:
+        try:
+            await self.execute("quit", timeout=2.0)
+        except QMPError as e:
+            if e.error_class != "Disconnected":   # QEMU may close before replying
+                raise
+
+    async def events(self, names: tuple[str, ...] = EVENTS) -> AsyncIterator[dict[str, Any]]:
+        """Yield events (``{"event", "data", "timestamp"}``) until the connection ends."""
+        listener = EventListener(names)
+        with self._client.listener(listener):
+            while True:
+                try:
+                    ev = await listener.get()
+                except (asyncio.CancelledError, GeneratorExit):
+                    raise
+                yield dict(ev)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.disconnect()
