@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 nftables
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 nftables e2fsprogs
               python3 python3-venv ca-certificates)
 VENV=${CONSOLIDATOR_VENV:-.venv}
 

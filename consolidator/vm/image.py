@@ -381,7 +381,9 @@ class BuiltImage:
 def _inputs(src: KernelSource, busybox: Path, modules: list[tuple[str, Path]]) -> dict[str, Any]:
     bb_version = _run([str(busybox)]).splitlines()[0] if busybox else ""
     return {
-        "builder": BUILDER_VERSION,
+        # the builder's own code is an input: change how images are made, and the key changes
+        "builder": {"version": BUILDER_VERSION,
+                    "sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()},
         "kernel": {"origin": src.origin, "version": src.version, "detail": src.detail,
                    "sha256": _sha256(src.vmlinuz)},
         "busybox": {"version": bb_version, "sha256": _sha256(busybox)},

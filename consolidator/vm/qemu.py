@@ -37,7 +37,7 @@ AGENT_PORT = "org.consolidator.agent"
 
 @dataclass(frozen=True)
 class Machine:
-    name: str           # "microvm" or "pc"
+    name: str           # "microvm", "pc" (or "q35", for comparisons)
     reason: str
 
     @property
@@ -160,7 +160,7 @@ def build_argv(spec: LaunchSpec, binary: str = "qemu-system-x86_64") -> list[str
     if m.name == "microvm":
         machine = "microvm,acpi=on,auto-kernel-cmdline=off,pit=on,pic=on,rtc=on"
     else:
-        machine = "pc"
+        machine = m.name
     if spec.accel.name == "tcg":
         accel = f"tcg,tb-size={spec.tb_size_mib}"
     else:

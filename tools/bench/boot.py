@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Boot benchmark: how fast a builtin guest comes up, and what QEMU costs.
+
+Prints medians of N runs (default 5), each measured in this run:
+  - spawn -> QMP greeting, and spawn -> READY, for microvm, q35 and pc under the
+    accelerator this host offers;
+  - the same argv launched by a bare shell with no QMP, lock or stats: the floor.
+    Our overhead is the ratio of Guest.launch() to it;
+  - QEMU's RSS after READY, minus the guest RAM it touched (from /proc/PID/smaps),
+    for a few TCG translation-cache sizes.
+Run as root: python tools/bench/boot.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from consolidator.hostfacts import HostFacts  # noqa: E402
+from consolidator.inventory import parse_inventory  # noqa: E402
+from consolidator.vm.guest import Guest  # noqa: E402
+from consolidator.vm.image import build_tiny  # noqa: E402
+from consolidator.vm.launch import VirtHost, launch_spec, prepare_boot  # noqa: E402
+from consolidator.vm.qemu import Machine, RunPaths, build_argv  # noqa: E402
+from consolidator.vm.qmp import QMP  # noqa: E402
+
+CACHE = Path(os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images"))
+MiB = 1 << 20
+
+
+def spec_for(workdir: Path, machine: str, tb: int | None = None):
+    intent = parse_inventory("guests:\n  bench: {memory: {max: 256MiB}}\n", "b",
+                             HostFacts.probe()).guests["bench"]
+    built = build_tiny(CACHE)
+    gdir = workdir / f"{machine}-{tb}-{time.monotonic_ns()}"
+    gdir.mkdir()
+    boot = prepare_boot(intent, CACHE, gdir, built=built)
+    spec = launch_spec(intent, boot, RunPaths.for_guest(gdir), VirtHost.probe(),
+                       tb_size_mib=tb)
+    return replace(spec, machine=Machine(machine, "bench"))
+
+
+def guest_ram_rss(pid: int, ram_bytes: int) -> int:
+    """Rss of the guest-RAM mapping: the anonymous mapping at least as large as the RAM."""
+    best = 0
+    size = rss = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                if size >= ram_bytes:
+                    best = max(best, rss)
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                size, rss = hi - lo, 0
+            elif line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+    if size >= ram_bytes:
+        best = max(best, rss)
+    return best
+
+
+def proc_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def bare(spec) -> tuple[float, float]:
+    """The floor: the same argv from a shell; READY seen by polling the serial log."""
+    spec.paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    spec.paths.serial_log.touch()
+    argv = build_argv(spec)
+    t0 = time.monotonic()
+    p = subprocess.Popen(["sh", "-c", 'exec "$@"', "sh", *argv], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    qmp_at = None
+    try:
+        while True:
+            if qmp_at is None and spec.paths.qmp.exists():
+                qmp_at = time.monotonic() - t0
+            if b"CONSOLIDATOR-READY" in spec.paths.serial_log.read_bytes():
+                return time.monotonic() - t0, qmp_at or 0.0
+            if p.poll() is not None:
+                raise RuntimeError("bare QEMU exited")
+            await asyncio.sleep(0.005)
+    finally:
+        p.kill()
+        p.wait()
+
+
+async def ours(spec) -> tuple[float, int, int]:
+    """Guest.launch() to READY; QEMU's RSS and the guest RAM it touched, right after."""
+    g = Guest(spec)
+    t0 = time.monotonic()
+    try:
+        await g.launch()
+        ready = time.monotonic() - t0
+        return ready, proc_rss(g.pid), guest_ram_rss(g.pid, spec.memory_mib * MiB)
+    finally:
+        await g.shutdown(timeout=5)
+
+
+async def qmp_greeting(spec) -> float:
+    spec.paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = build_argv(spec)
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         stdin=subprocess.DEVNULL)
+    q = QMP("bench")
+    try:
+        await q.connect(str(spec.paths.qmp), timeout=20, alive=lambda: p.poll() is None)
+        return time.monotonic() - t0
+    finally:
+        await q.close()
+        p.kill()
+        p.wait()
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+async def main(runs: int, machines: list[str], tbs: list[int]) -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    print(f"# boot benchmark: {runs} runs each; accelerator "
+          f"{spec_for(Path(tempfile.mkdtemp()), 'pc').accel.reason}")
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        print(f"\n{'machine':8} {'QMP greeting':>13} {'bare READY':>11} {'ours READY':>11} "
+              f"{'ratio':>6}")
+        for m in machines:
+            greet, floor, mine = [], [], []
+            for _ in range(runs):
+                greet.append(await qmp_greeting(spec_for(work, m)))
+                floor.append((await bare(spec_for(work, m)))[0])
+                mine.append((await ours(spec_for(work, m)))[0])
+            print(f"{m:8} {med(greet) * 1000:>10.0f} ms {med(floor):>9.2f} s {med(mine):>9.2f} s "
+                  f"{med(mine) / med(floor):>6.2f}")
+        print(f"\n{'tb-size':>8} {'RSS after READY':>16} {'guest RAM touched':>18} "
+              f"{'QEMU overhead':>14} {'READY':>7}")
+        for tb in tbs:
+            rows = [await ours(spec_for(work, "microvm", tb)) for _ in range(max(3, runs // 2))]
+            rss = med([r[1] for r in rows])
+            ram = med([r[2] for r in rows])
+            print(f"{tb:>5} MiB {rss / MiB:>12.0f} MiB {ram / MiB:>14.0f} MiB "
+                  f"{(rss - ram) / MiB:>10.0f} MiB {med([r[0] for r in rows]):>6.2f}s")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--machines", default="microvm,q35,pc")
+    ap.add_argument("--tb-sizes", default="32,64,256")
+    a = ap.parse_args()
+    asyncio.run(main(a.runs, a.machines.split(","), [int(x) for x in a.tb_sizes.split(",")]))
