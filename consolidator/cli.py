@@ -318,6 +318,43 @@ def image_rm(c: Ctx, names: tuple[str, ...], all_: bool) -> None:
             shutil.rmtree(cache / sub, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------ gc
+
+@cli.command()
+@common_options
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing")
+@click.option("--instance", default=None,
+              help="Instance prefix to collect [default: the inventory's]")
+@handled
+def gc(c: Ctx, dry_run: bool, instance: str | None) -> None:
+    """Find leftovers of an instance by name prefix and remove them.
+
+    Works after a crash and with an empty state dir: network namespaces, bridges and
+    guest ports, nftables tables, cgroups, and any process still inside them.
+    """
+    from . import gc as gcmod
+    from .errors import UsageError
+    fabric = parent = None
+    if instance is None:
+        try:
+            fleet = c.fleet()
+        except ConsolidatorError:
+            raise UsageError("no usable inventory to take the instance from: pass --instance")
+        instance, fabric, parent = (fleet.instance, fleet.host.fabric_netns,
+                                    fleet.host.cgroup_parent)
+    found = gcmod.scan(instance, fabric, parent)
+    if dry_run:
+        for item in found:
+            out.print(item.describe(), markup=False)
+        out.print(f"{len(found)} leftover{'s' if len(found) != 1 else ''} of instance "
+                  f"{instance}" + (" (dry run: nothing removed)" if found else ""))
+        return
+    gone = gcmod.collect(instance, fabric, parent)
+    for g in gone:
+        out.print(f"removed {g}", markup=False)
+    out.print(f"instance {instance}: {len(gone)} removed")
+
+
 # ------------------------------------------------------------ not yet implemented
 
 def _later(name: str, lacks: str, doc: str) -> None:

@@ -198,9 +198,12 @@ class Guest:
         return last
 
     # ----------------------------------------------------------------- launch
-    async def launch(self) -> None:
-        """Start QEMU and wait until the guest is up. Raises LaunchError (or ReadyTimeout)."""
+    async def launch(self, placement: Placement | None = None) -> None:
+        """Start QEMU and wait until the guest is up. Raises LaunchError (or ReadyTimeout).
+        ``placement`` (cgroup, netns) overrides the one given at construction."""
         self._require("launch", Runstate.DEFINED, Runstate.STOPPED, Runstate.CRASHED)
+        if placement is not None:
+            self.placement = placement
         self._to(Runstate.STARTING)
         self.exit = None
         self._stop_requested = False

@@ -1,0 +1,320 @@
+"""The network fabric: bridges in the fabric netns, and each guest's netns wired to them.
+
+::
+
+    fabric netns (root by default)                 guest netns {inst}-{guest}
+    ┌────────────────────────────────┐             ┌──────────────────────────────┐
+    │ bridge {inst}-{net}            │  veth pair  │  vnic0 ── br0 ── tap0 ◄── QEMU
+    │   [gateway addr, or none]      ├─────────────┤  (a two-port bridge per NIC)  │
+    │   port {inst}.{guest}.0 ───────┘             │  no addresses, IPv6 off       │
+    │   nft bridge {inst}_guard: per-port MAC/IP   └──────────────────────────────┘
+    │   nft ip {inst}_nat: masquerade (nat: true)
+    └────────────────────────────────┘
+
+Why a two-port bridge in the guest netns and not tc mirred redirects: measured with
+tools/bench/net.py (both in the same run), the data path is a tie within noise
+(throughput -2 %/+13 %, round trips -7 %/0 % for mirred over 10 runs), while the
+bridge wires a NIC 30-40 % faster (three netlink calls, no qdisc and filter checks)
+and is what every operator's tooling (``ip -d link``, ``bridge``) already shows.
+
+Everything is idempotent: what exists with the right settings is left alone, what
+exists with wrong settings is fixed (addresses, master, state), and a name taken by
+something that is not ours (wrong kind) is an error, not a takeover. Wiring a guest
+that fails half-way removes what it made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import NetError
+from ..inventory.schema import NetworkSpec
+from . import names, nft
+from . import netns as ns
+
+@dataclass(frozen=True)
+class NicWiring:
+    index: int
+    network: str
+    mac: str
+    ips: tuple[str, ...]          # addresses the guest may send from
+
+
+@dataclass(frozen=True)
+class GuestWiring:
+    netns: str
+    taps: tuple[str, ...]
+    ports: tuple[str, ...]        # fabric-side veth ends
+
+
+def _attr(link: Any, key: str) -> Any:
+    return link.get_attr(key)
+
+
+def _kind(link: Any) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+class Fabric:
+    def __init__(self, instance: str, fabric_netns: str | None = None) -> None:
+        self.instance = instance
+        self.netns = fabric_netns
+
+    # ------------------------------------------------------------------ fabric
+    def ensure_fabric(self) -> bool:
+        """Create the fabric netns if one is named and missing. Returns whether it was made."""
+        if self.netns is None:
+            return False
+        made = ns.create(self.netns)
+        if made:
+            with ns.iproute(self.netns) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        nft.apply(self.netns, nft.guard_base(self.instance))
+        return made
+
+    def _ensure_guard(self) -> None:
+        if nft.list_table(self.netns, "bridge", names.nft_guard_table(self.instance)) is None:
+            nft.apply(self.netns, nft.guard_base(self.instance))
+
+    # ----------------------------------------------------------------- networks
+    def ensure_network(self, name: str, spec: NetworkSpec) -> list[str]:
+        """Make the bridge match ``spec``. Returns what was changed (empty: nothing to do)."""
+        changed: list[str] = []
+        br = names.bridge(self.instance, name)
+        with ns.iproute(self.netns) as ipr:
+            found = ipr.link_lookup(ifname=br)
+            if found:
+                link = ipr.get_links(found[0])[0]
+                if _kind(link) != "bridge":
+                    raise NetError(f"interface {br} exists and is a {_kind(link) or 'device'}, "
+                                   "not our bridge", hint="rename it, or change the instance")
+                idx = found[0]
+            else:
+                try:
+                    ipr.link("add", ifname=br, kind="bridge")
+                except NetlinkError as e:
+                    if e.code == 95:   # EOPNOTSUPP
+                        raise NetError(f"cannot create bridge {br}: this kernel has no bridge "
+                                       "support", hint="modprobe bridge") from None
+                    raise NetError(f"cannot create bridge {br}: {e}") from None
+                idx = ipr.link_lookup(ifname=br)[0]
+                changed.append(f"created bridge {br}")
+            want = set()
+            if spec.gateway:
+                want.add((str(ipaddress.ip_interface(spec.gateway).ip), spec.subnet.prefixlen))
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                    for a in ipr.get_addr(index=idx, family=2)}
+            for addr, plen in have - want:
+                ipr.addr("del", index=idx, address=addr, prefixlen=plen)
+                changed.append(f"removed {addr}/{plen} from {br}")
+            for addr, plen in want - have:
+                self._check_address_free(ipr, addr, br)
+                ipr.addr("add", index=idx, address=addr, prefixlen=plen)
+                changed.append(f"added {addr}/{plen} to {br}")
+            if ipr.get_links(idx)[0]["state"] != "up":
+                ipr.link("set", index=idx, state="up")
+                changed.append(f"{br} up")
+        if not spec.gateway:
+            # no host address at all, IPv6 link-local included: the network is isolated
+            ns.sysctl(self.netns, f"net.ipv6.conf.{br}.disable_ipv6", "1")
+        changed += self._ensure_nat(name, spec, br)
+        self._ensure_guard()
+        return changed
+
+    def _check_address_free(self, ipr: IPRoute, addr: str, br: str) -> None:
+        for a in ipr.get_addr(family=2):
+            if a.get_attr("IFA_ADDRESS") == addr:
+                owner = ipr.get_links(a["index"])[0].get_attr("IFLA_IFNAME")
+                if owner != br:
+                    raise NetError(f"address {addr} is already in use on {owner}",
+                                   hint="choose another gateway for this network")
+
+    def _default_route_ifname(self) -> str | None:
+        with ns.iproute(self.netns) as ipr:
+            for r in ipr.get_default_routes(family=2):
+                oif = r.get_attr("RTA_OIF")
+                if oif:
+                    return ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
+        return None
+
+    def _ensure_nat(self, name: str, spec: NetworkSpec, br: str) -> list[str]:
+        handles = nft.nat_rule_handles(self.netns, self.instance, name)
+        table = names.nft_nat_table(self.instance)
+        if not spec.nat:
+            if handles:
+                nft.apply(self.netns, [{"delete": {"rule": {"family": "ip", "table": table,
+                                                            "chain": "post", "handle": h}}}
+                                       for h in handles])
+                return [f"removed nat for {spec.subnet}"]
+            return []
+        want = nft.nat_rule(self.instance, name, str(spec.subnet), br,
+                            self._default_route_ifname())
+        if handles:
+            rules = [x["rule"] for x in nft.list_table(self.netns, "ip", table) or []
+                     if "rule" in x and x["rule"].get("comment") == name]
+            if len(rules) == 1 and self._same_nat(rules[0], want[0]["add"]["rule"]):
+                return []
+        doc = nft.nat_base(self.instance)
+        doc += [{"delete": {"rule": {"family": "ip", "table": table, "chain": "post",
+                                     "handle": h}}} for h in handles]
+        doc += want
+        nft.apply(self.netns, doc)
+        ns.sysctl(self.netns, "net.ipv4.ip_forward", "1")
+        return [f"nat for {spec.subnet}"]
+
+    @staticmethod
+    def _same_nat(have: dict[str, Any], want: dict[str, Any]) -> bool:
+        import json
+        return json.dumps(have.get("expr"), sort_keys=True) == \
+            json.dumps(want.get("expr"), sort_keys=True)
+
+    def remove_network(self, name: str) -> None:
+        br = names.bridge(self.instance, name)
+        handles = nft.nat_rule_handles(self.netns, self.instance, name)
+        if handles:
+            table = names.nft_nat_table(self.instance)
+            nft.apply(self.netns, [{"delete": {"rule": {"family": "ip", "table": table,
+                                                        "chain": "post", "handle": h}}}
+                                   for h in handles])
+        if self.netns is not None and not ns.exists(self.netns):
+            return
+        with ns.iproute(self.netns) as ipr:
+            found = ipr.link_lookup(ifname=br)
+            if found and _kind(ipr.get_links(found[0])[0]) == "bridge":
+                ipr.link("del", index=found[0])
+
+    # ------------------------------------------------------------------- guests
+    def wire_guest(self, guest: str, nics: list[NicWiring]) -> GuestWiring:
+        """The guest's netns with one tap per NIC, each joined to its network's bridge."""
+        netns_name = names.guest_netns(self.instance, guest)
+        try:
+            return self._wire(guest, netns_name, nics)
+        except BaseException:
+            self.unwire_guest(guest, len(nics))
+            raise
+
+    def _wire(self, guest: str, netns_name: str, nics: list[NicWiring]) -> GuestWiring:
+        if ns.create(netns_name):
+            ns.sysctl(netns_name, "net.ipv6.conf.all.disable_ipv6", "1")
+            ns.sysctl(netns_name, "net.ipv6.conf.default.disable_ipv6", "1")
+        taps, ports = [], []
+        if not nics:
+            return GuestWiring(netns_name, (), ())
+        self.ensure_fabric()
+        with ns.iproute(self.netns) as fab, ns.iproute(netns_name) as gns:
+            for nic in nics:
+                port = names.guest_port(self.instance, guest, nic.index)
+                peer, tap = names.guest_peer(nic.index), names.tap(nic.index)
+                br = names.bridge(self.instance, nic.network)
+                brs = fab.link_lookup(ifname=br)
+                if not brs:
+                    raise NetError(f"guest {guest}: network {nic.network} has no bridge {br}")
+                found = fab.link_lookup(ifname=port)
+                if found and _kind(fab.get_links(found[0])[0]) != "veth":
+                    raise NetError(f"interface {port} exists and is not our veth")
+                if found and not gns.link_lookup(ifname=peer):
+                    fab.link("del", index=found[0])      # a stale half: make it anew
+                    found = []
+                if not found:
+                    try:
+                        fab.link("add", ifname=port, kind="veth",
+                                 peer={"ifname": peer, "net_ns_fd": netns_name})
+                    except NetlinkError as e:
+                        raise NetError(f"cannot create {port}: {e}") from None
+                pidx = fab.link_lookup(ifname=port)[0]
+                fab.link("set", index=pidx, master=brs[0], state="up")
+                if not gns.link_lookup(ifname=tap):
+                    gns.link("add", ifname=tap, kind="tuntap", mode="tap")
+                tidx = gns.link_lookup(ifname=tap)[0]
+                vidx = gns.link_lookup(ifname=peer)[0]
+                self._join(gns, names.guest_join(nic.index), tidx, vidx)
+                nft.apply(self.netns, nft.guard_port(self.instance, port, nic.mac,
+                                                     list(nic.ips)))
+                taps.append(tap)
+                ports.append(port)
+        return GuestWiring(netns_name, tuple(taps), tuple(ports))
+
+    @staticmethod
+    def _join(ipr: IPRoute, bridge: str, tap: int, vnic: int) -> None:
+        """A two-port bridge joining the tap and the veth end (idempotent)."""
+        if not ipr.link_lookup(ifname=bridge):
+            ipr.link("add", ifname=bridge, kind="bridge")
+        b = ipr.link_lookup(ifname=bridge)[0]
+        for port in (tap, vnic):
+            link = ipr.get_links(port)[0]
+            if link.get_attr("IFLA_MASTER") != b or link["state"] != "up":
+                ipr.link("set", index=port, master=b, state="up")
+        ipr.link("set", index=b, state="up")
+
+    def unwire_guest(self, guest: str, nic_count: int | None = None) -> None:
+        """Remove the guest's netns (its taps and veth ends go with it) and its rules."""
+        netns_name = names.guest_netns(self.instance, guest)
+        doc: nft.Doc = []
+        if self.netns is None or ns.exists(self.netns):
+            with ns.iproute(self.netns) as fab:
+                for link in fab.get_links():
+                    ifname = link.get_attr("IFLA_IFNAME")
+                    if self._port_index(guest, ifname, nic_count) is not None:
+                        with_ignore(lambda: fab.link("del", index=link["index"]))
+            guard = nft.list_table(self.netns, "bridge", names.nft_guard_table(self.instance))
+            for item in guard or []:
+                el = item.get("map", {})
+                if el.get("name") == "ports":
+                    for elem in el.get("elem", []):
+                        port = elem[0] if isinstance(elem, list) else elem
+                        if self._port_index(guest, port, nic_count) is not None:
+                            doc += nft.unguard_port(self.instance, port)
+            if doc:
+                nft.apply(self.netns, doc)
+        ns.remove(netns_name)
+
+    def _port_index(self, guest: str, ifname: str, nic_count: int | None) -> int | None:
+        for i in range(nic_count if nic_count is not None else 32):
+            if ifname == names.guest_port(self.instance, guest, i):
+                return i
+        return None
+
+    # --------------------------------------------------------------- inventory
+    def links(self) -> list[str]:
+        """Interfaces of this instance in the fabric netns."""
+        if self.netns is not None and not ns.exists(self.netns):
+            return []
+        with ns.iproute(self.netns) as ipr:
+            return sorted(n for n in (l.get_attr("IFLA_IFNAME") for l in ipr.get_links())
+                          if names.link_is_ours(self.instance, n))
+
+    def destroy(self, *, remove_fabric_netns: bool = False) -> list[str]:
+        """Remove every object of the instance (for destroy and gc). Returns what went."""
+        gone: list[str] = []
+        for n in ns.listing():
+            if names.netns_is_ours(self.instance, n) and n != self.netns:
+                ns.remove(n)
+                gone.append(f"netns {n}")
+        if self.netns is None or ns.exists(self.netns):
+            with ns.iproute(self.netns) as ipr:
+                for link in ipr.get_links():
+                    name = link.get_attr("IFLA_IFNAME")
+                    if names.link_is_ours(self.instance, name):
+                        with_ignore(lambda: ipr.link("del", index=link["index"]))
+                        gone.append(f"link {name}")
+            for family, table in nft.tables(self.netns):
+                if names.nft_table_is_ours(self.instance, table):
+                    nft.delete_table(self.netns, family, table)
+                    gone.append(f"nft {family} {table}")
+        if remove_fabric_netns and self.netns and ns.remove(self.netns):
+            gone.append(f"netns {self.netns}")
+        return gone
+
+
+def with_ignore(fn: Any) -> None:
+    try:
+        fn()
+    except NetlinkError as e:
+        if e.code != 19:   # ENODEV: it went away on its own (a veth peer, say)
+            raise

@@ -1,0 +1,129 @@
+"""A real fleet for tests: unique instance, fabric in its own netns, guaranteed cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+from consolidator.executor import Executor
+from consolidator.hostfacts import HostFacts
+from consolidator.inventory import parse_inventory
+from consolidator.model import Fleet
+from consolidator.net import names
+from consolidator.net import netns as ns
+from consolidator.net import nft
+from consolidator.sched.cgroup import detect
+from consolidator.state import StateDir
+from consolidator.vm.guest import Guest
+
+IMAGE_CACHE = Path(os.environ.get("CONSOLIDATOR_IMAGE_CACHE",
+                                  "/var/tmp/consolidator-test-images"))
+
+THREE_GUESTS = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+networks:
+  front: {{subnet: 10.77.0.0/24, gateway: 10.77.0.1}}
+  back: {{subnet: 10.78.0.0/24}}
+guests:
+  web:
+    cpu: {{shares: 1024, limit: 0.75}}
+    memory: {{max: 256MiB, min: 128MiB}}
+    nics: [{{network: front, ip: 10.77.0.10}}]
+  app:
+    cpu: {{shares: 2048}}
+    nics: [{{network: front, ip: 10.77.0.20}}, {{network: back, ip: 10.78.0.20}}]
+  db:
+    nics: [{{network: back, ip: 10.78.0.30}}]
+"""
+
+
+def unique_instance() -> str:
+    return "i" + uuid.uuid4().hex[:7]
+
+
+@dataclass
+class Env:
+    instance: str
+    fleet: Fleet
+    executor: Executor
+    loop: asyncio.AbstractEventLoop
+    guests: dict[str, Guest] = field(default_factory=dict)
+
+    @property
+    def fabric(self) -> str:
+        return f"{self.instance}-fab"
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def start(self, *names_: str) -> None:
+        async def go() -> None:
+            for n, s in self.fleet.networks.items():
+                await asyncio.to_thread(self.executor.create_network, n, s)
+            started = await asyncio.gather(*(self.executor.start_guest(self.fleet.guests[n])
+                                             for n in names_))
+            self.guests.update(zip(names_, started))
+        self.run(go())
+
+    def sh(self, guest: str, command: str, timeout: float = 30) -> tuple[int, str]:
+        async def go() -> tuple[int, str]:
+            return await (await self.guests[guest].agent()).sh(command, timeout)
+        return self.run(go())
+
+    def stop_all(self) -> None:
+        async def go() -> None:
+            for n, g in list(self.guests.items()):
+                with contextlib.suppress(Exception):
+                    await self.executor.stop_guest(self.fleet.guests[n], g, timeout=5)
+        self.run(go())
+
+
+def leftovers(instance: str) -> list[str]:
+    """Everything with the instance prefix that still exists anywhere on the host."""
+    found = [f"netns {n}" for n in ns.listing() if names.netns_is_ours(instance, n)]
+    with ns.iproute(None) as ipr:
+        found += [f"link {l.get_attr('IFLA_IFNAME')}" for l in ipr.get_links()
+                  if names.link_is_ours(instance, l.get_attr("IFLA_IFNAME"))]
+    found += [f"nft {f} {t}" for f, t in nft.tables(None) if names.nft_table_is_ours(instance, t)]
+    layout = detect()
+    for ctrl, base in layout.subtree(instance).items():
+        if base.exists():
+            found.append(f"cgroup {base}")
+    pattern = re.compile(rf"/{instance}/")
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            cg = Path(f"/proc/{p.pid}/cgroup").read_text()
+        except OSError:
+            continue
+        if pattern.search(cg):
+            found.append(f"process {p.pid} {p.info['name']}")
+    return found
+
+
+@contextlib.contextmanager
+def fleet_env(tmp_path: Path, template: str = THREE_GUESTS) -> Iterator[Env]:
+    inst = unique_instance()
+    os.environ["CONSOLIDATOR_IMAGE_CACHE"] = str(IMAGE_CACHE)
+    fleet = parse_inventory(template.format(inst=inst), "test.yaml", HostFacts.probe())
+    state = StateDir(tmp_path / f"state-{inst}").ensure()
+    env = Env(inst, fleet, Executor(fleet, state), asyncio.new_event_loop())
+    try:
+        yield env
+    finally:
+        with contextlib.suppress(Exception):
+            env.stop_all()
+        for g in env.guests.values():
+            with contextlib.suppress(Exception):
+                env.run(g.cleanup())          # QMP and agent close in their own loop
+            g.abandon()
+        env.executor.destroy()
+        env.loop.close()

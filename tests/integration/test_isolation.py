@@ -1,0 +1,312 @@
+"""Isolation with real kernel objects: cgroups, netns, bridges, taps, nftables, QEMU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from consolidator.errors import NetError
+from consolidator.net import names
+from consolidator.net import netns as ns
+from consolidator.net import nft
+from consolidator.sched.cgroup import memory_limit
+
+from .env import Env, fleet_env, leftovers
+
+pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory) -> Env:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with fleet_env(tmp_path_factory.mktemp("three")) as env:
+        env.start("web", "app", "db")
+        yield env
+    assert leftovers(env.instance) == []
+
+
+def ping(env: Env, guest: str, ip: str) -> bool:
+    return env.sh(guest, f"ping -c 1 -W 3 {ip}")[0] == 0
+
+
+def fetch(env: Env, guest: str, url: str) -> str | None:
+    rc, out = env.sh(guest, f"timeout 5 wget -q -O - {url}")
+    return out if rc == 0 else None
+
+
+# ---------------------------------------------------------------------- wiring
+
+def test_guests_on_one_network_reach_each_other(three):
+    assert ping(three, "web", "10.77.0.20")
+    assert ping(three, "app", "10.77.0.10")
+    assert fetch(three, "web", "http://10.77.0.20/health") == "ok"
+    assert "name=web" in fetch(three, "app", "http://10.77.0.10/")
+    assert ping(three, "app", "10.78.0.30") and ping(three, "db", "10.78.0.20")
+
+
+def test_isolated_network_reaches_neither_the_other_network_nor_the_fabric(three):
+    for target in ("10.77.0.10", "10.77.0.20", "10.77.0.1"):
+        assert not ping(three, "db", target), target
+    # nothing on the isolated bridge answers for the host: no address, IPv6 off
+    with ns.iproute(three.fabric) as ipr:
+        br = ipr.link_lookup(ifname=names.bridge(three.instance, "back"))[0]
+        assert ipr.get_addr(index=br) == ()
+
+
+def test_gateway_reaches_guests_on_its_network(three):
+    r = ns.run(three.fabric, ["busybox", "ping", "-c", "1", "-W", "3", "10.77.0.10"],
+               check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = ns.run(three.fabric, ["busybox", "wget", "-q", "-O", "-", "http://10.77.0.20/health"],
+               check=False)
+    assert r.stdout == "ok\n"
+    assert ping(three, "web", "10.77.0.1")
+
+
+# --------------------------------------------------------------- where QEMU runs
+
+def test_every_qemu_thread_is_in_its_guest_cgroup_and_its_own_netns(three):
+    host_ns = os.stat("/proc/self/ns/net").st_ino
+    seen_ns = set()
+    for name, g in three.guests.items():
+        want = {str(p) for p in three.executor.cgroups.unique_dirs("guests", name)}
+        tasks = list(Path(f"/proc/{g.pid}/task").iterdir())
+        assert len(tasks) > 3            # main loop, vCPU, RCU, workers...
+        for task in tasks:
+            lines = (task / "cgroup").read_text().splitlines()
+            for line in lines:
+                _, ctrls, path = line.split(":", 2)
+                if ctrls in ("cpu", "cpuacct", "cpuset", "memory", "pids"):
+                    assert any(w.endswith(path) for w in want), (task, line)
+        net = os.stat(f"/proc/{g.pid}/ns/net").st_ino
+        assert net != host_ns
+        seen_ns.add(net)
+        # the QEMU netns holds only its taps and their veth ends
+        with ns.iproute(names.guest_netns(three.instance, name)) as ipr:
+            ifs = sorted(l.get_attr("IFLA_IFNAME") for l in ipr.get_links())
+        n = len(three.fleet.guests[name].nics)
+        assert ifs == sorted(["lo"] + [f"tap{i}" for i in range(n)] +
+                             [f"vnic{i}" for i in range(n)] + [f"br{i}" for i in range(n)])
+    assert len(seen_ns) == 3
+
+
+# --------------------------------------------------------------- anti-spoofing
+
+def _fabric_neigh(env: Env, ip: str) -> str | None:
+    with ns.iproute(env.fabric) as ipr:
+        for n in ipr.get_neighbours(family=2):
+            if n.get_attr("NDA_DST") == ip:
+                return n.get_attr("NDA_LLADDR")
+    return None
+
+
+def test_a_guest_with_another_guests_ip_or_a_forged_mac_reaches_no_one(three):
+    nic = "$(grep -l 52:54 /sys/class/net/*/address | head -1 | cut -d/ -f5)"
+    web_mac = three.fleet.guests["web"].nics[0].mac
+    app_mac = three.fleet.guests["app"].nics[0].mac
+
+    def readdress(ip: str) -> None:
+        rc, out = three.sh("web", f"ip addr flush dev {nic} && ip addr add {ip}/24 dev {nic} "
+                                  f"&& ip route add default via 10.77.0.1")
+        assert rc == 0, out
+
+    assert ping(three, "web", "10.77.0.1")
+    try:
+        readdress("10.77.0.20")                      # app's address
+        assert not ping(three, "web", "10.77.0.1")
+        assert _fabric_neigh(three, "10.77.0.20") in (None, app_mac)   # no ARP poisoning
+        readdress("10.77.0.99")                      # an address no one declared
+        assert not ping(three, "web", "10.77.0.1")
+        assert not ping(three, "web", "10.77.0.20")
+    finally:
+        readdress("10.77.0.10")
+    assert ping(three, "web", "10.77.0.1")
+    rc, _ = three.sh("web", f"ip link set {nic} address 52:54:de:ad:be:ef")
+    assert rc == 0
+    try:
+        assert not ping(three, "web", "10.77.0.1")
+        assert not ping(three, "web", "10.77.0.20")
+    finally:
+        three.sh("web", f"ip link set {nic} address {web_mac}")
+    assert ping(three, "web", "10.77.0.20") and ping(three, "web", "10.77.0.1")
+    # the rules are there, one chain per port
+    table = nft.list_table(three.fabric, "bridge", names.nft_guard_table(three.instance))
+    chains = {x["chain"]["name"] for x in table if "chain" in x}
+    assert {"pre", "p_" + names.guest_port(three.instance, "web", 0).replace(".", "_")} <= chains
+
+
+# --------------------------------------------------------------------- settings
+
+def test_cgroup_settings_read_back_and_change_live(three):
+    cg = three.executor.cgroups
+    web = three.fleet.guests["web"]
+    assert cg.read("web", "cpu", "cpu.shares") == "1024"
+    assert cg.read("web", "cpu", "cpu.cfs_quota_us") == "75000"
+    assert cg.read("web", "cpu", "cpu.cfs_period_us") == "100000"
+    assert int(cg.read("web", "memory", "memory.limit_in_bytes")) == memory_limit(256 << 20)
+    assert cg.read("app", "cpu", "cpu.shares") == "2048"
+    assert cg.read("app", "cpu", "cpu.cfs_quota_us") == "-1"
+    pid = three.guests["web"].pid
+    from consolidator.inventory.schema import CpuSpec
+    changed = three.executor.apply_live(web.model_copy(update={"cpu": CpuSpec(shares=4096)}))
+    assert "cpu/cpu.shares=4096" in changed
+    assert cg.read("web", "cpu", "cpu.shares") == "4096"
+    assert three.guests["web"].pid == pid
+    assert three.executor.apply_live(web) != []        # and back
+    assert three.executor.apply_live(web) == []        # idempotent
+    st = cg.stats("web")
+    assert st.cpu_usage_ns > 0 and st.memory_current > 64 << 20
+
+
+def test_ensuring_a_network_again_changes_nothing(three):
+    for n, spec in three.fleet.networks.items():
+        assert three.executor.fabric.ensure_network(n, spec) == []
+
+
+NAT = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+networks:
+  out: {{subnet: 10.79.0.0/24, gateway: 10.79.0.1, nat: true}}
+"""
+
+
+def test_nat_rule_exists_with_the_network_and_goes_with_it(tmp_path):
+    with fleet_env(tmp_path, NAT) as env:
+        ex = env.executor
+        ex.create_network("out", env.fleet.networks["out"])
+        rules = [x["rule"] for x in nft.list_table(env.fabric, "ip",
+                                                   names.nft_nat_table(env.instance))
+                 if "rule" in x]
+        assert [r["comment"] for r in rules] == ["out"]
+        assert any("masquerade" in e for e in rules[0]["expr"])
+        r = ns.run(env.fabric, ["cat", "/proc/sys/net/ipv4/ip_forward"])
+        assert r.stdout.strip() == "1"
+        assert ex.fabric.ensure_network("out", env.fleet.networks["out"]) == []   # idempotent
+        ex.remove_network("out")
+        table = nft.list_table(env.fabric, "ip", names.nft_nat_table(env.instance))
+        assert not [x for x in table or [] if "rule" in x]
+
+
+def test_gateway_address_already_in_use_is_refused(tmp_path):
+    with fleet_env(tmp_path) as env:
+        env.executor.fabric.ensure_fabric()
+        with ns.iproute(env.fabric) as ipr:
+            ipr.link("add", ifname="other0", kind="veth", peer={"ifname": "other1"})
+            ipr.addr("add", index=ipr.link_lookup(ifname="other0")[0], address="10.77.0.1",
+                     prefixlen=24)
+        with pytest.raises(NetError, match="10.77.0.1 is already in use on other0"):
+            env.executor.create_network("front", env.fleet.networks["front"])
+
+
+# ------------------------------------------------------------ cleanup, rollback
+
+def test_destroy_leaves_nothing(tmp_path):
+    with fleet_env(tmp_path) as env:
+        env.start("web")
+        assert leftovers(env.instance)          # it made things
+        pid = env.guests["web"].pid
+        gone = env.executor.destroy()
+        assert any("netns" in g for g in gone)
+        assert leftovers(env.instance) == []
+        assert not Path(f"/proc/{pid}").exists() or \
+            "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_half_made_guest_network_is_rolled_back(tmp_path):
+    with fleet_env(tmp_path) as env:
+        ex = env.executor
+        ex.create_network("front", env.fleet.networks["front"])   # "back" is never made
+        app = env.fleet.guests["app"]                               # on front and back
+        with pytest.raises(NetError, match="no bridge"):
+            ex.fabric.wire_guest("app", [w for w in __import__(
+                "consolidator.executor", fromlist=["nic_wiring"]).nic_wiring(app)])
+        assert not ns.exists(names.guest_netns(env.instance, "app"))
+        assert ex.fabric.links() == [names.bridge(env.instance, "front")]
+
+
+def test_name_collision_with_a_foreign_interface_is_an_error(tmp_path):
+    with fleet_env(tmp_path) as env:
+        env.executor.fabric.ensure_fabric()
+        with ns.iproute(env.fabric) as ipr:        # someone else's veth takes our name
+            ipr.link("add", ifname=names.bridge(env.instance, "front"), kind="veth",
+                     peer={"ifname": "foreign0"})
+        with pytest.raises(NetError, match="is a veth, not our bridge"):
+            env.executor.create_network("front", env.fleet.networks["front"])
+
+
+def test_a_test_that_fails_on_purpose_leaves_nothing(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from pathlib import Path
+        from tests.integration.env import fleet_env
+        with fleet_env(Path({str(tmp_path)!r})) as env:
+            print(env.instance, flush=True)
+            env.start("web")
+            raise RuntimeError("failing on purpose")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode != 0 and "failing on purpose" in res.stderr
+    instance = res.stdout.split()[0]
+    assert leftovers(instance) == []
+
+
+def test_gc_finds_leftovers_by_prefix_with_an_empty_state_dir(tmp_path):
+    with fleet_env(tmp_path) as env:
+        env.start("web")
+        inv = tmp_path / "inv.yaml"
+        from tests.integration.env import THREE_GUESTS
+        inv.write_text(THREE_GUESTS.format(inst=env.instance))
+        empty = tmp_path / "empty-state"
+        cmd = [sys.executable, "-m", "consolidator", "--state-dir", str(empty), "-f", str(inv),
+               "gc"]
+        dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, timeout=60)
+        assert dry.returncode == 0, dry.stderr
+        assert names.guest_netns(env.instance, "web") in dry.stdout
+        assert leftovers(env.instance)            # dry run removed nothing
+        g = env.guests.pop("web")                 # as after a supervisor crash: our handles
+        env.run(g.cleanup())                      # go, QEMU keeps running in its cgroup
+        assert g.alive()
+        real = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert real.returncode == 0, real.stderr
+        assert leftovers(env.instance) == []
+
+
+# ----------------------------------------------------------------------- weights
+
+WEIGHTS = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+guests:
+  light: {{cpu: {{shares: 1024, pin: "0"}}}}
+  heavy: {{cpu: {{shares: 3072, pin: "0"}}}}
+"""
+
+
+def test_cpu_shares_split_a_contended_core_1_to_3(tmp_path):
+    with fleet_env(tmp_path, WEIGHTS) as env:
+        env.start("light", "heavy")
+        for g in ("light", "heavy"):
+            env.run(_burn(env, g))
+        time.sleep(2)
+        cg = env.executor.cgroups
+        u0 = {g: cg.stats(g).cpu_usage_ns for g in ("light", "heavy")}
+        time.sleep(20)
+        used = {g: cg.stats(g).cpu_usage_ns - u0[g] for g in ("light", "heavy")}
+        share = used["heavy"] / (used["light"] + used["heavy"])
+        print(f"heavy share {share:.3f} (1:3 is 0.750); cores used "
+              f"{(used['light'] + used['heavy']) / 20e9:.2f}")
+        assert abs(share - 0.75) <= 0.075
+
+
+async def _burn(env: Env, guest: str) -> None:
+    await (await env.guests[guest].agent()).cpu(100)
