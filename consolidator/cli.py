@@ -55,14 +55,18 @@ def _set(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     return cb
 
 
-def common_options(f: Callable) -> Callable:
-    """Global options, accepted on the group and on every command."""
+def common_options(f: Callable | None = None, *, file_short: bool = True) -> Callable:
+    """Global options, accepted on the group and on every command. ``file_short=False``
+    leaves ``-f`` to the command (``logs -f`` follows); ``--file`` still works."""
+    if f is None:
+        return lambda g: common_options(g, file_short=file_short)
+    file_flags = ("-f", "--file") if file_short else ("--file",)
     opts = [
         click.option("--state-dir", type=click.Path(file_okay=False), default=None,
                      expose_value=False, callback=_set("state_dir"), is_eager=True,
                      help=f"State directory [env CONSOLIDATOR_STATE_DIR; default "
                           f"{DEFAULT_STATE_DIR}]"),
-        click.option("-f", "--file", type=click.Path(dir_okay=False), default=None,
+        click.option(*file_flags, type=click.Path(dir_okay=False), default=None,
                      expose_value=False, callback=_set("file"), is_eager=True,
                      help="Inventory file [default ./inventory.yaml]"),
         click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
@@ -193,7 +197,7 @@ def plan(c: Ctx, as_json: bool, detailed_exitcode: bool, prune: bool, purge: boo
     ctx.meta["detailed_exitcode"] = detailed_exitcode
     fleet = c.fleet()
     state = c.state()
-    observed = state.observe()
+    observed = _observed(c)
     p = make_plan(fleet, observed, prune=prune, purge=purge, allow_restart=allow_restart)
     if as_json:
         out.print_json(json.dumps({**p.to_json(), "instance": fleet.instance,
@@ -355,7 +359,322 @@ def gc(c: Ctx, dry_run: bool, instance: str | None) -> None:
     out.print(f"instance {instance}: {len(gone)} removed")
 
 
-# ------------------------------------------------------------ not yet implemented
+# ----------------------------------------------------------------------- apply
+
+def _observed(c: Ctx):
+    """The observed state: the supervisor's if one runs, else the state dir's records."""
+    from . import api
+    from .plan import Observed
+    try:
+        with api.connect(Path(c.state_dir), start=False) as client:
+            return Observed.from_json(client.call("observe"))
+    except ConsolidatorError:
+        return c.state().observe()
+
+
+class Progress:
+    """Live phases per guest: a rich table on a terminal, plain lines otherwise."""
+
+    PHASES = ("network", "cgroup", "launch", "boot", "ready")
+
+    def __init__(self, live: bool) -> None:
+        self.rows: dict[str, tuple[str, float]] = {}
+        self.live = None
+        if live:
+            from rich.live import Live
+            self.live = Live(self._table(), console=err, refresh_per_second=8, transient=False)
+            self.live.start()
+
+    def _table(self):
+        from rich.table import Table
+        t = Table(title="apply", title_justify="left", box=None)
+        t.add_column("guest", style="bold")
+        t.add_column("phase")
+        t.add_column("elapsed", justify="right")
+        for name, (phase, el) in sorted(self.rows.items()):
+            style = {"ready": "green", "failed": "bold red"}.get(phase, "yellow")
+            t.add_row(name, f"[{style}]{phase}[/]", f"{el:.1f}s")
+        return t
+
+    def __call__(self, ev: dict) -> None:
+        if "guest" not in ev:
+            return
+        self.rows[ev["guest"]] = (ev["phase"], ev.get("t", 0.0))
+        if self.live is not None:
+            self.live.update(self._table())
+        else:
+            err.print(f"{ev['guest']}: {ev['phase']} ({ev.get('t', 0):.2f}s)", markup=False)
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+@cli.command()
+@common_options
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until every guest is READY (or failed)")
+@click.option("--prune", is_flag=True, help="Stop and remove guests and networks no longer in "
+                                            "the inventory")
+@click.option("--purge", is_flag=True, help="With --prune: delete their disk overlays too")
+@click.option("--allow-restart", is_flag=True,
+              help="Restart running guests whose changes need it (vcpus, memory.max, nics, "
+                   "image); otherwise those stay pending")
+@click.option("--dry-run", is_flag=True, help="Show the plan; change nothing")
+@click.option("--check-index", type=int, default=None,
+              help="Refuse unless the state is still at this index (from `plan --json`)")
+@handled
+def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry_run: bool,
+          check_index: int | None) -> None:
+    """Validate, plan, show the plan, then make it so through the supervisor.
+
+    The supervisor is started detached when none runs. Independent guests start
+    concurrently. Exits 0 when everything applied, 1 when something failed (the rest
+    still applied; the next apply converges), 2 for an invalid inventory (nothing is
+    touched), 5 when the plan went stale.
+    """
+    from . import api
+    from .plan import plan as make_plan
+    from .plan import Observed
+    from .render import render_plan, status_table
+    fleet = c.fleet()
+    text = Path(c.file).read_text()
+    plain = c.log_format == "json" or not err.is_terminal
+    if dry_run:
+        p = make_plan(fleet, _observed(c), prune=prune, purge=purge,
+                      allow_restart=allow_restart)
+        render_plan(out, p, header=f"Plan for instance {fleet.instance} (dry run)")
+        return
+    with api.connect(Path(c.state_dir), start=True) as client:
+        begin = client.call("apply-begin", check_index=check_index)
+        p = make_plan(fleet, Observed.from_json(begin["observed"]), prune=prune, purge=purge,
+                      allow_restart=allow_restart)
+        render_plan(out, p, header=f"Plan for instance {fleet.instance}, state index "
+                                   f"{begin['index']}")
+        if p.empty:
+            client.call("apply-abort")
+            return
+        if not p.actions:
+            client.call("apply-abort")
+            out.print("Nothing to do until pending changes are allowed (--allow-restart).")
+            return
+        args = dict(index=begin["index"], fleet=fleet.model_dump(mode="json"),
+                    inventory=text, prune=prune, purge=purge, allow_restart=allow_restart)
+        if not wait:
+            client.sock.sendall(api.encode({"id": 999, "op": "apply-commit", "args": args}))
+            out.print("apply started; follow it with: consolidator status --watch")
+            return
+        progress = Progress(live=not plain)
+        try:
+            result = client.call("apply-commit", on_event=progress, **args)
+        finally:
+            progress.stop()
+    out.print(status_table(result["status"]))
+    for pd in result["pending"]:
+        out.print(f"[yellow]pending[/] {pd['target']} {pd['name']}: needs a restart "
+                  f"({', '.join(ch['field'] for ch in pd['changes'])}); "
+                  "apply --allow-restart performs it")
+    if result["failures"]:
+        for f in result["failures"]:
+            err.print(f"[bold red]failed:[/] {f['action']} {f['target']}: {f['error']}")
+        err.print(f"[red]{len(result['failures'])} failed[/]; the rest applied. Fix the "
+                  "cause and apply again: it converges from here.")
+        sys.exit(ExitCode.FAILURE)
+
+
+# ---------------------------------------------------------------------- status
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Versioned JSON (see docs/API.md)")
+@click.option("--watch", is_flag=True, help="Refresh the table every second")
+@handled
+def status(c: Ctx, as_json: bool, watch: bool) -> None:
+    """One row per guest: state, uptime, vCPUs, CPU %, memory (balloon / max), IPs,
+    restarts and last event."""
+    import time as _t
+    from . import api
+    from .render import status_table
+    with api.connect(Path(c.state_dir), start=True) as client:
+        if as_json:
+            out.print_json(json.dumps(client.call("status")))
+            return
+        if not watch:
+            out.print(status_table(client.call("status")))
+            return
+        from rich.live import Live
+        with Live(status_table(client.call("status")), console=out, refresh_per_second=2) \
+                as live:
+            while True:
+                _t.sleep(1)
+                live.update(status_table(client.call("status")))
+
+
+# ------------------------------------------------------------- guest commands
+
+def _guest_call(c: Ctx, op: str, name: str) -> None:
+    from . import api
+    from .render import status_table
+    with api.connect(Path(c.state_dir), start=True) as client:
+        row = client.call(op, name=name, on_event=lambda ev: err.print(
+            f"{ev.get('guest')}: {ev.get('phase')}", markup=False))
+    out.print(status_table({"guests": [row], "instance": None, "index": None}))
+
+
+@cli.command()
+@common_options
+@click.argument("name")
+@handled
+def stop(c: Ctx, name: str) -> None:
+    """Stop a guest gracefully (power button, then quit, then kill). It stays down until
+    start; note that apply starts guests with autostart: true."""
+    _guest_call(c, "stop", name)
+
+
+@cli.command()
+@common_options
+@click.argument("name")
+@handled
+def start(c: Ctx, name: str) -> None:
+    """Start a stopped, crashed or failed guest (resets its restart history)."""
+    _guest_call(c, "start", name)
+
+
+@cli.command()
+@common_options
+@click.argument("name")
+@handled
+def restart(c: Ctx, name: str) -> None:
+    """Stop a guest gracefully and start it again."""
+    _guest_call(c, "restart", name)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@common_options
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@handled
+def agent(c: Ctx, timeout: float, name: str, command: tuple[str, ...]) -> None:
+    """Send COMMAND to the builtin image's guest agent and print its reply.
+
+    \b
+    consolidator agent web ping
+    consolidator agent web meminfo
+    consolidator agent web mem 64        hold 64 MiB (0 releases)
+    consolidator agent web cpu 50        burn half of every vCPU (0 stops)
+    """
+    from . import api
+    with api.connect(Path(c.state_dir), start=True) as client:
+        res = client.call("agent", name=name, command=command[0], arg=" ".join(command[1:]),
+                          timeout=timeout)
+    out.print(res["reply"], markup=False)
+
+
+@cli.command()
+@common_options
+@click.argument("name")
+@handled
+def console(c: Ctx, name: str) -> None:
+    """Attach to a guest's serial console. Ctrl-] detaches.
+
+    Without a terminal, copies stdin to the console and the console to stdout."""
+    from .console import attach
+    from .errors import UsageError
+    sock = c.state().guest_dir(name) / "run" / "console.sock"
+    if not sock.exists():
+        raise UsageError(f"guest {name} has no console socket (is it running?)")
+    attach(sock, name)
+
+
+@cli.command()
+@common_options(file_short=False)
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines")
+@click.option("-n", "--lines", type=int, default=200, show_default=True,
+              help="How many lines to show first")
+@handled
+def logs(c: Ctx, name: str, follow: bool, lines: int) -> None:
+    """A guest's serial log interleaved with its supervisor events."""
+    from .console import print_logs
+    from .errors import UsageError
+    gdir = c.state().guest_dir(name)
+    if not gdir.exists():
+        raise UsageError(f"no guest {name} in {c.state_dir}")
+    print_logs(gdir / "log.jsonl", out, follow=follow, lines=lines)
+
+
+# --------------------------------------------------------------------- destroy
+
+@cli.command()
+@common_options
+@click.option("--purge", is_flag=True, help="Also delete the guests' disk overlays")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
+@handled
+def destroy(c: Ctx, purge: bool, yes: bool) -> None:
+    """Stop every guest and remove all networks, cgroups and netns of the instance; the
+    supervisor stops. Base images and the image cache stay; overlays stay unless --purge."""
+    from . import api
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Destroy every guest and network of state dir {c.state_dir}?",
+                      abort=True)
+    try:
+        with api.connect(Path(c.state_dir), start=False) as client:
+            removed = client.call("destroy", purge=purge)["removed"]
+    except ConsolidatorError as e:
+        if "no supervisor" not in e.message:
+            raise
+        removed = _destroy_offline(c, purge)
+    for r in removed:
+        out.print(f"removed {r}", markup=False)
+    out.print(f"destroyed ({len(removed)} objects); the supervisor has stopped")
+
+
+def _destroy_offline(c: Ctx, purge: bool) -> list[str]:
+    """No supervisor runs: remove by records and by prefix, then clear the records."""
+    import shutil
+    from . import gc as gcmod
+    st = c.state()
+    applied = st.read_applied()
+    if applied:
+        inst = applied["fleet"]["instance"]
+        host = applied["fleet"]["host"]
+    else:
+        try:
+            f = c.fleet()
+            inst, host = f.instance, f.host.model_dump(mode="json")
+        except ConsolidatorError:
+            return []
+    gone = gcmod.collect(inst, host.get("fabric_netns"), host.get("cgroup_parent"))
+    for g in st.guest_names():
+        d = st.guest_dir(g)
+        for p in d.iterdir():
+            if purge or p.suffix != ".qcow2":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if purge:
+            d.rmdir()
+    for n in st.network_names():
+        st.network_record_path(n).unlink()
+    if st.applied_path.exists():
+        st.applied_path.unlink()
+    return gone
+
+
+# ------------------------------------------------------------------- supervise
+
+@cli.command()
+@common_options
+@handled
+def supervise(c: Ctx) -> None:
+    """Run the supervisor in the foreground (for systemd: tools/consolidator.service).
+
+    apply, status and the other commands start it detached when it is not running."""
+    from .supervisor import main as run_supervisor
+    if c.log_format == "console" and os.environ.get("CONSOLIDATOR_DETACHED") == "1":
+        c.log_format = "json"
+    logmod.configure(c.log_format)  # type: ignore[arg-type]
+    run_supervisor(c.state_dir)
+
 
 def _later(name: str, lacks: str, doc: str) -> None:
     @cli.command(name=name, help=doc, context_settings={"ignore_unknown_options": True})
@@ -366,19 +685,7 @@ def _later(name: str, lacks: str, doc: str) -> None:
         raise NotYetImplemented(name, lacks)
 
 
-for _name, _lacks, _doc in (
-        ("apply", "the supervisor (guest launcher, networks, cgroups)",
-         "Validate, plan, show the plan, then make it so through the supervisor."),
-        ("status", "the supervisor", "One row per guest: state, uptime, CPU, memory, IPs."),
-        ("console", "the supervisor's console sockets", "Attach to a guest's serial console."),
-        ("logs", "the supervisor's guest logs", "Show a guest's serial log and events."),
-        ("stop", "the supervisor", "Stop a guest gracefully."),
-        ("start", "the supervisor", "Start a stopped or failed guest."),
-        ("destroy", "the supervisor", "Remove every guest, network and cgroup of the instance."),
-        ("report", "the history recorder", "Capacity report: usage, right-sizing, what fits."),
-        ("supervise", "the supervisor daemon", "Run the supervisor in the foreground."),
-):
-    _later(_name, _lacks, _doc)
+_later("report", "the history recorder", "Capacity report: usage, right-sizing, what fits.")
 
 
 def main() -> None:

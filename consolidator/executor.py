@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import structlog
@@ -126,7 +126,8 @@ class Executor:
         rec.update(fields)
         self.state.write_guest_record(name, rec)
 
-    def prepare_guest(self, intent: GuestIntent) -> tuple[GuestWiring, Guest]:
+    def prepare_guest(self, intent: GuestIntent, progress: Callable[[str], None] | None = None
+                      ) -> tuple[GuestWiring, Guest]:
         """Everything but the launch: record, wiring, cgroup, boot files, the Guest object."""
         assert self.cgroups is not None
         gdir = self.guest_dir(intent.name)
@@ -135,6 +136,8 @@ class Executor:
         self.update_record(intent.name, objects=planned_objects(
             self.instance, self.fabric.netns, intent, cg_dirs), phase="wiring")
         wiring = self.fabric.wire_guest(intent.name, nic_wiring(intent))
+        if progress is not None:
+            progress("cgroup")
         try:
             self.cgroups.create_guest(intent.name)
             self.cgroups.apply(intent.name, cgroup_settings(intent))
@@ -149,29 +152,56 @@ class Executor:
         hint_pvm = spec.accel.name == "kvm" and spec.pvm_host
         return wiring, Guest(spec, hint_pvm=hint_pvm)
 
-    async def start_guest(self, intent: GuestIntent, guest: Guest | None = None) -> Guest:
+    async def start_guest(self, intent: GuestIntent, guest: Guest | None = None, *,
+                          progress: Callable[[str], None] | None = None,
+                          gate: asyncio.Semaphore | None = None) -> Guest:
         """Wire, place and launch ``intent``; on failure leave nothing of it running.
+
         The blocking parts (netlink, cgroupfs, nft, image build) run in a worker thread:
         pyroute2's synchronous API cannot run inside an event loop, and one guest's
-        setup must not stall the others."""
+        setup must not stall the others. ``gate`` bounds how many guests are in their
+        host-side start work at once (wiring to QMP greeting); it is released when the
+        guest starts booting, since a boot is QEMU's own CPU, not ours.
+        ``progress`` hears network, cgroup, launch, boot."""
         assert self.cgroups is not None
-        wiring, g = await asyncio.to_thread(self.prepare_guest, intent)
-        if guest is not None:            # a restart keeps the object (and its history)
-            guest.spec = g.spec
-            g = guest
-        placement = GuestPlacement(self.cgroups.procs_files(intent.name),
-                                   ns.path(wiring.netns))
-        self.update_record(intent.name, phase="launching", netns=wiring.netns,
-                           cgroups=[str(p) for p in self.cgroups.unique_dirs("guests",
-                                                                              intent.name)])
+        say = progress or (lambda phase: None)
+        held = False
+        if gate is not None:
+            await gate.acquire()
+            held = True
+
+        def release() -> None:
+            nonlocal held
+            if held and gate is not None:
+                gate.release()
+                held = False
+
+        def on_phase(phase: str) -> None:
+            say(phase)
+            if phase == "boot":
+                release()
+
         try:
-            await g.launch(placement)
-        except BaseException:
-            await asyncio.to_thread(self.teardown_guest, intent, g)
-            self.update_record(intent.name, phase="failed", state="crashed", pid=None)
-            raise
+            say("network")
+            wiring, g = await asyncio.to_thread(self.prepare_guest, intent, say)
+            if guest is not None:            # a restart keeps the object (and its history)
+                guest.spec = g.spec
+                g = guest
+            placement = GuestPlacement(self.cgroups.procs_files(intent.name),
+                                       ns.path(wiring.netns))
+            self.update_record(intent.name, phase="launching", netns=wiring.netns,
+                               cgroups=[str(p) for p in self.cgroups.unique_dirs(
+                                   "guests", intent.name)])
+            try:
+                await g.launch(placement, on_phase=on_phase)
+            except BaseException:
+                await asyncio.to_thread(self.teardown_guest, intent, g)
+                self.update_record(intent.name, phase="failed", state="crashed", pid=None)
+                raise
+            finally:
+                placement.close()
         finally:
-            placement.close()
+            release()
         self.update_record(intent.name, phase="running", state="running", pid=g.pid,
                            pid_start=psutil.Process(g.pid).create_time(),
                            qmp=str(g.paths.qmp), machine=g.spec.machine.name,

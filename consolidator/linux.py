@@ -8,14 +8,15 @@ returns. Each wrapper raises ``OSError`` with errno set, like ``os`` does.
 from __future__ import annotations
 
 import os
-from functools import cache
-
 import cffi
 
 _CDEF = """
 int ioctl(int fd, unsigned long request, ...);
 int setns(int fd, int nstype);
 int unshare(int flags);
+int mount(const char *source, const char *target, const char *fstype,
+          unsigned long flags, const void *data);
+int umount2(const char *target, int flags);
 long syscall(long number, ...);
 """
 
@@ -23,16 +24,30 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUTS = 0x04000000
 
+MS_BIND = 4096
+MS_REC = 16384
+MS_SHARED = 1 << 20
+MNT_DETACH = 2
+
 # x86_64 syscall numbers (the same on aarch64 for these "new" syscalls).
 SYS_PIDFD_SEND_SIGNAL = 424
 SYS_PIDFD_OPEN = 434
 
 
-@cache
-def _lib() -> tuple[cffi.FFI, object]:
+def _build() -> tuple[cffi.FFI, object]:
     ffi = cffi.FFI()
     ffi.cdef(_CDEF)
     return ffi, ffi.dlopen(None)
+
+
+# Built once, at import, never lazily: a preexec hook runs these in a forked child, and
+# a child forked while another thread was building them (cffi's parser holds a lock)
+# would have to build them itself under a lock that can never be released.
+_FFI_LIB = _build()
+
+
+def _lib() -> tuple[cffi.FFI, object]:
+    return _FFI_LIB
 
 
 def _check(ret: int, what: str) -> int:
@@ -58,6 +73,18 @@ def setns(fd: int, nstype: int = 0) -> None:
 def unshare(flags: int) -> None:
     _, lib = _lib()
     _check(lib.unshare(flags), "unshare")  # type: ignore[attr-defined]
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int) -> None:
+    ffi, lib = _lib()
+    _check(lib.mount(source.encode(), target.encode(),  # type: ignore[attr-defined]
+                     fstype.encode() if fstype else ffi.NULL, flags, ffi.NULL),
+           f"mount {target}")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _, lib = _lib()
+    _check(lib.umount2(target.encode(), flags), f"umount {target}")  # type: ignore
 
 
 def pidfd_open(pid: int) -> int:

@@ -80,6 +80,24 @@ class Observed:
     def empty(cls) -> "Observed":
         return cls()
 
+    def to_json(self) -> dict[str, Any]:
+        return {"instance": self.instance,
+                "host": self.host.model_dump(mode="json") if self.host else None,
+                "networks": {n: s.model_dump(mode="json") for n, s in self.networks.items()},
+                "guests": {n: {"intent": g.intent.model_dump(mode="json"),
+                               "state": g.state.value} for n, g in self.guests.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Observed":
+        return cls(
+            instance=d.get("instance"),
+            host=HostSpec.model_validate(d["host"]) if d.get("host") else None,
+            networks={n: NetworkSpec.model_validate(s) for n, s in d.get("networks",
+                                                                         {}).items()},
+            guests={n: ObservedGuest(GuestIntent.model_validate(g["intent"]),
+                                     GuestState(g["state"]))
+                    for n, g in d.get("guests", {}).items()})
+
 
 # ------------------------------------------------------------------------ changes
 

@@ -115,3 +115,37 @@ def doctor_table(report: dict) -> Table:
             mark = Text("no", style="yellow")
         t.add_row(f["name"], f["value"], mark, f["fix"] or "")
     return t
+
+
+_STATE_STYLE = {"running": "green", "starting": "yellow", "stopping": "yellow",
+                "stopped": "dim", "defined": "dim", "crashed": "red", "failed": "bold red",
+                "orphaned": "bold magenta"}
+
+
+def _uptime(s: float | None) -> str:
+    if s is None:
+        return "-"
+    from .units import format_duration
+    return format_duration(s)
+
+
+def status_table(doc: dict) -> Table:
+    from .units import human_size
+    title = "guests"
+    if doc.get("instance"):
+        title = f"instance {doc['instance']} (state index {doc.get('index')})"
+    t = Table(title=title, title_justify="left")
+    for col, just in (("guest", "left"), ("state", "left"), ("uptime", "right"),
+                      ("vCPUs", "right"), ("CPU %", "right"), ("memory", "right"),
+                      ("IPs", "left"), ("restarts", "right"), ("last event", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for g in doc.get("guests", []):
+        mem = human_size(g["memory_max_bytes"])
+        if g.get("balloon_bytes") is not None:
+            mem = f"{human_size(g['balloon_bytes'])} / {mem}"
+        cpu = f"{g['cpu_percent']:.0f}" if g.get("cpu_percent") is not None else "-"
+        t.add_row(g["name"], Text(g["state"], style=_STATE_STYLE.get(g["state"], "")),
+                  _uptime(g.get("uptime_s")), str(g["vcpus"]), cpu, mem,
+                  ", ".join(g.get("ips") or []) or "-", str(g.get("restarts", 0)),
+                  g.get("last_event") or "-")
+    return t

@@ -60,6 +60,9 @@ def run(rep: "Reporter", raw: dict[str, Any], p: Parsed, facts: HostFacts,
             _network(rep, name, net)
     _overlaps(rep, p.networks)
     instance = p.instance if isinstance(p.instance, str) and INSTANCE_RE.match(p.instance) else "cns"
+    # paths are made absolute before guests take their images: the supervisor that runs
+    # them does not share the CLI's working directory
+    images = {n: _resolved_image(s, base_dir) for n, s in images.items()}
     intents = _guests(rep, raw, p, images, facts, instance)
     host = p.host
     if host is None:
@@ -68,7 +71,7 @@ def run(rep: "Reporter", raw: dict[str, Any], p: Parsed, facts: HostFacts,
     if rep.problems:
         return None
     return Fleet(instance=instance, host=host, budget=budget, usable_cpus=usable,
-                 images={n: _resolved_image(s, base_dir) for n, s in images.items()},
+                 images=images,
                  networks={n: s for n, s in p.networks.items() if s is not None},
                  guests={i.name: i for i in intents})
 

@@ -189,6 +189,14 @@ class Rebalance(_Model):
     interval: Duration = Field(1.0, description="how often the rebalancer observes and decides")
 
 
+class RestartLimits(_Model):
+    """How guests with restart: always / on-failure are brought back."""
+
+    max: int = Field(5, ge=1, le=1000, description="restarts allowed within the window")
+    window: Duration = Field(300.0, description="sliding window for counting restarts")
+    backoff_max: Duration = Field(60.0, description="longest wait before a restart")
+
+
 class Metrics(_Model):
     enabled: bool = True
     listen: str = Field("127.0.0.1:9477", description="Prometheus endpoint, host:port")
@@ -206,7 +214,9 @@ class HostSpec(_Model):
     cgroup_parent: str | None = Field(
         None, description="cgroup below which guests go; default: the supervisor's own")
     concurrency: int | Literal["auto"] = Field(
-        "auto", description="guests started at once by apply; auto = host cores")
+        "auto", description="guests in their host-side start work at once (wiring to QMP "
+                            "greeting); auto = host cores; boots then run in parallel")
+    restart: RestartLimits = RestartLimits()
     metrics: Metrics = Metrics()
 
 

@@ -230,7 +230,10 @@ class Fabric:
                 pidx = fab.link_lookup(ifname=port)[0]
                 fab.link("set", index=pidx, master=brs[0], state="up")
                 if not gns.link_lookup(ifname=tap):
-                    gns.link("add", ifname=tap, kind="tuntap", mode="tap")
+                    # pyroute2 makes taps by ioctl on /dev/net/tun, not over netlink: the
+                    # device lands in the calling thread's netns, so be there.
+                    with ns.entered(netns_name):
+                        gns.link("add", ifname=tap, kind="tuntap", mode="tap")
                 tidx = gns.link_lookup(ifname=tap)[0]
                 vidx = gns.link_lookup(ifname=peer)[0]
                 self._join(gns, names.guest_join(nic.index), tidx, vidx)

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import structlog
 
@@ -152,6 +152,8 @@ class Guest:
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.argv: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None        # set for children and for adopted processes
+        self.adopted = False
         self.qmp: QMP | None = None
         self.exit: ExitInfo | None = None
         self._agent: Agent | None = None
@@ -162,6 +164,7 @@ class Guest:
         self._stop_requested = False
         self._serial_offset = 0
         self._shutdown_reason: str | None = None
+        self._on_phase: Callable[[str], None] = lambda phase: None
 
     # ------------------------------------------------------------------ state
     @property
@@ -170,7 +173,7 @@ class Guest:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self._pid
 
     def _to(self, new: Runstate) -> None:
         if new not in _ALLOWED[self._state]:
@@ -198,18 +201,22 @@ class Guest:
         return last
 
     # ----------------------------------------------------------------- launch
-    async def launch(self, placement: Placement | None = None) -> None:
+    async def launch(self, placement: Placement | None = None,
+                     on_phase: Callable[[str], None] | None = None) -> None:
         """Start QEMU and wait until the guest is up. Raises LaunchError (or ReadyTimeout).
-        ``placement`` (cgroup, netns) overrides the one given at construction."""
+        ``placement`` (cgroup, netns) overrides the one given at construction.
+        ``on_phase`` hears "launch" (spawning) and "boot" (QMP answered, booting)."""
         self._require("launch", Runstate.DEFINED, Runstate.STOPPED, Runstate.CRASHED)
         if placement is not None:
             self.placement = placement
+        self._on_phase = on_phase or (lambda phase: None)
         self._to(Runstate.STARTING)
         self.exit = None
         self._stop_requested = False
         self._shutdown_reason = None
         try:
             self._pre_launch()
+            self._on_phase("launch")
             self._spawn()
             await self._post_launch()
         except BaseException as e:
@@ -261,22 +268,33 @@ class Guest:
                               argv=self.argv) from e
         finally:
             stderr.close()
+        self._pid = self.proc.pid
+        self.adopted = False
         self.log.info("guest.spawned", pid=self.proc.pid,
                       placement=placement.describe() if placement else None)
+        self._watch_pid(self.proc.pid)
+
+    def _watch_pid(self, pid: int) -> None:
         loop = asyncio.get_running_loop()
         self._exited = asyncio.Event()
-        self._pidfd = linux.pidfd_open(self.proc.pid)
+        self._pidfd = linux.pidfd_open(pid)
         loop.add_reader(self._pidfd, self._on_exit)
 
     def _on_exit(self) -> None:
         loop = asyncio.get_running_loop()
         if self._pidfd is not None:
             loop.remove_reader(self._pidfd)
-        assert self.proc is not None
-        rc = self.proc.wait()
-        sig = -rc if rc < 0 else None
-        self.exit = ExitInfo(None if sig else rc, sig, self._shutdown_reason,
-                             self._stop_requested)
+        if self.proc is not None:
+            rc = self.proc.wait()
+            sig = -rc if rc < 0 else None
+            code = None if sig else rc
+        else:
+            # Adopted: not our child, so its exit status went to its real parent. QMP's
+            # SHUTDOWN reason stands in: a panic is a failure, any other announced shutdown
+            # is clean, and vanishing without one (SIGKILL, say) is not clean.
+            sig = None
+            code = {None: None, "guest-panic": 1}.get(self._shutdown_reason, 0)
+        self.exit = ExitInfo(code, sig, self._shutdown_reason, self._stop_requested)
         if self._exited is not None:
             self._exited.set()
         if self._state in (Runstate.RUNNING, Runstate.STARTING) and not self._stop_requested:
@@ -286,13 +304,52 @@ class Guest:
                                      serial_tail=tail(self.paths.serial_log, 5))
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and not (
-            self._exited is not None and self._exited.is_set())
+        if self._exited is not None and self._exited.is_set():
+            return False
+        if self.proc is not None:
+            return self.proc.poll() is None
+        if self._pid is None:
+            return False
+        try:
+            os.kill(self._pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def adopt(self, pid: int) -> None:
+        """Take over a QEMU this process did not start (after a supervisor restart).
+        The caller has checked that ``pid`` is this guest's QEMU. Raises QMPError when
+        QMP cannot be reattached; the process is then left alone (orphaned), not killed."""
+        self._require("adopt", Runstate.DEFINED, Runstate.STOPPED, Runstate.CRASHED)
+        self._to(Runstate.STARTING)
+        self.proc = None
+        self._pid = pid
+        self.adopted = True
+        self._stop_requested = False
+        self._watch_pid(pid)
+        qmp = QMP(self.name)
+        try:
+            await qmp.connect(str(self.paths.qmp), timeout=self.qmp_timeout, alive=self.alive)
+        except QMPError:
+            await qmp.close()
+            self._stop_requested = True     # not a crash: we just cannot talk to it
+            if self._pidfd is not None:
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+                os.close(self._pidfd)
+                self._pidfd = None
+            self._to(Runstate.STOPPED)
+            raise
+        self.qmp = qmp
+        self._event_task = asyncio.create_task(self._watch_events(), name=f"{self.name}-events")
+        await self.qmp.enable_stats(1)
+        self._to(Runstate.RUNNING)
+        self.log.info("guest.adopted", pid=pid)
 
     async def _post_launch(self) -> None:
         self.qmp = QMP(self.name)
         await self.qmp.connect(str(self.paths.qmp), timeout=self.qmp_timeout, alive=self.alive)
         self._event_task = asyncio.create_task(self._watch_events(), name=f"{self.name}-events")
+        self._on_phase("boot")
         if self.ready_probe == "serial":
             await self._wait_ready()
         else:
@@ -420,7 +477,7 @@ class Guest:
             if self.alive():
                 self.log.warning("guest.kill", reason=f"still running after {timeout:g}s")
                 with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()  # type: ignore[union-attr]
+                    os.kill(self._pid, signal.SIGKILL)  # type: ignore[arg-type]
                 await self.wait_exit(10)
         finally:
             if self._state is Runstate.STOPPING:
@@ -464,6 +521,9 @@ class Guest:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             self.proc.wait()
+        elif self.proc is None and self._pid is not None and self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
         for fd_attr in ("_pidfd", "_lock_fd"):
             fd = getattr(self, fd_attr)
             if fd is not None:

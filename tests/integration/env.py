@@ -127,3 +127,101 @@ def fleet_env(tmp_path: Path, template: str = THREE_GUESTS) -> Iterator[Env]:
             g.abandon()
         env.executor.destroy()
         env.loop.close()
+
+
+# -------------------------------------------------------------- the real CLI
+
+import json as _json  # noqa: E402
+import signal as _signal  # noqa: E402
+import subprocess as _sp  # noqa: E402
+import sys as _sys  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "inventory.yaml"
+
+
+def shipped_inventory(instance: str) -> str:
+    """The shipped inventory, with a unique instance and the fabric in its own netns."""
+    text = SHIPPED.read_text()
+    text = text.replace("instance: cns ", f"instance: {instance} ", 1)
+    text = text.replace("fabric_netns: null ", f"fabric_netns: {instance}-fab ", 1)
+    assert f"instance: {instance}" in text and f"{instance}-fab" in text
+    return text
+
+
+@dataclass
+class CliFleet:
+    instance: str
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def inventory(self) -> Path:
+        return self.root / "inventory.yaml"
+
+    @property
+    def fabric(self) -> str:
+        return f"{self.instance}-fab"
+
+    def write(self, text: str) -> None:
+        self.inventory.write_text(text)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 240,
+            input: str | None = None, inventory: Path | None = None) -> _sp.CompletedProcess:
+        env = {**os.environ, "CONSOLIDATOR_STATE_DIR": str(self.state),
+               "CONSOLIDATOR_IMAGE_CACHE": str(IMAGE_CACHE), "COLUMNS": "200"}
+        cmd = [_sys.executable, "-m", "consolidator", *args]
+        if args and args[0] in ("apply", "plan", "validate"):
+            cmd += ["-f", str(inventory or self.inventory)]
+        res = _sp.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                      input=input, cwd=ROOT)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {res.returncode}:\n"
+                                 f"{res.stdout}\n{res.stderr}")
+        return res
+
+    def status(self) -> dict:
+        return _json.loads(self.cli("status", "--json").stdout)
+
+    def guests(self) -> dict[str, dict]:
+        return {g["name"]: g for g in self.status()["guests"]}
+
+    def supervisor_pid(self) -> int | None:
+        try:
+            pid = int((self.state / "supervisor" / "pid").read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def log(self, guest: str) -> list[dict]:
+        p = self.state / "guests" / guest / "log.jsonl"
+        return [_json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+    def events(self, guest: str) -> list[str]:
+        return [e["event"] for e in self.log(guest) if e.get("kind") == "event"]
+
+
+@contextlib.contextmanager
+def cli_fleet(tmp_path: Path, text: str | None = None) -> Iterator[CliFleet]:
+    inst = unique_instance()
+    f = CliFleet(inst, tmp_path / inst)
+    f.root.mkdir(parents=True)
+    f.write(text.format(inst=inst) if text else shipped_inventory(inst))
+    try:
+        yield f
+    finally:
+        with contextlib.suppress(Exception):
+            f.cli("destroy", "--yes", "--purge", check=False, timeout=120)
+        pid = f.supervisor_pid()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, _signal.SIGKILL)
+        from consolidator import gc
+        gc.collect(inst, f.fabric)

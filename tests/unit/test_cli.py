@@ -105,3 +105,12 @@ def test_every_command_has_help(cmd, tmp_path):
 def test_global_options_after_command(tmp_path):
     res = CliRunner().invoke(cli, ["validate", "--state-dir", str(tmp_path), "-f", str(SHIPPED)])
     assert res.exit_code == 0, res.output
+
+
+def test_relative_image_paths_are_absolute_in_the_fleet(tmp_path):
+    (tmp_path / "k").write_text("kernel")
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("images:\n  direct: {kernel: ./k}\nguests:\n  web: {image: direct}\n")
+    fleet = load_inventory(inv)
+    assert fleet.guests["web"].image_spec.kernel == str(tmp_path / "k")
+    assert fleet.images["direct"].kernel == str(tmp_path / "k")

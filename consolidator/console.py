@@ -1,0 +1,128 @@
+"""Interactive serial console and log printing (no supervisor needed for either)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import sys
+import termios
+import time
+import tty
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+DETACH = b"\x1d"   # Ctrl-]
+
+
+def attach(sock_path: Path, name: str) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(sock_path))
+    try:
+        if sys.stdin.isatty():
+            _interactive(s, name)
+        else:
+            _pipe(s)
+    finally:
+        s.close()
+
+
+def _interactive(s: socket.socket, name: str) -> None:
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd)
+    sys.stdout.write(f"connected to {name}'s serial console; Ctrl-] detaches\r\n")
+    sys.stdout.flush()
+    s.sendall(b"\r")
+    tty.setraw(fd)
+    try:
+        while True:
+            r, _, _ = select.select([fd, s], [], [])
+            if fd in r:
+                data = os.read(fd, 1024)
+                if not data or DETACH in data:
+                    data = data.split(DETACH)[0]
+                    if data:
+                        s.sendall(data)
+                    break
+                s.sendall(data)
+            if s in r:
+                data = s.recv(4096)
+                if not data:
+                    break
+                os.write(sys.stdout.fileno(), data)
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+        sys.stdout.write("\r\ndetached\r\n")
+
+
+def _pipe(s: socket.socket, idle: float = 1.5) -> None:
+    """Send stdin, then print what the console says until it is quiet for ``idle`` s."""
+    s.sendall(sys.stdin.buffer.read())
+    last = time.monotonic()
+    while time.monotonic() - last < idle:
+        r, _, _ = select.select([s], [], [], 0.1)
+        if r:
+            data = s.recv(4096)
+            if not data:
+                break
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+            last = time.monotonic()
+
+
+def _format(entry: dict) -> Text:
+    t = datetime.fromtimestamp(entry.get("t", 0)).strftime("%H:%M:%S.%f")[:-3]
+    if entry.get("kind") == "serial":
+        line = Text(f"{t} ", style="dim")
+        line.append(entry.get("line", ""))
+        return line
+    fields = {k: v for k, v in entry.items() if k not in ("t", "kind", "event")}
+    line = Text(f"{t} ", style="dim")
+    line.append(f"[{entry.get('event')}]", style="bold cyan")
+    for k, v in fields.items():
+        if v is None:
+            continue
+        if isinstance(v, str) and "\n" in v:
+            line.append(f" {k}:\n    " + v.replace("\n", "\n    "), style="yellow")
+        else:
+            line.append(f" {k}={v}", style="cyan")
+    return line
+
+
+def _read(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], 0
+    cut = data.rfind(b"\n") + 1
+    entries = []
+    for raw in data[:cut].splitlines():
+        try:
+            entries.append(json.loads(raw))
+        except ValueError:
+            continue
+    return entries, offset + cut
+
+
+def print_logs(path: Path, console: Console, *, follow: bool, lines: int) -> None:
+    old, _ = _read(path.with_name(path.name + ".1"))
+    cur, offset = _read(path)
+    for e in (old + cur)[-lines:]:
+        console.print(_format(e))
+    while follow:
+        time.sleep(0.2)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue
+        if size < offset:          # rotated
+            offset = 0
+        new, offset = _read(path, offset)
+        for e in new:
+            console.print(_format(e))

@@ -1,0 +1,349 @@
+"""The product end to end: the CLI, the supervisor daemon, real guests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from consolidator.net import netns as ns
+
+from .env import CliFleet, IMAGE_CACHE, cli_fleet, leftovers, shipped_inventory
+
+pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory) -> CliFleet:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with cli_fleet(tmp_path_factory.mktemp("shipped")) as f:
+        res = f.cli("apply")
+        assert "Plan: 5 to create, 3 to start" in res.stdout
+        yield f
+    assert leftovers(f.instance) == []
+
+
+def test_shipped_inventory_applies_to_all_ready(shipped):
+    guests = shipped.guests()
+    assert sorted(guests) == ["app", "db", "web"]
+    for g in guests.values():
+        assert g["state"] == "running" and g["pid"] and g["last_event"] in ("ready",
+                                                                             "updated")
+    for name in guests:
+        assert any(e.get("line", "").startswith("CONSOLIDATOR-READY")
+                   for e in shipped.log(name)) or "ready" in shipped.events(name)
+
+
+def test_reapply_is_a_noop(shipped):
+    pids = {n: g["pid"] for n, g in shipped.guests().items()}
+    t = time.monotonic()
+    res = shipped.cli("apply")
+    took = time.monotonic() - t
+    print(f"no-op re-apply of 3 guests: {took:.2f}s")
+    assert "No changes" in res.stdout
+    assert {n: g["pid"] for n, g in shipped.guests().items()} == pids
+    assert shipped.cli("plan", "--detailed-exitcode", check=False).returncode == 0
+
+
+def test_status_json_is_versioned_and_complete(shipped):
+    st = shipped.status()
+    assert st["format"] == 1 and st["instance"] == shipped.instance
+    keys = {"name", "state", "pid", "uptime_s", "vcpus", "cpu_percent", "balloon_bytes",
+            "memory_max_bytes", "memory_min_bytes", "ips", "restarts", "last_event"}
+    for g in st["guests"]:
+        assert keys <= set(g)
+    web = next(g for g in st["guests"] if g["name"] == "web")
+    assert web["ips"] == ["10.77.0.10"] and web["memory_max_bytes"] == 256 << 20
+    assert web["memory_min_bytes"] == 128 << 20 and web["vcpus"] == 1
+
+
+def test_live_shares_change_keeps_the_qemu(shipped):
+    original = shipped.inventory.read_text()
+    pid = shipped.guests()["app"]["pid"]
+    try:
+        shipped.write(original.replace("cpu: {shares: 2048, reserve: 0.25, limit: 1.0}",
+                                       "cpu: {shares: 4096, reserve: 0.25, limit: 1.0}"))
+        res = shipped.cli("apply")
+        assert "cpu.shares: 2048 → 4096" in res.stdout
+        cg = Path(f"/sys/fs/cgroup/cpu/{shipped.instance}/guests/app/cpu.shares")
+        assert cg.read_text().strip() == "4096"
+        assert shipped.guests()["app"]["pid"] == pid
+    finally:
+        shipped.write(original)
+        shipped.cli("apply")
+    assert cg.read_text().strip() == "2048"
+
+
+def test_memory_max_change_is_pending_until_allowed(shipped):
+    original = shipped.inventory.read_text()
+    pid = shipped.guests()["db"]["pid"]
+    changed = original.replace("memory: {max: 256MiB, min: 160MiB, shares: 3000}",
+                               "memory: {max: 320MiB, min: 160MiB, shares: 3000}")
+    try:
+        shipped.write(changed)
+        res = shipped.cli("apply")
+        assert "pending" in res.stdout and "memory.max" in res.stdout
+        assert shipped.guests()["db"]["pid"] == pid
+        assert shipped.guests()["db"]["memory_max_bytes"] == 256 << 20
+        res = shipped.cli("apply", "--allow-restart")
+        db = shipped.guests()["db"]
+        assert db["pid"] != pid and db["state"] == "running"
+        assert db["memory_max_bytes"] == 320 << 20
+        assert "-m\x00320M" in Path(f"/proc/{db['pid']}/cmdline").read_text()
+    finally:
+        shipped.write(original)
+        shipped.cli("apply", "--allow-restart")
+
+
+def test_agent_console_and_logs(shipped):
+    assert shipped.cli("agent", "web", "ping").stdout.startswith("pong ")
+    assert "MemTotal=" in shipped.cli("agent", "web", "meminfo").stdout
+    bad = shipped.cli("agent", "nosuch", "ping", check=False)
+    assert bad.returncode != 0 and "no guest 'nosuch'" in bad.stdout + bad.stderr
+    out = shipped.cli("console", "db", input="echo console-$((6*7))\n").stdout
+    assert "console-42" in out
+    logs = shipped.cli("logs", "web", "-n", "500").stdout
+    assert "CONSOLIDATOR-READY" in logs and "[ready]" in logs
+
+
+def test_gateway_network_guest_serves_health_to_the_host_side(shipped):
+    r = ns.run(shipped.fabric, ["busybox", "wget", "-q", "-O", "-",
+                                "http://10.77.0.10/health"], check=False)
+    assert r.stdout == "ok\n"
+
+
+def test_reattach_after_supervisor_sigkill_keeps_the_pids(shipped):
+    before = {n: g["pid"] for n, g in shipped.guests().items()}
+    sup = shipped.supervisor_pid()
+    os.kill(sup, signal.SIGKILL)
+    time.sleep(0.5)
+    for pid in before.values():
+        assert Path(f"/proc/{pid}").exists()            # guests kept running
+    after = shipped.guests()                              # starts a new supervisor
+    assert shipped.supervisor_pid() not in (None, sup)
+    assert {n: g["pid"] for n, g in after.items()} == before
+    assert all(g["state"] == "running" for g in after.values())
+    assert "reattached" in shipped.events("web")
+    assert shipped.cli("agent", "app", "ping").stdout.startswith("pong")
+
+
+# ------------------------------------------------------------- faults, one by one
+
+def test_invalid_inventory_touches_nothing(tmp_path):
+    with cli_fleet(tmp_path) as f:
+        f.write(f.inventory.read_text().replace("vcpus: 1", "vcpus: one", 1))
+        res = f.cli("apply", check=False)
+        assert res.returncode == 2
+        assert re.search(r"inventory.yaml:\d+:\d+: guests.web.vcpus: ", res.stderr)
+        assert not (f.state / "supervisor" / "api.sock").exists()
+        assert leftovers(f.instance) == []
+
+
+BROKEN = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+images:
+  broken: {{kernel: ./not-a-kernel}}
+guests:
+  good: {{}}
+  bad: {{image: broken}}
+"""
+
+
+def test_a_guest_whose_image_fails_does_not_stop_the_others(tmp_path):
+    with cli_fleet(tmp_path, BROKEN) as f:
+        (f.root / "not-a-kernel").write_text("this is not a kernel\n")
+        res = f.cli("apply", check=False)
+        assert res.returncode == 1
+        assert "failed: start guest bad" in res.stderr
+        g = f.guests()
+        assert g["good"]["state"] == "running" and g["bad"]["state"] == "crashed"
+        # fix it: the next apply converges
+        f.write(BROKEN.replace("images:\n  broken: {{kernel: ./not-a-kernel}}\n", "")
+                .replace("  bad: {{image: broken}}", "  bad: {{}}").format(inst=f.instance))
+        res = f.cli("apply", "--allow-restart")
+        g = f.guests()
+        assert g["bad"]["state"] == "running" and g["good"]["state"] == "running"
+
+
+RESTARTS = """
+instance: {inst}
+host:
+  fabric_netns: {inst}-fab
+  restart: {{max: 2, window: 5m, backoff_max: 60s}}
+guests:
+  flaky: {{restart: always}}
+  calm: {{restart: on-failure}}
+"""
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_crash_restart_backoff_and_failed(tmp_path):
+    with cli_fleet(tmp_path, RESTARTS) as f:
+        f.cli("apply")
+        delays = []
+        for n in (1, 2):
+            pid = f.guests()["flaky"]["pid"]
+            killed = time.time()
+            os.kill(pid, signal.SIGKILL)
+            crash = wait_for(lambda: next((e for e in f.log("flaky")
+                                           if e.get("event") == "crashed"
+                                           and e["t"] >= killed - 0.01), None), 10, "crash")
+            assert crash["t"] - killed < 1.0, crash["t"] - killed      # seen within 1 s
+            assert crash["signal"] == 9 and "SIGKILL" in crash["how"]
+            sched = next(e for e in f.log("flaky") if e.get("event") == "restart_scheduled"
+                         and e["t"] >= killed)
+            delays.append(sched["delay_s"])
+            wait_for(lambda: f.guests()["flaky"]["state"] == "running"
+                     and f.guests()["flaky"]["pid"] != pid, 60, f"restart {n}")
+        assert delays == [1.0, 2.0]
+        os.kill(f.guests()["flaky"]["pid"], signal.SIGKILL)
+        wait_for(lambda: f.guests()["flaky"]["state"] == "failed", 10, "failed")
+        assert f.guests()["flaky"]["restarts"] == 2
+        f.cli("start", "flaky")                      # start clears the failure
+        assert f.guests()["flaky"]["state"] == "running"
+        # a guest powered off from inside is a clean exit: on-failure leaves it down
+        f.cli("agent", "calm", "poweroff")
+        wait_for(lambda: f.guests()["calm"]["state"] == "stopped", 20, "clean exit")
+        time.sleep(2)
+        assert f.guests()["calm"]["state"] == "stopped"
+        assert "stays_down" in f.events("calm")
+
+
+def _disk_image(root: Path) -> Path:
+    from consolidator.vm.image import busybox_path, guest_tree
+    tree = root / "tree"
+    tree.mkdir()
+    guest_tree(busybox_path(), []).write_dir(tree)
+    img = root / "root.raw"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(img), "48M"],
+                   check=True)
+    return img
+
+
+PRUNE = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+images:
+  rooted: {{builtin: tiny, disk: ./root.raw}}
+guests:
+  keep: {{}}
+  gone: {{image: rooted}}
+"""
+
+
+def test_prune_and_purge(tmp_path):
+    with cli_fleet(tmp_path, PRUNE) as f:
+        _disk_image(f.root)
+        f.cli("apply")
+        overlay = f.state / "guests" / "gone" / "disk.qcow2"
+        assert overlay.exists()
+        without = PRUNE.replace("  gone: {{image: rooted}}\n", "").format(inst=f.instance)
+        f.write(without)
+        res = f.cli("apply")
+        assert "--prune removes it" in res.stdout
+        assert f.guests()["gone"]["state"] == "running"
+        res = f.cli("apply", "--prune")
+        assert "gone" not in f.guests()
+        assert overlay.exists(), "the overlay is kept without --purge"
+        f.write(PRUNE.format(inst=f.instance))
+        f.cli("apply")                               # comes back on its kept disk
+        assert f.guests()["gone"]["state"] == "running"
+        f.write(without)
+        f.cli("apply", "--prune", "--purge")
+        assert not overlay.exists()
+
+
+def test_supervisor_killed_mid_apply_then_apply_converges(tmp_path):
+    with cli_fleet(tmp_path) as f:
+        env = {**os.environ, "CONSOLIDATOR_STATE_DIR": str(f.state),
+               "CONSOLIDATOR_IMAGE_CACHE": str(IMAGE_CACHE)}
+        p = subprocess.Popen([sys.executable, "-m", "consolidator", "apply", "-f",
+                              str(f.inventory)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: any(e.get("event") == "starting" for g in ("web", "app", "db")
+                             for e in f.log(g)), 60, "apply to start guests")
+        time.sleep(0.3)
+        os.kill(f.supervisor_pid(), signal.SIGKILL)
+        p.wait(30)
+        res = f.cli("apply", "--allow-restart", check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        g = f.guests()
+        assert all(x["state"] == "running" for x in g.values()), g
+        # exactly one QEMU per guest, each in its own cgroup; nothing else of ours
+        qemus = [x for x in leftovers(f.instance) if x.startswith("process")]
+        assert len(qemus) == 3, qemus
+        assert sorted(x["pid"] for x in g.values()) == sorted(int(q.split()[1]) for q in qemus)
+
+
+def test_stale_pidfile_with_a_reused_pid_is_not_adopted(tmp_path):
+    with cli_fleet(tmp_path) as f:
+        f.cli("apply")
+        web = f.guests()["web"]
+        sup = f.supervisor_pid()
+        os.kill(sup, signal.SIGKILL)
+        os.kill(web["pid"], signal.SIGKILL)               # web dies while no one watches
+        impostor = subprocess.Popen(["sleep", "300"])     # and its PID number is "reused"
+        try:
+            rec = f.state / "guests" / "web" / "record.json"
+            import json
+            r = json.loads(rec.read_text())
+            r["pid"] = impostor.pid
+            rec.write_text(json.dumps(r))
+            (f.state / "guests" / "web" / "run" / "qemu.pid").write_text(f"{impostor.pid}\n")
+            g = f.guests()                                # a new supervisor starts
+            assert g["web"]["pid"] != impostor.pid
+            assert impostor.poll() is None, "the impostor was not touched"
+            assert "vanished" in f.events("web")
+            wait_for(lambda: f.guests()["web"]["state"] == "running", 60,
+                     "web restarted by its policy (restart: always)")
+        finally:
+            impostor.kill()
+
+
+def test_two_applies_at_once_are_serialised(tmp_path):
+    with cli_fleet(tmp_path) as f:
+        results = []
+
+        def run():
+            results.append(f.cli("apply", check=False))
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        assert sum("No changes" in r.stdout for r in results) == 1
+        qemus = [x for x in leftovers(f.instance) if x.startswith("process")]
+        assert len(qemus) == 3
+
+
+def test_destroy_leaves_nothing_anywhere(tmp_path):
+    with cli_fleet(tmp_path) as f:
+        f.cli("apply")
+        sup = f.supervisor_pid()
+        res = f.cli("destroy", "--yes")
+        assert "destroyed" in res.stdout
+        assert leftovers(f.instance) == []
+        assert not list((f.state / "guests").glob("*/run/*.sock"))
+        assert not (f.state / "supervisor" / "api.sock").exists()
+        time.sleep(0.5)
+        assert not Path(f"/proc/{sup}").exists() or \
+            "zombie" in Path(f"/proc/{sup}/status").read_text().lower()
