@@ -88,7 +88,8 @@ def handled(f: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         c: Ctx = ctx.find_root().ensure_object(Ctx)
-        logmod.configure(c.log_format, verbose=c.verbose)  # type: ignore[arg-type]
+        if c.verbose or c.log_format == "json":
+            logmod.configure(c.log_format, verbose=c.verbose)  # type: ignore[arg-type]
         try:
             return f(c, *args, **kwargs)
         except InventoryError as e:

@@ -43,7 +43,9 @@ setup_python() {
     local stamp="$VENV/.consolidator-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         say "pip install -e .[test]"
-        "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+        # compat: a path entry instead of an import-hook finder (28 ms off every CLI start)
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]' \
+            --config-settings editable_mode=compat
         touch "$stamp"
     fi
 }
