@@ -489,19 +489,24 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
 @common_options
 @click.option("--json", "as_json", is_flag=True, help="Versioned JSON (see docs/API.md)")
 @click.option("--watch", is_flag=True, help="Refresh the table every second")
+@click.option("--explain", is_flag=True,
+              help="Also the rebalancer's last decision per guest, with its reason")
 @handled
-def status(c: Ctx, as_json: bool, watch: bool) -> None:
+def status(c: Ctx, as_json: bool, watch: bool, explain: bool) -> None:
     """One row per guest: state, uptime, vCPUs, CPU %, memory (balloon / max), IPs,
     restarts and last event."""
     import time as _t
     from . import api
-    from .render import status_table
+    from .render import explain_table, status_table
     with api.connect(Path(c.state_dir), start=True) as client:
         if as_json:
-            out.print_json(json.dumps(client.call("status")))
+            out.print_json(json.dumps(client.call("status", explain=explain)))
             return
         if not watch:
-            out.print(status_table(client.call("status")))
+            doc = client.call("status", explain=explain)
+            out.print(status_table(doc))
+            if explain:
+                out.print(explain_table(doc))
             return
         from rich.live import Live
         with Live(status_table(client.call("status")), console=out, refresh_per_second=2) \

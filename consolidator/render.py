@@ -149,3 +149,27 @@ def status_table(doc: dict) -> Table:
                   ", ".join(g.get("ips") or []) or "-", str(g.get("restarts", 0)),
                   g.get("last_event") or "-")
     return t
+
+
+def explain_table(doc: dict) -> Table:
+    """The rebalancer's last decision per guest, with its reasons."""
+    from .units import human_size
+    rb = doc.get("rebalancer") or {}
+    title = ("rebalancer: off (static settings)" if not rb.get("enabled") else
+             f"rebalancer: host memory {rb.get('host_state')}, budget "
+             f"{human_size(rb.get('budget_bytes'))}, {rb.get('ticks')} ticks")
+    t = Table(title=title, title_justify="left", show_lines=True)
+    for col in ("guest", "CPU weight", "why", "balloon", "why"):
+        t.add_column(col, overflow="fold")
+    for g in doc.get("guests", []):
+        ex = g.get("explain") or {}
+        cpu, mem = ex.get("cpu") or {}, ex.get("memory") or {}
+        bal = "-"
+        if mem:
+            bal = f"{human_size(mem.get('actual'))} -> {human_size(mem.get('target'))}"
+            if mem.get("ws") is not None:
+                bal += f"\n(ws {human_size(mem['ws'])})"
+        t.add_row(g["name"], str(cpu.get("weight", "-")), cpu.get("reason", "-"), bal,
+                  Text(mem.get("reason", "-"),
+                       style="bold yellow" if mem.get("pressure") else ""))
+    return t

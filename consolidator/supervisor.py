@@ -38,6 +38,7 @@ from .plan import (CreateGuest, CreateNetwork, GuestState, Observed, ObservedGue
 from .inventory.schema import NetworkSpec
 from .restartpolicy import decide
 from .state import StateDir, atomic_write, write_json
+from .sched.rebalancer import Rebalancer
 from .vm.guest import Guest, Runstate, rotate_log
 
 log = structlog.get_logger("supervisor")
@@ -81,6 +82,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.started = time.time()
         self._lock_fd: int | None = None
+        self.rebalancer: Rebalancer | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -115,6 +117,7 @@ class Supervisor:
                 os.umask(old)
             os.chmod(sock, 0o600)
             self._spawn(self._sampler(), "sampler")
+            self._sync_rebalancer()
             log.info("supervisor.ready", pid=os.getpid(), state_dir=str(self.state.root),
                      guests=len(self.guests), index=self.index)
             await self.stopping.wait()
@@ -128,6 +131,8 @@ class Supervisor:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self.rebalancer is not None:
+            await self.rebalancer.close()
         for t in list(self._tasks):
             t.cancel()
         for rt in self.guests.values():
@@ -276,7 +281,7 @@ class Supervisor:
             networks=dict(self.networks),
             guests={n: ObservedGuest(rt.intent, rt.state) for n, rt in self.guests.items()})
 
-    def status(self) -> dict[str, Any]:
+    def status(self, explain: bool = False) -> dict[str, Any]:
         now = time.time()
         guests = []
         for n, rt in sorted(self.guests.items()):
@@ -299,11 +304,18 @@ class Supervisor:
                 "machine": g.spec.machine.name if g and running else None,
                 "accel": g.spec.accel.name if g and running else None,
             })
+            if explain:
+                guests[-1]["explain"] = (self.rebalancer.explain.get(n)
+                                         if self.rebalancer else None)
         return {"format": 1, "instance": self.fleet.instance if self.fleet else None,
                 "index": self.index, "supervisor": {"pid": os.getpid(),
                                                     "uptime_s": round(now - self.started, 1)},
                 "networks": [{"name": n, "subnet": str(s.subnet), "gateway": s.gateway,
                               "nat": s.nat} for n, s in sorted(self.networks.items())],
+                "rebalancer": ({"enabled": True, "ticks": self.rebalancer.ticks,
+                                "host_state": self.rebalancer.host_state.value,
+                                "budget_bytes": self.fleet.budget if self.fleet else None}
+                               if self.rebalancer else {"enabled": False}),
                 "guests": guests}
 
     async def _sampler(self) -> None:
@@ -317,11 +329,18 @@ class Supervisor:
             await asyncio.sleep(interval)
 
     async def _sample_once(self) -> None:
+        """Serial logs always; CPU % only when no rebalancer observes it already."""
         now = time.monotonic()
+        snap = self.rebalancer.last if self.rebalancer else None
         for rt in list(self.guests.values()):
             self._tail_serial(rt)
             g = rt.guest
             if rt.state is not GuestState.RUNNING or g is None or self.executor is None:
+                continue
+            rt.balloon = g.balloon_actual
+            if snap is not None and rt.name in snap.guests:
+                rate = snap.guests[rt.name].cpu_rate
+                rt.cpu_percent = None if rate is None else round(rate * 100, 1)
                 continue
             with contextlib.suppress(Exception):
                 st = self.executor.cgroups.stats(rt.name)   # type: ignore[union-attr]
@@ -329,9 +348,18 @@ class Supervisor:
                     rt.cpu_percent = round((st.cpu_usage_ns - rt.cpu_ns) / 1e9 /
                                            (now - rt.cpu_t) * 100, 1)
                 rt.cpu_ns, rt.cpu_t = st.cpu_usage_ns, now
-            if g.qmp is not None:
-                with contextlib.suppress(QMPError):
-                    rt.balloon = await g.qmp.balloon()
+
+    def _sync_rebalancer(self) -> None:
+        """Run the rebalancer when the fleet asks for it; stop it when it does not."""
+        want = self.fleet is not None and self.fleet.host.rebalance.enabled
+        if want and self.rebalancer is None:
+            self.rebalancer = Rebalancer(self)
+            self.rebalancer.start()
+            log.info("rebalancer.started", interval=self.fleet.host.rebalance.interval)
+        elif not want and self.rebalancer is not None:
+            self._spawn(self.rebalancer.close(), "rebalancer-close")
+            self.rebalancer = None
+            log.info("rebalancer.stopped", reason="host.rebalance.enabled is false")
 
     def _tail_serial(self, rt: GuestRuntime) -> None:
         path = self.state.guest_dir(rt.name) / "serial.log"
@@ -379,6 +407,8 @@ class Supervisor:
         rt.state = GuestState.STARTING
         self._bump()
         self.event(rt, "starting")
+        if self.rebalancer is not None:
+            self.rebalancer.forget(rt.name)
         try:
             g = await self.executor.start_guest(rt.intent, rt.guest, progress=progress,
                                                 gate=self.gate)
@@ -527,6 +557,7 @@ class Supervisor:
             await asyncio.gather(*(chain(v) for v in by_guest.values()))
         self._bump()
         self._write_applied(desired, inventory_text, complete=True)
+        self._sync_rebalancer()
         return {"ok": not failures, "failures": failures,
                 "pending": [x.to_json() for x in p.pending], "notes": list(p.notes),
                 "actions": len(p.actions), "index": self.index, "status": self.status()}
@@ -654,7 +685,16 @@ class Supervisor:
         if op == "ping":
             return {"pid": os.getpid(), "protocol": api.PROTOCOL, "index": self.index}
         if op == "status":
-            return self.status()
+            return self.status(bool(args.get("explain")))
+        if op == "rebalancer":            # test hook: stop the loop, the watchdog stays
+            if self.rebalancer is None:
+                raise ConflictError("the rebalancer is not running")
+            if args.get("action") == "stop-loop":
+                self.rebalancer.stop_loop()
+            return {"ticks": self.rebalancer.ticks,
+                    "tick_cpu_ms": [round(x * 1000, 3) for x in self.rebalancer.tick_cpu_s],
+                    "loop_alive": not (self.rebalancer.loop_task is None or
+                                       self.rebalancer.loop_task.done())}
         if op == "observe":
             return self._observed_json()
         if op == "apply-begin":

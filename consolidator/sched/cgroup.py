@@ -398,6 +398,18 @@ class CgroupDriver:
                 changed.append(f"{ctrl}/{fname}={value}")
         return changed
 
+    def set_shares(self, guest: str, shares: int) -> bool:
+        """Only the CPU weight (the rebalancer's knob). Returns whether it was written."""
+        if "cpu" not in self.controllers:
+            return False
+        fname, value = (("cpu.weight", str(shares_to_weight(shares))) if self.backend == "v2"
+                        else ("cpu.shares", str(shares)))
+        path = self._dir_for("cpu", guest) / fname
+        if self._current(path) == value:
+            return False
+        _write(path, value)
+        return True
+
     def read(self, guest: str, controller: str, fname: str) -> str:
         return _read(self._dir_for(controller, guest) / fname)
 

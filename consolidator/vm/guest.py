@@ -154,6 +154,7 @@ class Guest:
         self.proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None        # set for children and for adopted processes
         self.adopted = False
+        self.balloon_actual: int | None = None   # kept current from BALLOON_CHANGE events
         self.qmp: QMP | None = None
         self.exit: ExitInfo | None = None
         self._agent: Agent | None = None
@@ -342,6 +343,7 @@ class Guest:
         self.qmp = qmp
         self._event_task = asyncio.create_task(self._watch_events(), name=f"{self.name}-events")
         await self.qmp.enable_stats(1)
+        self.balloon_actual = await self.qmp.balloon()
         self._to(Runstate.RUNNING)
         self.log.info("guest.adopted", pid=pid)
 
@@ -357,6 +359,7 @@ class Guest:
             if status not in ("running", "prelaunch"):
                 raise LaunchError(f"guest {self.name}: QEMU status is {status}")
         await self.qmp.enable_stats(1)
+        self.balloon_actual = await self.qmp.balloon()
 
     async def _wait_ready(self) -> None:
         loop = asyncio.get_running_loop()
@@ -396,10 +399,14 @@ class Guest:
                 self.events.append(ev)
                 if ev["event"] == "SHUTDOWN":
                     self._shutdown_reason = (ev.get("data") or {}).get("reason")
+                elif ev["event"] == "BALLOON_CHANGE":
+                    self.balloon_actual = int((ev.get("data") or {}).get("actual", 0)) or None
                 self.log.debug("guest.event", qmp_event=ev["event"], data=ev.get("data"))
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - QMP went away: the pidfd tells the rest
+        except Exception as e:  # noqa: BLE001 - QMP went away: the pidfd tells the rest
+            if self.alive():
+                self.log.warning("guest.events_lost", error=f"{type(e).__name__}: {e}")
             return
 
     async def _abort_launch(self, cause: BaseException) -> None:

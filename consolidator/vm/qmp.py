@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, StateError
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, StateError
 from qemu.qmp.error import QMPError as _LibQMPError
 
 from ..errors import QMPError
@@ -126,13 +126,9 @@ class QMP:
 
     async def events(self, names: tuple[str, ...] = EVENTS) -> AsyncIterator[dict[str, Any]]:
         """Yield events (``{"event", "data", "timestamp"}``) until the connection ends."""
-        listener = EventListener(names)
-        with self._client.listener(listener):
+        with self._client.listener(names) as listener:
             while True:
-                try:
-                    ev = await listener.get()
-                except (asyncio.CancelledError, GeneratorExit):
-                    raise
+                ev = await listener.get()
                 yield dict(ev)
 
     async def close(self) -> None:

@@ -1,0 +1,257 @@
+"""Memory policy: guest stats + spec + budget -> balloon targets, with reasons. Pure.
+
+Signals. The working set is what the guest uses minus what the balloon holds:
+``ws = (total - available) - (max - actual)``. With ``deflate-on-oom`` (always on
+here) Linux counts ballooned pages as used, so they must be taken back out. The guest's
+MemAvailable is the signal, not MemFree: page cache is memory it can give back (oVirt
+MoM reads MemFree and so counts cache as used).
+
+Per guest, each tick:
+
+- **stale or missing stats**: never shrink a guest we cannot see; drift towards deflated
+  (max) one step at a time;
+- **working-set estimate**: jumps up at once, decays slowly (EWMA) when the guest frees;
+- **want** = estimate + headroom + what the guest kernel keeps (MemTotal is below the RAM
+  given), within [min, max]. At that size the guest's MemAvailable is the headroom;
+- **pressure** (available under 40 % of the headroom, major faults or swap-in): deflate
+  at once, by a large step, and the guest is never squeezed while it lasts. The threshold
+  sits inside the headroom on purpose: a threshold above it made every target read as
+  pressure and the balloon bounce (the simulator showed it);
+- **shrinking** is stepwise: at most ``max_step`` a tick, and not at all for less than
+  ``min_change`` (no churn).
+
+Then the budget (host RAM minus reserve, or ``host.memory``; tightened by host pressure)
+is enforced by reclaiming in tiers, each taking first from the guests that the idle
+memory tax (Waldspurger's ESX paper, tau = 0.75) rates lowest, i.e. most idle memory per
+share: (1) what is above a guest's working set plus headroom, (2) its headroom, (3)
+below its working set down to its min, (4) the headroom of guests under pressure. Floors
+hold throughout: ``min`` for everyone, and for a guest under pressure or unseen,
+``max(min, working set, current size)``. So the targets fit the budget whenever the
+floors do, and no pressured guest ever feeds an idle one.
+
+Host pressure (PSI memory, MemAvailable) moves the host between normal, soft and hard,
+with hysteresis; soft and hard shrink the budget.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+MiB = 1 << 20
+
+
+class HostState(enum.StrEnum):
+    NORMAL = "normal"
+    SOFT = "soft"
+    HARD = "hard"
+
+
+@dataclass(frozen=True)
+class MemParams:
+    headroom_frac: float = 0.20       # of the working set
+    headroom_min: int = 32 * MiB
+    pressure_frac: float = 0.40       # available below this share of the headroom: pressure
+    pressure_min: int = 16 * MiB
+    fault_rate: float = 50.0          # major faults per second that count as pressure
+    grow_frac: float = 0.50           # under pressure, deflate by this much of the working set
+    grow_min: int = 32 * MiB          # ... and at least this
+    trend_ticks: float = 3.0          # headroom covers this many ticks of working-set growth
+    max_step: int = 64 * MiB          # largest voluntary shrink per tick
+    min_change: int = 8 * MiB         # smaller changes are not made (churn)
+    decay: float = 0.2                # EWMA weight of a lower working set
+    stale_step: int = 32 * MiB        # drift towards max per tick when blind
+    tau: float = 0.75                 # idle memory tax rate
+    floor_ws: int = 16 * MiB          # a working set is never taken to be smaller
+    soft_factor: float = 0.95         # budget multiplier in the soft state
+    hard_factor: float = 0.85         # ... and in the hard state
+
+
+@dataclass(frozen=True)
+class MemInput:
+    name: str
+    max: int
+    min: int
+    shares: int
+    actual: int                      # the balloon's current size (guest RAM it has)
+    total: int | None = None         # guest MemTotal (None: no stats)
+    available: int | None = None     # guest MemAvailable
+    major_fault_rate: float = 0.0
+    swap_in_rate: float = 0.0
+    stale: bool = False
+
+
+@dataclass(frozen=True)
+class MemHost:
+    budget: int                      # bytes for all guests (before host pressure)
+    mem_available: int
+    mem_total: int
+    psi_some10: float = 0.0          # /proc/pressure/memory some avg10 (%)
+    psi_full10: float = 0.0
+
+
+@dataclass(frozen=True)
+class MemDecision:
+    name: str
+    target: int
+    actual: int
+    reason: str
+    pressure: bool = False
+    ws: int | None = None
+    floor: int = 0
+    tax: float | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.target != self.actual
+
+
+@dataclass(frozen=True)
+class MemResult:
+    decisions: list[MemDecision]
+    estimates: dict[str, float]      # working-set estimates to feed back next tick
+    host_state: HostState
+    budget: int                      # the budget in force after host pressure
+    feasible: bool                   # the floors fit in the budget
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def host_state(h: MemHost, prev: HostState) -> HostState:
+    """Escalate at once, relax with hysteresis (a lower bar to enter than to leave)."""
+    avail = h.mem_available / max(h.mem_total, 1)
+    if h.psi_full10 >= 10 or h.psi_some10 >= 40 or avail < 0.05:
+        return HostState.HARD
+    if prev is HostState.HARD and (h.psi_full10 >= 5 or h.psi_some10 >= 20 or avail < 0.08):
+        return HostState.HARD
+    if h.psi_some10 >= 10 or avail < 0.10:
+        return HostState.SOFT
+    if prev is not HostState.NORMAL and (h.psi_some10 >= 5 or avail < 0.15):
+        return HostState.SOFT
+    return HostState.NORMAL
+
+
+def _tax(g: MemInput, ws: int, tau: float) -> float:
+    """Shares per page, with idle pages costing k = 1/(1-tau) times an active one."""
+    k = 1.0 / (1.0 - tau)
+    f = min(1.0, ws / max(g.actual, 1))
+    return g.shares / (max(g.actual, 1) / MiB * (f + k * (1 - f)))
+
+
+def memory_policy(guests: list[MemInput], host: MemHost, *,
+                  estimates: dict[str, float] | None = None,
+                  prev_state: HostState = HostState.NORMAL,
+                  params: MemParams = MemParams()) -> MemResult:
+    p = params
+    est_in = estimates or {}
+    state = host_state(host, prev_state)
+    factor = {HostState.NORMAL: 1.0, HostState.SOFT: p.soft_factor,
+              HostState.HARD: p.hard_factor}[state]
+    budget = int(host.budget * factor)
+    est_out: dict[str, float] = {}
+    rows: dict[str, dict] = {}
+
+    for g in guests:
+        if g.stale or g.total is None or g.available is None:
+            target = min(g.max, g.actual + p.stale_step)
+            rows[g.name] = dict(want=max(target, g.min), floor=max(g.min, min(g.actual, g.max)),
+                                ws=None, pressure=False, headroom=0, kernel=0,
+                                reason="stats stale or missing: drifting towards deflated")
+            if g.name in est_in:
+                est_out[g.name] = est_in[g.name]
+            continue
+        inflated = max(0, g.max - g.actual)
+        ws = max(p.floor_ws, g.total - g.available - inflated)
+        # RAM the guest kernel keeps for itself (MemTotal is below the RAM it was given)
+        kernel = max(0, g.max - g.total)
+        prev = est_in.get(g.name)
+        est = float(ws) if prev is None or ws >= prev else prev + p.decay * (ws - prev)
+        est_out[g.name] = est
+        growth = max(0.0, ws - prev) if prev is not None else 0.0   # bytes per tick
+        headroom = max(p.headroom_min, int(est * p.headroom_frac),
+                       int(growth * p.trend_ticks))
+        # at this size the guest's MemAvailable is the headroom, well above the threshold
+        want = int(est) + headroom + kernel
+        threshold = max(p.pressure_min, int(headroom * p.pressure_frac))
+        causes = []
+        if g.available < threshold:
+            causes.append(f"available {g.available // MiB}MiB < {threshold // MiB}MiB")
+        if g.major_fault_rate > p.fault_rate:
+            causes.append(f"{g.major_fault_rate:.0f} major faults/s")
+        if g.swap_in_rate > 0:
+            causes.append(f"swapping in {g.swap_in_rate / MiB:.1f}MiB/s")
+        pressure = bool(causes)
+        if pressure:
+            want = max(want, g.actual + max(p.grow_min, int(est * p.grow_frac),
+                                            int(growth * p.trend_ticks)))
+            reason = "pressure (" + ", ".join(causes) + "): deflating"
+        else:
+            reason = (f"follows working set {ws // MiB}MiB (estimate {int(est) // MiB}MiB) "
+                      f"+ headroom {headroom // MiB}MiB + guest kernel {kernel // MiB}MiB")
+        want = max(g.min, min(g.max, want))
+        if not pressure and want < g.actual:
+            stepped = max(want, g.actual - p.max_step)
+            if g.actual - stepped < p.min_change:
+                stepped = g.actual
+                reason += "; shrink below the minimum change, left as is"
+            elif stepped > want:
+                reason += f"; shrinking by at most {p.max_step // MiB}MiB a tick"
+            want = stepped
+        elif want > g.actual and want - g.actual < p.min_change and not pressure:
+            want = g.actual
+        floor = max(g.min, min(g.max, max(ws + kernel, g.actual))) if pressure else g.min
+        rows[g.name] = dict(want=want, floor=floor, ws=ws, pressure=pressure,
+                            headroom=headroom, kernel=kernel, reason=reason)
+
+    floors = sum(r["floor"] for r in rows.values())
+    feasible = floors <= budget
+    notes: list[str] = []
+    total = sum(r["want"] for r in rows.values())
+    if total > budget:
+        by_name = {g.name: g for g in guests}
+        order = sorted((n for n in rows), key=lambda n: _tax(by_name[n], rows[n]["ws"] or
+                                                             by_name[n].actual, p.tau))
+
+        def tier(level: str, n: str) -> int:
+            r, g = rows[n], by_name[n]
+            if r["ws"] is None:                  # unseen: its floor is its current size
+                return r["floor"]
+            if r["pressure"]:
+                return r["floor"] if level == "pressure" else r["want"]
+            need = r["ws"] + r["kernel"]          # what the guest uses right now
+            return {"idle": max(r["floor"], min(r["want"], need + r["headroom"])),
+                    "headroom": max(r["floor"], min(r["want"], need)),
+                    "below-ws": r["floor"], "pressure": r["floor"]}[level]
+
+        for level in ("idle", "headroom", "below-ws", "pressure"):
+            for n in order:
+                if total <= budget:
+                    break
+                r = rows[n]
+                lowest = tier(level, n)
+                take = min(r["want"] - lowest, total - budget)
+                if take > 0:
+                    r["want"] -= take
+                    total -= take
+                    g = by_name[n]
+                    r["reason"] = (f"budget pressure ({level}): gave {take // MiB}MiB; idle "
+                                   f"{max(0, g.actual - (r['ws'] or g.actual)) // MiB}MiB, "
+                                   f"shares {g.shares}")
+        if total > budget:
+            notes.append(f"budget infeasible: floors need {floors // MiB}MiB, budget is "
+                         f"{budget // MiB}MiB")
+    if state is not HostState.NORMAL:
+        notes.append(f"host memory {state.value}: budget x{factor:g}")
+
+    decisions = []
+    by = {g.name: g for g in guests}
+    for g in guests:
+        r = rows[g.name]
+        decisions.append(MemDecision(g.name, int(r["want"]), g.actual, r["reason"],
+                                     r["pressure"], r["ws"], r["floor"],
+                                     _tax(by[g.name], r["ws"] or g.actual, p.tau)))
+    return MemResult(decisions, est_out, state, budget, feasible, tuple(notes))
+
+
+def with_actual(g: MemInput, actual: int) -> MemInput:
+    """For simulators and tests: the same guest after its balloon moved."""
+    return replace(g, actual=actual)

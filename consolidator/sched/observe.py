@@ -1,0 +1,186 @@
+"""Observation: one frozen snapshot per rebalancer interval. All of the loop's reads are here.
+
+Per guest:
+- CPU as a rate of cores, from its cgroup; *demand* = time on a CPU + time runnable but
+  waiting for one (``run_delay`` in /proc/PID/task/*/schedstat). Under contention usage
+  alone understates what a guest wants: a guest held to 1 % by weights looks idle;
+- throttled time (CFS quota) as a rate;
+- cgroup memory current, QEMU's RSS, the balloon's actual size (kept current from QMP
+  BALLOON_CHANGE events, so no query per tick);
+- guest stats (available, free, total, disk caches; major faults and swap in/out as
+  rates) with their age. Stats older than ``stale_after`` are *unknown*, never idle.
+
+Host: MemAvailable, PSI for memory and CPU (avg10, and the total's delta), CPU busy in cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import QMPError
+from ..hostfacts import read_meminfo
+from .cgroup import host_psi
+
+if TYPE_CHECKING:
+    from ..vm.guest import Guest
+    from .cgroup import CgroupDriver
+
+
+@dataclass(frozen=True)
+class GuestObs:
+    name: str
+    cpu_rate: float | None = None         # cores used over the interval
+    demand: float | None = None           # cores wanted: used + waiting to run
+    throttled_rate: float | None = None   # fraction of the interval throttled by quota
+    cgroup_memory: int | None = None
+    rss: int | None = None
+    balloon: int | None = None
+    total: int | None = None
+    available: int | None = None
+    free: int | None = None
+    disk_caches: int | None = None
+    major_fault_rate: float = 0.0
+    swap_in_rate: float = 0.0
+    swap_out_rate: float = 0.0
+    stats_age: float | None = None
+    stale: bool = True
+
+
+@dataclass(frozen=True)
+class HostObs:
+    mem_available: int
+    mem_total: int
+    psi_mem_some10: float
+    psi_mem_full10: float
+    psi_cpu_some10: float
+    psi_mem_some_delta_us: float
+    cpu_busy: float | None                # cores busy over the interval
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    t: float                              # wall clock
+    mono: float
+    host: HostObs
+    guests: dict[str, GuestObs]
+
+
+def schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting) summed over the process's threads."""
+    run = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            fields = (task / "schedstat").read_text().split()
+            run += int(fields[0])
+            wait += int(fields[1])
+    return run, wait
+
+
+def _proc_stat() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    return sum(parts), idle
+
+
+class Observer:
+    def __init__(self, stale_after: float = 4.0) -> None:
+        from ..hostfacts import HostFacts
+        self.stale_after = stale_after
+        self.ncpu = max(1, HostFacts.probe().ncpus)
+        self._prev: dict[str, dict[str, Any]] = {}
+        self._host_prev: dict[str, Any] = {}
+
+    def forget(self, name: str) -> None:
+        self._prev.pop(name, None)
+
+    async def observe(self, guests: list[tuple[str, "Guest"]], cgroups: "CgroupDriver | None"
+                      ) -> Snapshot:
+        now, mono = time.time(), time.monotonic()
+        host = self._host(mono)
+        stats = await asyncio.gather(*(self._guest_stats(g) for _, g in guests))
+        out: dict[str, GuestObs] = {}
+        for (name, g), st in zip(guests, stats):
+            out[name] = self._guest(name, g, cgroups, st, now, mono)
+        return Snapshot(now, mono, host, out)
+
+    @staticmethod
+    async def _guest_stats(g: "Guest") -> Any:
+        if g.qmp is None:
+            return None
+        try:
+            return await g.qmp.guest_stats()
+        except QMPError:
+            return None
+
+    def _host(self, mono: float) -> HostObs:
+        mi = read_meminfo()
+        psi = host_psi()
+        total, idle = _proc_stat()
+        prev = self._host_prev
+        busy = None
+        if prev:
+            dt_ticks = total - prev["total"]
+            if dt_ticks > 0:
+                busy = (dt_ticks - (idle - prev["idle"])) / dt_ticks * self.ncpu
+        mem = psi.get("memory", {})
+        delta = mem.get("some_total", 0.0) - prev.get("psi_total", mem.get("some_total", 0.0))
+        self._host_prev = {"total": total, "idle": idle, "psi_total": mem.get("some_total", 0.0)}
+        return HostObs(mi.get("MemAvailable", 0), mi.get("MemTotal", 0),
+                       mem.get("some_avg10", 0.0), mem.get("full_avg10", 0.0),
+                       psi.get("cpu", {}).get("some_avg10", 0.0), delta, busy)
+
+    def _guest(self, name: str, g: "Guest", cgroups: "CgroupDriver | None", st: Any,
+               now: float, mono: float) -> GuestObs:
+        prev = self._prev.get(name, {})
+        cur: dict[str, Any] = {"mono": mono}
+        fields: dict[str, Any] = {"balloon": g.balloon_actual}
+        dt = mono - prev["mono"] if "mono" in prev else None
+        if cgroups is not None:
+            with contextlib.suppress(Exception):
+                cs = cgroups.stats(name)
+                cur["cpu_ns"], cur["thr_ns"] = cs.cpu_usage_ns, cs.throttled_ns
+                fields["cgroup_memory"] = cs.memory_current
+                if dt and "cpu_ns" in prev:
+                    fields["cpu_rate"] = max(0.0, (cs.cpu_usage_ns - prev["cpu_ns"]) / 1e9 / dt)
+                    fields["throttled_rate"] = max(0.0, (cs.throttled_ns - prev["thr_ns"])
+                                                   / 1e9 / dt)
+        if g.pid:
+            with contextlib.suppress(OSError):
+                run, wait = schedstat(g.pid)
+                cur["run"], cur["wait"] = run, wait
+                if dt and "run" in prev:
+                    demand = ((run - prev["run"]) + (wait - prev["wait"])) / 1e9 / dt
+                    fields["demand"] = max(0.0, demand)
+                with open(f"/proc/{g.pid}/statm") as f:
+                    fields["rss"] = int(f.read().split()[1]) * 4096
+        if st is not None and st.last_update:
+            age = now - st.last_update
+            fields["stats_age"] = age
+            fields["stale"] = age > self.stale_after or st.available is None
+            fields.update(total=st.total, available=st.available, free=st.free,
+                          disk_caches=st.disk_caches)
+            cur["stats_t"] = st.last_update
+            cur["faults"], cur["swin"], cur["swout"] = (st.major_faults or 0, st.swap_in or 0,
+                                                        st.swap_out or 0)
+            if "stats_t" in prev and st.last_update > prev["stats_t"]:
+                sdt = st.last_update - prev["stats_t"]
+                fields["major_fault_rate"] = max(0.0, (cur["faults"] - prev["faults"]) / sdt)
+                fields["swap_in_rate"] = max(0.0, (cur["swin"] - prev["swin"]) / sdt)
+                fields["swap_out_rate"] = max(0.0, (cur["swout"] - prev["swout"]) / sdt)
+            elif "stats_t" in prev:      # no new stats this tick: keep the last rates
+                cur.update({k: prev[k] for k in ("stats_t", "faults", "swin", "swout")})
+                for k in ("major_fault_rate", "swap_in_rate", "swap_out_rate"):
+                    if k in prev:
+                        fields[k] = prev[k]
+            for k in ("major_fault_rate", "swap_in_rate", "swap_out_rate"):
+                if k in fields:
+                    cur[k] = fields[k]
+        self._prev[name] = {**prev, **cur}
+        return GuestObs(name=name, **fields)
+

@@ -1,0 +1,183 @@
+"""The rebalancer with real guests: load from the builtin image's agent, effects measured
+on the host (cgroup CPU time, QMP balloon sizes)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from .env import CliFleet, cli_fleet
+from .test_supervisor import wait_for
+
+pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
+MiB = 1 << 20
+
+
+def cpu_ns(f: CliFleet, guest: str) -> int:
+    return int(Path(f"/sys/fs/cgroup/cpuacct/{f.instance}/guests/{guest}/cpuacct.usage")
+               .read_text())
+
+
+def cores_over(f: CliFleet, guests: list[str], seconds: float) -> dict[str, float]:
+    u0 = {g: cpu_ns(f, g) for g in guests}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    dt = time.monotonic() - t0
+    return {g: (cpu_ns(f, g) - u0[g]) / 1e9 / dt for g in guests}
+
+
+def burn(f: CliFleet, *guests: str, percent: int = 100) -> None:
+    for g in guests:
+        f.cli("agent", g, "cpu", str(percent))
+
+
+SHARES = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, rebalance: {{interval: 1s}}}}
+guests:
+  one: {{cpu: {{shares: 1024, pin: "0"}}}}
+  two: {{cpu: {{shares: 2048, pin: "0"}}}}
+  four: {{cpu: {{shares: 4096, pin: "0"}}}}
+"""
+
+
+def test_cpu_shares_1_2_4_on_one_core(tmp_path):
+    with cli_fleet(tmp_path, SHARES) as f:
+        f.cli("apply")
+        burn(f, "one", "two", "four")
+        time.sleep(3)
+        got = cores_over(f, ["one", "two", "four"], 20)
+        total = sum(got.values())
+        shares = {g: got[g] / total for g in got}
+        print("shares of the core:", {g: round(v, 3) for g, v in shares.items()})
+        for g, want in (("one", 1 / 7), ("two", 2 / 7), ("four", 4 / 7)):
+            assert abs(shares[g] - want) <= 0.1 * want, (g, shares[g], want)
+
+
+RESERVE = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, rebalance: {{interval: 1s}}}}
+guests:
+  small: {{cpu: {{shares: 256, reserve: 0.5, pin: "0"}}}}
+  big1: {{cpu: {{shares: 8192, pin: "0"}}}}
+  big2: {{cpu: {{shares: 8192, pin: "0"}}}}
+"""
+
+
+def test_cpu_reserve_is_guaranteed_and_without_it_far_less(tmp_path):
+    with cli_fleet(tmp_path, RESERVE) as f:
+        f.cli("apply")
+        burn(f, "small", "big1", "big2")
+        time.sleep(5)                                   # a few ticks to raise the weight
+        got = cores_over(f, ["small", "big1", "big2"], 10)
+        print("with reserve:", {g: round(v, 3) for g, v in got.items()})
+        assert got["small"] >= 0.45
+        st = json.loads(f.cli("status", "--json", "--explain").stdout)
+        small = next(g for g in st["guests"] if g["name"] == "small")
+        assert "reserve 0.5" in small["explain"]["cpu"]["reason"]
+        f.write(RESERVE.replace("shares: 256, reserve: 0.5", "shares: 256")
+                .format(inst=f.instance))
+        f.cli("apply")                                  # a live change: no restart
+        time.sleep(4)
+        got = cores_over(f, ["small", "big1", "big2"], 10)
+        print("without reserve:", {g: round(v, 3) for g, v in got.items()})
+        assert got["small"] <= 0.15
+
+
+LIMIT = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+guests:
+  capped: {{cpu: {{limit: 0.25}}}}
+"""
+
+
+def test_cpu_limit_caps_a_burner(tmp_path):
+    with cli_fleet(tmp_path, LIMIT) as f:
+        f.cli("apply")
+        burn(f, "capped")
+        time.sleep(2)
+        got = cores_over(f, ["capped"], 10)
+        print("capped:", got)
+        assert got["capped"] <= 0.27
+
+
+BUDGET = """
+instance: {inst}
+host:
+  fabric_netns: {inst}-fab
+  memory: 640MiB
+  overcommit: {{memory: 3}}
+  rebalance: {{interval: 1s}}
+guests:
+  a: {{memory: {{max: 512MiB, min: 96MiB}}}}
+  b: {{memory: {{max: 512MiB, min: 96MiB}}}}
+  c: {{memory: {{max: 512MiB, min: 96MiB}}}}
+"""
+
+
+def balloons(f: CliFleet) -> dict[str, int]:
+    return {n: g["balloon_bytes"] for n, g in f.guests().items()}
+
+
+def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
+    with cli_fleet(tmp_path, BUDGET) as f:
+        f.cli("apply")
+        budget = 640 * MiB
+        t0 = time.monotonic()
+        # idle guests shrink towards their min, and the budget holds
+        wait_for(lambda: all(b is not None and b <= 200 * MiB for b in balloons(f).values()),
+                 25, "idle guests to shrink")
+        print(f"idle guests shrunk in {time.monotonic() - t0:.1f}s: "
+              f"{ {n: b // MiB for n, b in balloons(f).items()} }")
+        assert sum(balloons(f).values()) <= budget
+        assert all(b >= 96 * MiB for b in balloons(f).values())
+        before = balloons(f)
+        seen_min = dict(before)
+        # a allocates 150 MiB: its balloon deflates before the allocation fails
+        t1 = time.monotonic()
+        held = f.cli("agent", "a", "mem", "150", "--timeout", "60").stdout
+        assert "mem_mib=150" in held
+        reached = None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            b = balloons(f)
+            for n, v in b.items():
+                seen_min[n] = min(seen_min[n], v)
+            assert sum(b.values()) <= budget + 8 * MiB
+            if reached is None and b["a"] >= 150 * MiB + before["a"]:
+                reached = time.monotonic() - t1
+            time.sleep(0.25)
+        status = dict(x.split("=") for x in f.cli("agent", "a", "status").stdout.split())
+        assert status["oom_kill"] == "0"
+        print(f"a's balloon reached working set + headroom in {reached}s; "
+              f"{ {n: v // MiB for n, v in balloons(f).items()} }")
+        assert reached is not None and reached <= 5.0     # from the start of the allocation
+        assert all(v >= 96 * MiB for v in seen_min.values())
+        ex = json.loads(f.cli("status", "--json", "--explain").stdout)
+        reasons = {g["name"]: g["explain"]["memory"]["reason"] for g in ex["guests"]}
+        print(reasons)
+
+
+def test_a_stopped_loop_lets_balloons_drift_to_deflated(tmp_path):
+    with cli_fleet(tmp_path, BUDGET.replace("memory: 640MiB", "memory: 1200MiB")) as f:
+        f.cli("apply")
+        wait_for(lambda: all(b is not None and b <= 256 * MiB for b in balloons(f).values()),
+                 25, "idle guests to shrink")
+        low = balloons(f)
+        from consolidator import api
+        with api.connect(f.state, start=False) as client:
+            r = client.call("rebalancer", action="stop-loop")
+        time.sleep(1)
+        with api.connect(f.state, start=False) as client:
+            assert client.call("rebalancer")["loop_alive"] is False
+        wait_for(lambda: all(balloons(f)[n] > low[n] + 32 * MiB for n in low), 30,
+                 "the watchdog to deflate the balloons")
+        high = balloons(f)
+        assert all(high[n] > low[n] for n in low)
+        log = (f.state / "supervisor" / "log.jsonl").read_text()
+        assert "rebalancer.stalled" in log
+        del r

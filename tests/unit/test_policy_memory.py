@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consolidator.sched.memory import (HostState, MemHost, MemInput, MemParams, host_state,
+                                       memory_policy)
+
+MiB = 1 << 20
+HOST = MemHost(budget=4096 * MiB, mem_available=20000 * MiB, mem_total=24000 * MiB)
+
+
+def guest(name, *, mx=256, mn=128, shares=1000, actual=None, used=60, avail=None,
+          faults=0.0, stale=False):
+    actual = mx if actual is None else actual
+    total = mx - 38                                  # the kernel keeps some for itself
+    inflated = mx - actual
+    available = (total - used - inflated) if avail is None else avail
+    return MemInput(name, mx * MiB, mn * MiB, shares, actual * MiB, total * MiB,
+                    max(0, available) * MiB, faults, 0.0, stale)
+
+
+def run(guests, host=HOST, **kw):
+    r = memory_policy(guests, host, **kw)
+    return r, {d.name: d for d in r.decisions}
+
+
+def test_idle_guest_shrinks_stepwise_towards_working_set_but_not_below_min():
+    r, d = run([guest("a", mx=512, mn=64, used=40)])
+    assert d["a"].target == 512 * MiB - MemParams().max_step     # one step
+    assert "at most" in d["a"].reason
+    r, d = run([guest("a", mx=512, mn=200, actual=205, used=40)])
+    assert d["a"].target == 205 * MiB                            # under min change
+    r, d = run([guest("a", mx=512, mn=300, actual=300, used=40)])
+    assert d["a"].target == 300 * MiB                            # never below min
+
+
+def test_pressure_deflates_at_once():
+    r, d = run([guest("a", mx=512, mn=64, actual=128, avail=10)])
+    assert d["a"].pressure and d["a"].target >= 128 * MiB + MemParams().grow_min
+    assert "pressure" in d["a"].reason
+
+
+def test_growth_trend_widens_the_headroom():
+    _, calm = run([guest("a", mx=1024, mn=64, actual=400, used=300)], estimates={"a": 300 * MiB})
+    _, rising = run([guest("a", mx=1024, mn=64, actual=400, used=300)],
+                    estimates={"a": 200 * MiB})
+    assert rising["a"].target > calm["a"].target
+
+
+def test_major_faults_are_pressure():
+    r, d = run([guest("a", mx=512, mn=64, actual=200, used=60, faults=500)])
+    assert d["a"].pressure and d["a"].target > 200 * MiB
+
+
+def test_stale_stats_drift_towards_deflated_never_inflated():
+    r, d = run([guest("a", mx=512, mn=64, actual=200, stale=True)])
+    assert d["a"].target == 200 * MiB + MemParams().stale_step
+    assert "stale" in d["a"].reason
+    r, d = run([guest("a", mx=512, mn=64, actual=500, stale=True)])
+    assert d["a"].target == 512 * MiB
+
+
+def test_working_set_excludes_the_balloon():
+    # 256 MiB guest ballooned to 128: the 128 MiB in the balloon count as used inside
+    r, d = run([guest("a", actual=128, used=50)])
+    assert d["a"].ws == 50 * MiB
+
+
+def test_estimate_rises_at_once_and_decays_slowly():
+    r, _ = run([guest("a", used=200)], estimates={"a": 50 * MiB})
+    assert r.estimates["a"] == 200 * MiB
+    r, _ = run([guest("a", used=50)], estimates={"a": 200 * MiB})
+    assert 50 * MiB < r.estimates["a"] < 200 * MiB
+
+
+def test_budget_takes_from_the_idlest_low_share_guest_first():
+    host = MemHost(budget=700 * MiB, mem_available=20000 * MiB, mem_total=24000 * MiB)
+    gs = [guest("busy", mx=512, mn=64, actual=300, avail=8),     # under pressure
+          guest("idle_low", mx=512, mn=64, actual=300, used=30, shares=100),
+          guest("idle_high", mx=512, mn=64, actual=300, used=30, shares=5000)]
+    r, d = run(gs, host)
+    assert sum(x.target for x in r.decisions) <= 700 * MiB
+    assert d["busy"].target > 300 * MiB                           # fed, not squeezed
+    assert d["idle_low"].target <= d["idle_high"].target
+    assert "budget pressure" in d["idle_low"].reason
+
+
+def test_budget_infeasible_is_reported():
+    host = MemHost(budget=100 * MiB, mem_available=20000 * MiB, mem_total=24000 * MiB)
+    r, _ = run([guest("a", mn=128), guest("b", mn=128)], host)
+    assert not r.feasible and any("infeasible" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("psi,avail,prev,state", [
+    (0, 20000, HostState.NORMAL, HostState.NORMAL),
+    (12, 20000, HostState.NORMAL, HostState.SOFT),
+    (7, 20000, HostState.SOFT, HostState.SOFT),          # hysteresis: stays soft
+    (3, 20000, HostState.SOFT, HostState.NORMAL),
+    (45, 20000, HostState.NORMAL, HostState.HARD),
+    (25, 20000, HostState.HARD, HostState.HARD),
+    (15, 20000, HostState.HARD, HostState.SOFT),
+    (0, 1000, HostState.NORMAL, HostState.HARD),          # MemAvailable 4 %
+])
+def test_host_states(psi, avail, prev, state):
+    h = MemHost(0, avail * MiB, 24000 * MiB, psi_some10=psi)
+    assert host_state(h, prev) is state
+
+
+def test_host_pressure_tightens_the_budget():
+    h = MemHost(1000 * MiB, 1000 * MiB, 24000 * MiB)     # hard
+    r = memory_policy([guest("a")], h)
+    assert r.host_state is HostState.HARD and r.budget == int(1000 * MiB * 0.85)
+
+
+guests_st = st.lists(
+    st.builds(lambda mx, mnf, af, usedf, avail_override, shares, faults, stale:
+              (mx, max(32, int(mx * mnf)), af, usedf, avail_override, shares, faults, stale),
+              st.sampled_from([128, 256, 512, 1024]), st.floats(0.1, 1.0), st.floats(0.1, 1.0),
+              st.floats(0.05, 0.9), st.sampled_from([None, 4, 20]), st.integers(0, 5000),
+              st.sampled_from([0.0, 0.0, 200.0]), st.booleans()),
+    min_size=1, max_size=6)
+
+
+def build(rows):
+    out = []
+    for i, (mx, mn, af, usedf, avail, shares, faults, stale) in enumerate(rows):
+        actual = max(mn, int(mx * af))
+        out.append(guest(f"g{i}", mx=mx, mn=mn, actual=actual, used=int(mx * usedf * 0.7),
+                         avail=avail, shares=shares, faults=faults, stale=stale))
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(guests_st, st.integers(256, 4096), st.floats(0, 50))
+def test_properties(rows, budget_mib, psi):
+    gs = build(rows)
+    host = MemHost(budget_mib * MiB, 20000 * MiB, 24000 * MiB, psi_some10=psi)
+    r = memory_policy(gs, host)
+    by = {g.name: g for g in gs}
+    for d in r.decisions:
+        g = by[d.name]
+        assert g.min <= d.target <= g.max                  # within [min, max]
+        if d.pressure or g.stale:
+            assert d.target >= g.actual                    # never squeezed
+    if r.feasible:
+        assert sum(d.target for d in r.decisions) <= r.budget
