@@ -21,7 +21,7 @@ from rich.console import Console
 
 from . import __version__
 from . import log as logmod
-from .errors import (ConsolidatorError, ExitCode, InventoryError, NotYetImplemented, PlanExit)
+from .errors import ConsolidatorError, ExitCode, InventoryError, PlanExit
 from .state import DEFAULT_STATE_DIR
 
 out = Console(highlight=False, soft_wrap=True)
@@ -682,16 +682,57 @@ def supervise(c: Ctx) -> None:
     run_supervisor(c.state_dir)
 
 
-def _later(name: str, lacks: str, doc: str) -> None:
-    @cli.command(name=name, help=doc, context_settings={"ignore_unknown_options": True})
-    @common_options
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    @handled
-    def cmd(c: Ctx, args: tuple[str, ...]) -> None:
-        raise NotYetImplemented(name, lacks)
+@cli.command()
+@common_options
+@click.option("--window", default="1h", show_default=True,
+              help="1h, 24h, 7d (or a duration such as 30m)")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "html", "prom"]),
+              default="table", show_default=True)
+@click.option("--shape", "shapes", multiple=True, metavar="vcpus=N,memory=SIZE[,min=SIZE]"
+              "[,reserve=CORES]",
+              help="A guest shape to count (repeatable); default: each shape in the fleet")
+@click.option("--tiered", is_flag=True,
+              help="Shrink the shape along the resource that failed and keep counting")
+@click.option("--headroom", type=float, default=0.15, show_default=True,
+              help="Share of capacity kept free when counting by observed use")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file instead of stdout")
+@handled
+def report(c: Ctx, window: str, fmt: str, shapes: tuple[str, ...], tiered: bool,
+           headroom: float, output: str | None) -> None:
+    """Capacity report: host and guest usage over a window, right-sizing, and how many more
+    guests of a shape fit (by guarantees and by observed p95, naming the binding resource:
+    FAILMEM, FAILCPU, FAILVCPU). Reads the state dir; no supervisor needed.
 
-
-_later("report", "the history recorder", "Capacity report: usage, right-sizing, what fits.")
+    JSON format: docs/REPORT.md. HTML: one self-contained file with inline SVG charts.
+    """
+    from . import report as rep
+    doc = rep.build(Path(c.state_dir), window, [rep.parse_shape(s) for s in shapes],
+                    tiered=tiered, headroom=headroom)
+    text: str | None = None
+    if fmt == "json":
+        text = rep.to_json(doc)
+    elif fmt == "prom":
+        text = rep.to_prom(doc)
+    elif fmt == "html":
+        from .report_html import render
+        text = render(doc)
+    if output:
+        if text is None:
+            from rich.console import Console
+            with open(output, "w") as f:
+                con = Console(file=f, width=160, highlight=False)
+                for r in rep.tables(doc):
+                    con.print(r)
+        else:
+            Path(output).write_text(text)
+        err.print(f"report written to {output}")
+        return
+    if text is None:
+        for r in rep.tables(doc):
+            out.print(r)
+    else:
+        sys.stdout.write(text)
 
 
 def main() -> None:

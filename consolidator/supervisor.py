@@ -83,6 +83,10 @@ class Supervisor:
         self.started = time.time()
         self._lock_fd: int | None = None
         self.rebalancer: Rebalancer | None = None
+        self.history: Any = None
+        from .metrics import MetricsServer
+        self.metrics = MetricsServer(self)
+        self.record_ms: list[float] = []
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -117,6 +121,7 @@ class Supervisor:
                 os.umask(old)
             os.chmod(sock, 0o600)
             self._spawn(self._sampler(), "sampler")
+            self._spawn(self._history_maintenance(), "history-maintenance")
             self._sync_rebalancer()
             log.info("supervisor.ready", pid=os.getpid(), state_dir=str(self.state.root),
                      guests=len(self.guests), index=self.index)
@@ -133,6 +138,10 @@ class Supervisor:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
         if self.rebalancer is not None:
             await self.rebalancer.close()
+        if self.history is not None:
+            with contextlib.suppress(Exception):
+                self.history.close()
+        self.metrics.stop()
         for t in list(self._tasks):
             t.cancel()
         for rt in self.guests.values():
@@ -294,7 +303,7 @@ class Supervisor:
                 else None,
                 "vcpus": rt.intent.vcpus,
                 "cpu_percent": rt.cpu_percent if running else None,
-                "balloon_bytes": rt.balloon if running else None,
+                "balloon_bytes": (g.balloon_actual if g else None) if running else None,
                 "memory_max_bytes": rt.intent.memory.max,
                 "memory_min_bytes": rt.intent.memory_min,
                 "ips": [n_.ip for n_ in rt.intent.nics if n_.ip],
@@ -312,7 +321,8 @@ class Supervisor:
                                                     "uptime_s": round(now - self.started, 1)},
                 "networks": [{"name": n, "subnet": str(s.subnet), "gateway": s.gateway,
                               "nat": s.nat} for n, s in sorted(self.networks.items())],
-                "rebalancer": ({"enabled": True, "ticks": self.rebalancer.ticks,
+                "rebalancer": ({"enabled": self.rebalancer.active,
+                                "ticks": self.rebalancer.ticks,
                                 "host_state": self.rebalancer.host_state.value,
                                 "budget_bytes": self.fleet.budget if self.fleet else None}
                                if self.rebalancer else {"enabled": False}),
@@ -350,16 +360,69 @@ class Supervisor:
                 rt.cpu_ns, rt.cpu_t = st.cpu_usage_ns, now
 
     def _sync_rebalancer(self) -> None:
-        """Run the rebalancer when the fleet asks for it; stop it when it does not."""
-        want = self.fleet is not None and self.fleet.host.rebalance.enabled
-        if want and self.rebalancer is None:
-            self.rebalancer = Rebalancer(self)
-            self.rebalancer.start()
-            log.info("rebalancer.started", interval=self.fleet.host.rebalance.interval)
-        elif not want and self.rebalancer is not None:
-            self._spawn(self.rebalancer.close(), "rebalancer-close")
-            self.rebalancer = None
-            log.info("rebalancer.stopped", reason="host.rebalance.enabled is false")
+        """One loop per supervisor once there is a fleet: it rebalances when
+        host.rebalance.enabled, and observes and records either way. The metrics
+        endpoint follows the fleet's settings too."""
+        self.metrics.sync()
+        if self.fleet is None or self.rebalancer is not None:
+            return
+        self.rebalancer = Rebalancer(self)
+        self.rebalancer.on_tick.append(self._record)
+        self.rebalancer.start()
+        log.info("rebalancer.started", interval=self.fleet.host.rebalance.interval,
+                 active=self.rebalancer.active)
+
+    def _history(self) -> Any:
+        from .sched.history import History, Retention
+        if self.history is None and self.fleet is not None:
+            h = self.fleet.host.history
+            self.history = History(self.state.history_path,
+                                   Retention(h.raw, h.minute, h.hour))
+        return self.history
+
+    async def _history_maintenance(self) -> None:
+        """Downsampling and retention every 10 s, off the event loop, on a connection of
+        its own: the rebalancer's tick only ever pays for one small transaction."""
+        from .sched.history import maintain_file
+        while True:
+            await asyncio.sleep(10)
+            hist = self.history
+            if hist is None:
+                continue
+            try:
+                took = await asyncio.to_thread(maintain_file, hist.path, hist.retention)
+                if took > 1.0:
+                    log.info("history.maintenance_slow", seconds=round(took, 2))
+            except Exception as e:  # noqa: BLE001 - history must never stop the supervisor
+                log.warning("history.maintenance_failed", error=f"{type(e).__name__}: {e}")
+
+    def _record(self, snap: Any, info: dict[str, Any]) -> None:
+        """One history sample per interval (one transaction)."""
+        hist = self._history()
+        if hist is None:
+            return
+        t0 = time.perf_counter()
+        host = snap.host
+        guests = {}
+        for n, rt in self.guests.items():
+            o = snap.guests.get(n)
+            mem = (info.get("decisions", {}).get(n) or {}).get("memory") or {}
+            ws = mem.get("ws")
+            if ws is None and o is not None and o.total is not None and \
+                    o.available is not None and o.balloon is not None:
+                ws = max(0, o.total - o.available - (rt.intent.memory.max - o.balloon))
+            guests[n] = {"state": rt.state.value,
+                         "cpu": o.cpu_rate if o else None, "ws": ws,
+                         "available": o.available if o else None,
+                         "balloon": o.balloon if o else None,
+                         "cgmem": o.cgroup_memory if o else None,
+                         "max": rt.intent.memory.max}
+        hist.record(snap.t, {"cpu": host.cpu_busy, "mem_available": host.mem_available,
+                             "mem_used": host.mem_total - host.mem_available,
+                             "psi_mem": host.psi_mem_some10, "psi_cpu": host.psi_cpu_some10,
+                             "budget": info.get("budget")}, guests, maintain=False)
+        self.record_ms.append((time.perf_counter() - t0) * 1000)
+        del self.record_ms[:-200]
 
     def _tail_serial(self, rt: GuestRuntime) -> None:
         path = self.state.guest_dir(rt.name) / "serial.log"
@@ -693,6 +756,7 @@ class Supervisor:
                 self.rebalancer.stop_loop()
             return {"ticks": self.rebalancer.ticks,
                     "tick_cpu_ms": [round(x * 1000, 3) for x in self.rebalancer.tick_cpu_s],
+                    "record_ms": [round(x, 3) for x in self.record_ms],
                     "loop_alive": not (self.rebalancer.loop_task is None or
                                        self.rebalancer.loop_task.done())}
         if op == "observe":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -29,6 +30,21 @@ from .schema import GuestSpec, HostSpec, ImageSpec, Inventory, NetworkSpec
 from .yamlpos import Mark, SourceMap, load_yaml
 
 DEFAULT_FILE = "inventory.yaml"
+
+
+def _all_field_names() -> set[str]:
+    from pydantic import BaseModel as _BM
+    names: set[str] = set()
+    stack: list[type] = [Inventory]
+    while stack:
+        m = stack.pop()
+        for n, f in m.model_fields.items():
+            names.add(n)
+            for t in typing.get_args(f.annotation) + (f.annotation,):
+                for tt in (t, *typing.get_args(t)):
+                    if isinstance(tt, type) and issubclass(tt, _BM) and tt not in stack:
+                        stack.append(tt)
+    return names
 
 
 def dotted(loc: tuple[str | int, ...]) -> str:
@@ -92,7 +108,7 @@ def parse_inventory(text: str, file: str, facts: HostFacts, base_dir: Path | Non
     try:
         Inventory.model_validate(data)
     except ValidationError as e:
-        for err in e.errors():
+        for err in _merge_union_errors(e.errors()):
             _report_pydantic(rep, err)
 
     parsed = _parse_sections(data)
@@ -137,6 +153,51 @@ def _parse_sections(data: dict[str, Any]) -> checks.Parsed:
     )
 
 
+_UNION_TAG = re.compile(r"^(function-[a-z]+\[.*\]|literal\[.*\]|int|str|float|bool|none|"
+                        r"list\[.*\]|dict\[.*\]|tuple\[.*\]|[A-Z][A-Za-z]+)$")
+
+
+def _merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic reports a bad value of ``A | B`` once per member, with the member's tag
+    in the path (``host.memory.literal['auto']``). Strip the tags and make one error per
+    place that names every alternative."""
+    out: dict[tuple, dict[str, Any]] = {}
+    order: list[tuple] = []
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)
+                                                  and p not in _FIELD_NAMES))
+        if loc == tuple(err["loc"]):
+            out[(loc, len(order))] = err
+            order.append((loc, len(order)))
+            continue
+        key = (loc, -1)
+        if key not in out:
+            out[key] = {**err, "loc": loc, "alternatives": []}
+            order.append(key)
+        out[key]["alternatives"].append(err)
+    result = []
+    for key in order:
+        err = out[key]
+        alts = err.get("alternatives")
+        if alts:
+            wants, whys = [], []
+            for a in alts:
+                if a["type"] == "value_error" and "ctx" in a:
+                    m = str(a["ctx"]["error"])
+                    (whys if m not in whys else []).append(m)
+                else:
+                    m = a["msg"].replace("Input should be ", "")
+                    (wants if m not in wants else []).append(m)
+            msg = "; ".join(whys)
+            if wants:
+                msg = f"expected {' or '.join(wants)}" + (f", or: {msg}" if msg else "")
+            err = {"type": "union", "loc": err["loc"], "msg": msg, "input": err.get("input")}
+        result.append(err)
+    return result
+
+
+_FIELD_NAMES = _all_field_names()
+
 _MESSAGES = {
     "missing": "required field is missing",
     "dict_type": "expected a mapping",
@@ -167,6 +228,9 @@ def _report_pydantic(rep: Reporter, err: dict[str, Any]) -> None:
         rep.key(loc[:-1], f"{_MESSAGES['missing']}: {loc[-1]}")
         return
     msg = _MESSAGES.get(kind) or err["msg"]
+    if kind == "union":
+        rep.value(loc, msg)
+        return
     if kind == "value_error":
         msg = str(err["ctx"]["error"]) if "ctx" in err else msg.removeprefix("Value error, ")
     elif kind in ("literal_error",):

@@ -185,7 +185,8 @@ class Overcommit(_Model):
 
 
 class Rebalance(_Model):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: static settings; guests are still "
+                                            "observed and their history recorded")
     interval: Duration = Field(1.0, description="how often the rebalancer observes and decides")
 
 
@@ -195,6 +196,14 @@ class RestartLimits(_Model):
     max: int = Field(5, ge=1, le=1000, description="restarts allowed within the window")
     window: Duration = Field(300.0, description="sliding window for counting restarts")
     backoff_max: Duration = Field(60.0, description="longest wait before a restart")
+
+
+class HistoryRetention(_Model):
+    """How long the history database keeps each resolution."""
+
+    raw: Duration = Field(3600.0, description="raw samples (one per rebalancer interval)")
+    minute: Duration = Field(7 * 86400.0, description="per-minute aggregates")
+    hour: Duration = Field(90 * 86400.0, description="per-hour aggregates")
 
 
 class Metrics(_Model):
@@ -217,6 +226,7 @@ class HostSpec(_Model):
         "auto", description="guests in their host-side start work at once (wiring to QMP "
                             "greeting); auto = host cores; boots then run in parallel")
     restart: RestartLimits = RestartLimits()
+    history: HistoryRetention = HistoryRetention()
     metrics: Metrics = Metrics()
 
 

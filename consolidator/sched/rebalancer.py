@@ -137,6 +137,12 @@ class Rebalancer:
                 if rt.state is GuestState.RUNNING and rt.guest is not None
                 and rt.guest.qmp is not None]
 
+    @property
+    def active(self) -> bool:
+        """False: observe and record only (host.rebalance.enabled: false)."""
+        f = self.sup.fleet
+        return bool(f and f.host.rebalance.enabled)
+
     async def tick(self) -> None:
         sup = self.sup
         fleet = sup.fleet
@@ -148,6 +154,10 @@ class Rebalancer:
         self.last = snap
         self.ticks += 1
         decisions: dict[str, Any] = {}
+        if not self.active:
+            self._notify(snap, {"budget": fleet.budget, "host_state": "static",
+                                "decisions": {}})
+            return
 
         # ---- CPU
         cpu_in = []
@@ -203,10 +213,15 @@ class Rebalancer:
         await asyncio.gather(*(self._set_balloon(g_by[d.name], d) for d in sets))
         for n, rt, _ in running:
             self.explain[n] = {"t": snap.t, **decisions.get(n, {})}
-        for hook in self.on_tick:
-            with contextlib.suppress(Exception):
-                hook(snap, {"budget": res.budget, "host_state": res.host_state.value,
+        self._notify(snap, {"budget": res.budget, "host_state": res.host_state.value,
                             "decisions": decisions})
+
+    def _notify(self, snap: Snapshot, info: dict[str, Any]) -> None:
+        for hook in self.on_tick:
+            try:
+                hook(snap, info)
+            except Exception as e:  # noqa: BLE001 - a recorder failure never stops the loop
+                log.warning("rebalancer.hook_failed", error=f"{type(e).__name__}: {e}")
 
     async def _set_balloon(self, g: Any, d: Any) -> None:
         try:
@@ -223,6 +238,8 @@ class Rebalancer:
         stalled = False
         while True:
             await asyncio.sleep(self.interval)
+            if not self.active:
+                continue
             late = time.monotonic() - self.heartbeat
             if late < 3 * self.interval:
                 if stalled:

@@ -1,0 +1,152 @@
+"""The supervisor's Prometheus endpoint: live figures, names after Prometheus' conventions.
+
+Served by prometheus-client on ``host.metrics.listen`` (loopback by default). The fleet's
+instance goes in a ``fleet`` label: ``instance`` is the label Prometheus attaches to every
+scrape target. A port already taken is logged and the supervisor runs on without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
+
+import structlog
+from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily)
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+log = structlog.get_logger("metrics")
+STATES = ("defined", "starting", "running", "stopping", "stopped", "crashed", "failed",
+          "orphaned")
+
+
+class FleetCollector:
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+
+    def collect(self) -> Iterator[Any]:
+        sup = self.sup
+        fleet = sup.fleet.instance if sup.fleet else ""
+        rb = sup.rebalancer
+        snap = rb.last if rb else None
+        L = ["fleet", "guest"]
+
+        def g(name: str, help_: str, labels: list[str] = L) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, help_, labels=labels)
+
+        up = g("consolidator_guest_up", "1 when the guest's QEMU runs.")
+        state = g("consolidator_guest_state", "The guest's state (1 for the current one).",
+                  L + ["state"])
+        cpu = g("consolidator_guest_cpu_cores", "CPU used over the last interval, in cores.")
+        demand = g("consolidator_guest_cpu_demand_cores",
+                   "CPU wanted (used + waiting to run) over the last interval, in cores.")
+        weight = g("consolidator_guest_cpu_weight", "The cgroup CPU weight the rebalancer set.")
+        ws = g("consolidator_guest_memory_working_set_bytes",
+               "Guest memory in use, ballooned memory excluded.")
+        avail = g("consolidator_guest_memory_available_bytes", "Guest MemAvailable.")
+        balloon = g("consolidator_guest_balloon_bytes", "Guest RAM the balloon leaves it.")
+        mmax = g("consolidator_guest_memory_max_bytes", "memory.max from the inventory.")
+        mmin = g("consolidator_guest_memory_min_bytes", "memory.min from the inventory.")
+        cg = g("consolidator_guest_cgroup_memory_bytes", "Memory charged to the guest's cgroup.")
+        restarts = CounterMetricFamily("consolidator_guest_restarts",
+                                       "Automatic restarts by the restart policy.", labels=L)
+        for name, rt in sorted(sup.guests.items()):
+            lab = [fleet, name]
+            running = rt.state.value == "running"
+            up.add_metric(lab, 1.0 if running else 0.0)
+            for s in STATES:
+                state.add_metric(lab + [s], 1.0 if rt.state.value == s else 0.0)
+            mmax.add_metric(lab, rt.intent.memory.max)
+            mmin.add_metric(lab, rt.intent.memory_min)
+            restarts.add_metric(lab, rt.restart_count)
+            if rt.guest is not None and rt.guest.balloon_actual and running:
+                balloon.add_metric(lab, rt.guest.balloon_actual)
+            o = snap.guests.get(name) if snap else None
+            if o is not None and running:
+                if o.cpu_rate is not None:
+                    cpu.add_metric(lab, o.cpu_rate)
+                if o.demand is not None:
+                    demand.add_metric(lab, o.demand)
+                if o.available is not None:
+                    avail.add_metric(lab, o.available)
+                if o.cgroup_memory is not None:
+                    cg.add_metric(lab, o.cgroup_memory)
+                if o.total is not None and o.available is not None and o.balloon is not None:
+                    ws.add_metric(lab, max(0, o.total - o.available -
+                                           (rt.intent.memory.max - o.balloon)))
+            if rb and name in rb.weights and running:
+                weight.add_metric(lab, rb.weights[name])
+        yield from (up, state, cpu, demand, weight, ws, avail, balloon, mmax, mmin, cg,
+                    restarts)
+        if snap is not None:
+            h = snap.host
+            for name, help_, v in (
+                    ("consolidator_host_memory_available_bytes", "Host MemAvailable.",
+                     h.mem_available),
+                    ("consolidator_host_cpu_busy_cores", "Host CPU busy, in cores.", h.cpu_busy),
+                    ("consolidator_host_psi_memory_some_avg10",
+                     "Host memory pressure (PSI some, avg10, %).", h.psi_mem_some10),
+                    ("consolidator_host_psi_cpu_some_avg10",
+                     "Host CPU pressure (PSI some, avg10, %).", h.psi_cpu_some10)):
+                if v is not None:
+                    m = GaugeMetricFamily(name, help_, labels=["fleet"])
+                    m.add_metric([fleet], v)
+                    yield m
+        if sup.fleet is not None:
+            m = GaugeMetricFamily("consolidator_host_budget_bytes", "Guest memory budget.",
+                                  labels=["fleet"])
+            m.add_metric([fleet], sup.fleet.budget)
+            yield m
+        if rb is not None:
+            m = GaugeMetricFamily("consolidator_host_memory_state",
+                                  "Host memory state (1 for the current one).",
+                                  labels=["fleet", "state"])
+            for s in ("normal", "soft", "hard"):
+                m.add_metric([fleet, s], 1.0 if rb.host_state.value == s else 0.0)
+            yield m
+            t = CounterMetricFamily("consolidator_rebalancer_ticks",
+                                    "Rebalancer iterations.", labels=["fleet"])
+            t.add_metric([fleet], rb.ticks)
+            yield t
+
+
+class MetricsServer:
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+        self.listen: str | None = None
+        self._server: Any = None
+        self._thread: Any = None
+
+    def sync(self) -> None:
+        """Serve on the fleet's host.metrics.listen; follow changes; stop when disabled."""
+        f = self.sup.fleet
+        want = f.host.metrics.listen if f and f.host.metrics.enabled else None
+        if want == self.listen:
+            return
+        self.stop()
+        if want is None:
+            return
+        host, _, port = want.rpartition(":")
+        from prometheus_client import start_http_server
+        registry = CollectorRegistry()
+        registry.register(FleetCollector(self.sup))
+        try:
+            res = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
+                                    registry=registry)
+        except OSError as e:
+            log.warning("metrics.disabled", listen=want, error=e.strerror)
+            self.listen = want          # do not retry every apply; a change retries
+            return
+        if isinstance(res, tuple):
+            self._server, self._thread = res
+        self.listen = want
+        log.info("metrics.serving", listen=want)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                self._server.shutdown()
+                self._server.server_close()
+        self._server = self._thread = None
+        self.listen = None

@@ -1,0 +1,135 @@
+"""History in SQLite: downsampling, retention, schema version, crash safety."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consolidator.sched.history import (GUEST_METRICS, HOST_METRICS, SCHEMA_VERSION, History,
+                                        Retention, open_db, percentile)
+
+T0 = 1_800_000_000.0          # a minute- and hour-aligned epoch second
+
+
+def close(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+samples = st.lists(st.tuples(st.floats(0, 7200, allow_nan=False),
+                             st.floats(0, 4, allow_nan=False),
+                             st.integers(0, 1 << 30)), min_size=1, max_size=120)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(samples)
+def test_aggregates_equal_the_aggregates_of_the_raw_data(tmp_path, rows):
+    db_path = tmp_path / f"h{abs(hash(tuple(rows)))}.sqlite"
+    h = History(db_path, Retention(raw=10 ** 9, minute=10 ** 9, hour=10 ** 9))
+    seen: dict[float, tuple[float, int]] = {}
+    for off, cpu, ws in rows:
+        t = T0 + round(off, 3)
+        seen[t] = (cpu, ws)                   # INSERT OR REPLACE: the last one wins
+        h.record(t, {"cpu": cpu, "mem_available": ws}, {"g": {"cpu": cpu, "ws": ws}})
+    h.maintain(T0 + 3 * 3600)
+    for res, size in (("1m", 60), ("1h", 3600)):
+        buckets: dict[float, list[tuple[float, int]]] = {}
+        for t, v in seen.items():
+            buckets.setdefault(math.floor(t / size) * size, []).append(v)
+        got = {r[0]: r[1:] for r in h.db.execute(
+            "SELECT t, n, cpu_min, cpu_mean, cpu_max, cpu_p95, ws_p95 FROM agg_guest "
+            "WHERE res = ? AND guest = 'g'", (res,))}
+        assert set(got) == set(buckets)
+        for b, vals in buckets.items():
+            cpus = [c for c, _ in vals]
+            n, mn, mean, mx, p95, ws95 = got[b]
+            assert n == len(vals)
+            assert close(mn, min(cpus)) and close(mx, max(cpus))
+            assert close(mean, sum(cpus) / len(cpus)) and close(p95, percentile(cpus, 0.95))
+            assert close(ws95, percentile([w for _, w in vals], 0.95))
+        hosts = {r[0]: r[1] for r in h.db.execute(
+            "SELECT t, cpu_max FROM agg_host WHERE res = ?", (res,))}
+        assert {b: max(c for c, _ in v) for b, v in buckets.items()} == \
+            {b: v for b, v in hosts.items()}
+    h.close()
+
+
+def test_percentile_matches_numpy_linear():
+    assert percentile([1, 2, 3, 4, 5], 0.95) == 4.8
+    assert percentile([7], 0.95) == 7
+    assert math.isnan(percentile([], 0.5))
+
+
+def test_retention_and_raw_kept_until_its_hour_is_aggregated(tmp_path):
+    h = History(tmp_path / "r.sqlite", Retention(raw=600, minute=3 * 3600, hour=10 * 86400))
+    for i in range(0, 5 * 3600, 30):
+        h.record(T0 + i, {"cpu": 1.0}, {"g": {"cpu": 1.0}})
+    now = T0 + 5 * 3600
+    h.maintain(now)
+    first_raw = h.db.execute("SELECT MIN(t) FROM raw_host").fetchone()[0]
+    assert first_raw >= now - 3600 - 30          # raw kept back to the last full hour
+    first_min = h.db.execute("SELECT MIN(t) FROM agg_host WHERE res='1m'").fetchone()[0]
+    assert first_min >= now - 3 * 3600 - 60
+    hours = h.db.execute("SELECT COUNT(*) FROM agg_host WHERE res='1h'").fetchone()[0]
+    assert hours == 5
+    h.maintain(now + 20 * 86400)                  # long after: everything ages out
+    assert h.db.execute("SELECT COUNT(*) FROM agg_host").fetchone()[0] == 0
+
+
+def test_schema_version_and_wal(tmp_path):
+    db = open_db(tmp_path / "v.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    import pytest
+    with pytest.raises(RuntimeError, match="newer"):
+        open_db(tmp_path / "v.sqlite")
+
+
+WRITER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from consolidator.sched.history import History
+h = History({path!r})
+i = 0
+while True:
+    h.record({t0} + i, {{"cpu": float(i)}},
+             {{f"g{{k}}": {{"cpu": float(i), "ws": i}} for k in range(20)}})
+    if i % 50 == 0:
+        print(i, flush=True)
+    i += 1
+"""
+
+
+def test_sigkill_mid_write_leaves_a_sound_database(tmp_path):
+    path = tmp_path / "crash.sqlite"
+    p = subprocess.Popen([sys.executable, "-c", WRITER.format(
+        root=str(Path(__file__).resolve().parents[2]), path=str(path), t0=T0)],
+        stdout=subprocess.PIPE, text=True)
+    for _ in range(5):                       # let it write a few hundred intervals
+        p.stdout.readline()
+    time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    db = sqlite3.connect(str(path))
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    n = db.execute("SELECT COUNT(*) FROM raw_host").fetchone()[0]
+    assert n >= 200
+    # every committed interval is whole: a host row and its 20 guest rows, t contiguous
+    ts = [r[0] for r in db.execute("SELECT t FROM raw_host ORDER BY t")]
+    assert ts == [T0 + i for i in range(len(ts))]
+    per = db.execute("SELECT t, COUNT(*) FROM raw_guest GROUP BY t").fetchall()
+    assert len(per) == len(ts) and all(c == 20 for _, c in per)
+    db.close()
