@@ -8,6 +8,7 @@ line (plus hint); ``-v`` adds the traceback. Exit codes: see
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -717,22 +718,20 @@ def report(c: Ctx, window: str, fmt: str, shapes: tuple[str, ...], tiered: bool,
     elif fmt == "html":
         from .report_html import render
         text = render(doc)
-    if output:
-        if text is None:
-            from rich.console import Console
-            with open(output, "w") as f:
-                con = Console(file=f, width=160, highlight=False)
-                for r in rep.tables(doc):
-                    con.print(r)
-        else:
-            Path(output).write_text(text)
-        err.print(f"report written to {output}")
-        return
     if text is None:
-        for r in rep.tables(doc):
-            out.print(r)
+        from rich.console import Console
+        with (open(output, "w") if output else contextlib.nullcontext(sys.stdout)) as f:
+            # a terminal's own width; files and pipes get 120 columns, not rich's 80
+            con = Console(file=f, highlight=False,
+                          width=None if not output and out.is_terminal else 120)
+            for r in rep.tables(doc):
+                con.print(r)
+    elif output:
+        Path(output).write_text(text)
     else:
         sys.stdout.write(text)
+    if output:
+        err.print(f"report written to {output}")
 
 
 def main() -> None:

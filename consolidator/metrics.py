@@ -72,9 +72,9 @@ class FleetCollector:
                     avail.add_metric(lab, o.available)
                 if o.cgroup_memory is not None:
                     cg.add_metric(lab, o.cgroup_memory)
-                if o.total is not None and o.available is not None and o.balloon is not None:
-                    ws.add_metric(lab, max(0, o.total - o.available -
-                                           (rt.intent.memory.max - o.balloon)))
+                w = o.working_set(rt.intent.memory.max)
+                if w is not None:
+                    ws.add_metric(lab, w)
             if rb and name in rb.weights and running:
                 weight.add_metric(lab, rb.weights[name])
         yield from (up, state, cpu, demand, weight, ws, avail, balloon, mmax, mmin, cg,

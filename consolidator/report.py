@@ -312,6 +312,7 @@ def _size(v: float | None) -> str:
 
 def tables(doc: dict[str, Any]) -> list[Any]:
     """rich renderables for the terminal."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
     out: list[Any] = []
@@ -323,7 +324,8 @@ def tables(doc: dict[str, Any]) -> list[Any]:
     out.append(head)
     if w["note"]:
         out.append(Text(f"note: {w['note']}", style="yellow"))
-    t = Table(title="host", title_justify="left", show_header=False)
+    t = Table(title="host", title_justify="left", show_header=False, box=box.SIMPLE,
+              pad_edge=False)
     t.add_column("what", style="bold")
     t.add_column("value")
     c, o, u, hr = h["committed"], h["overcommit"], h["usage"], h["headroom"]
@@ -339,33 +341,59 @@ def tables(doc: dict[str, Any]) -> list[Any]:
                             f"(limit {o['limit_memory']:g})")
     t.add_row("CPU use", f"now {_cores(u['cpu_now'])} cores, p95 {_cores(u['cpu_p95'])} "
                          f"(guests p95 {_cores(u['guests_cpu_p95'])})")
-    t.add_row("guest memory", f"now {_size(u['guest_memory_now'])}, p95 "
+    t.add_row("guest memory held", f"now {_size(u['guest_memory_now'])}, p95 "
                               f"{_size(u['guest_memory_p95'])}")
     t.add_row("headroom", f"{_cores(hr['cpu'])} cores, {_size(hr['memory'])}")
     out.append(t)
-    g = Table(title="guests (use over the window: p50 / p95 / max)", title_justify="left")
-    for col in ("guest", "state", "vCPUs", "CPU cores", "memory max/min", "working set",
-                "balloon range", "restarts", "recommendation"):
-        g.add_column(col, overflow="fold")
+    g = Table(title="guests: use over the window, p50 / p95 / max", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for col, just in (("guest", "left"), ("state", "left"), ("vCPUs", "right"),
+                      ("CPU cores", "right"), ("mem max/min", "right"),
+                      ("working set", "right"), ("balloon seen", "right"),
+                      ("restarts", "right")):
+        g.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
     for x in doc["guests"]:
         cp, ws, b = x["cpu"], x["working_set"], x["balloon"]
         g.add_row(x["name"], x["state"], str(x["vcpus"]) + (
-            f" (r {x['cpu_reserve']:g})" if x["cpu_reserve"] else ""),
-            f"{_cores(cp['p50'])} / {_cores(cp['p95'])} / {_cores(cp['max'])}",
-            f"{human_size(x['memory_max'])} / {human_size(x['memory_min'])}",
-            f"{_size(ws['p50'])} / {_size(ws['p95'])} / {_size(ws['max'])}",
-            f"{_size(b['min'])} - {_size(b['max'])}", str(x["restarts"]),
-            x["recommendation"]["memory"] + "; " + x["recommendation"]["cpu"])
+            f" r{x['cpu_reserve']:g}" if x["cpu_reserve"] else ""),
+            " ".join(_cores(v) for v in (cp["p50"], cp["p95"], cp["max"])),
+            _mib(x["memory_max"], x["memory_min"]),
+            _mib(ws["p50"], ws["p95"], ws["max"]), _mib(b["min"], b["max"], sep="-"),
+            str(x["restarts"]))
     out.append(g)
-    f = Table(title="how many more fit", title_justify="left")
-    for col in ("shape", "by guarantees", "by observed p95", "tiers"):
-        f.add_column(col, overflow="fold")
+    r = Table(title="right-sizing", title_justify="left", box=None, show_header=False,
+              pad_edge=False)
+    r.add_column("guest", style="bold")
+    r.add_column("recommendation", overflow="fold")
+    for x in doc["guests"]:
+        r.add_row(x["name"], f"memory: {x['recommendation']['memory']}")
+        r.add_row("", f"CPU: {x['recommendation']['cpu']}")
+    out.append(r)
+    tiered = any(x.get("tiers") for x in doc["fits"])
+    f = Table(title="how many more fit", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False)
+    f.add_column("shape", overflow="fold", max_width=46)
+    for col in ("by guarantees", "by observed p95") + (("tiers",) if tiered else ()):
+        f.add_column(col, overflow="fold", max_width=40)
     for x in doc["fits"]:
         bg = x["by_guarantees"]
         bo = x.get("by_observed")
-        tiers = ", ".join(f"{t['count']} x {t['shape']}" for t in x.get("tiers", [])) or "-"
-        f.add_row(x["shape"], f"{bg['count']} ({bg['binding']}: {bg['detail']})",
-                  f"{bo['count']} ({bo['binding']}: {bo['detail']})" if bo else "no history",
-                  tiers)
+        row = [x["shape"], f"[bold]{bg['count']}[/] {bg['binding']}: {bg['detail']}",
+               f"[bold]{bo['count']}[/] {bo['binding']}: {bo['detail']}" if bo
+               else "no history"]
+        if tiered:
+            row.append("\n".join(f"{t['count']} x {t['shape']} ({t['binding']})"
+                                  for t in x.get("tiers", [])) or "-")
+        f.add_row(*row)
     out.append(f)
     return out
+
+
+def _mib(*values: float | None, sep: str = "/") -> str:
+    """Compact sizes for table cells: ``41/41/41 MiB``, ``1/1.5 GiB``."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    unit, mult = ("GiB", 1 << 30) if min(known) >= (1 << 30) else ("MiB", MiB)
+    return sep.join("-" if v is None else f"{v / mult:.1f}".rstrip("0").rstrip(".")
+                    for v in values) + f" {unit}"

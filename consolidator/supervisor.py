@@ -408,9 +408,8 @@ class Supervisor:
             o = snap.guests.get(n)
             mem = (info.get("decisions", {}).get(n) or {}).get("memory") or {}
             ws = mem.get("ws")
-            if ws is None and o is not None and o.total is not None and \
-                    o.available is not None and o.balloon is not None:
-                ws = max(0, o.total - o.available - (rt.intent.memory.max - o.balloon))
+            if ws is None and o is not None:
+                ws = o.working_set(rt.intent.memory.max)
             guests[n] = {"state": rt.state.value,
                          "cpu": o.cpu_rate if o else None, "ws": ws,
                          "available": o.available if o else None,

@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 nftables e2fsprogs
               python3 python3-venv ca-certificates)
+# the test suite also opens the HTML report in headless Chromium
+TEST_APT_PACKAGES=(chromium fonts-dejavu-core)
 VENV=${CONSOLIDATOR_VENV:-.venv}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -52,6 +54,9 @@ setup_python() {
 
 cmd=${1:-run}
 shift || true
+if [ "$cmd" = test ]; then
+    APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
+fi
 setup_apt
 setup_python
 case "$cmd" in

@@ -51,6 +51,30 @@ Duration = Annotated[
 ]
 
 
+def _listen(v: Any) -> str:
+    """``127.0.0.1:9477``, ``[::1]:9477``, ``0.0.0.0:9477`` -> normalised ``host:port``."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = f"127.0.0.1:{v}"
+    if not isinstance(v, str):
+        raise ValueError("expected host:port, such as 127.0.0.1:9477")
+    host, sep, port = v.strip().rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        addr = ipaddress.ip_address(bare)
+    except ValueError:
+        raise ValueError(f"{v!r}: expected an IP address and a port, such as "
+                         "127.0.0.1:9477") from None
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{v!r}: the port must be 1-65535")
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+Listen = Annotated[str, BeforeValidator(_listen),
+                   WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^.+:\d+$"},
+                                             {"type": "integer"}],
+                                   "description": "IP:port, or a port on 127.0.0.1"})]
+
+
 def _cpulist(v: Any) -> tuple[int, ...] | None:
     """``"0-2,5"``, ``3`` or ``[0, 1]`` -> sorted unique tuple of CPU numbers."""
     if v is None:
@@ -208,7 +232,9 @@ class HistoryRetention(_Model):
 
 class Metrics(_Model):
     enabled: bool = True
-    listen: str = Field("127.0.0.1:9477", description="Prometheus endpoint, host:port")
+    listen: Listen = Field("127.0.0.1:9477",
+                           description="Prometheus endpoint, IP:port (a bare port: on "
+                                       "127.0.0.1); loopback unless you mean otherwise")
 
 
 class HostSpec(_Model):

@@ -113,10 +113,11 @@ def by_observed(shape: Shape, cap: Capacity, used: Committed, obs: Observed, *,
     vroom = cap.overcommit_cpus * cap.usable_cpus - used.vcpus
     limits = {
         "cpu_used": (_floor_div(cpu_room, max(per_guest_cpu, 0.01)),
-                     f"{max(cpu_room, 0):.2f} cores free at p95 with {headroom:.0%} headroom"),
+                     f"{max(cpu_room, 0):.2f} cores free at p95 with {headroom:.0%} "
+                     f"headroom, {per_guest_cpu:.2f} each"),
         "memory_used": (_floor_div(mem_room, max(per_guest_memory, MiB)),
                         f"{max(mem_room, 0) // MiB:.0f} MiB free at p95 with "
-                        f"{headroom:.0%} headroom"),
+                        f"{headroom:.0%} headroom, {per_guest_memory // MiB} MiB each"),
         "vcpu_overcommit": (_floor_div(vroom, shape.vcpus),
                             f"{vroom:g} vCPUs left under overcommit "
                             f"{cap.overcommit_cpus:g}"),

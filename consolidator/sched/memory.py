@@ -1,7 +1,9 @@
 """Memory policy: guest stats + spec + budget -> balloon targets, with reasons. Pure.
 
 Signals. The working set is what the guest uses minus what the balloon holds:
-``ws = (total - available) - (max - actual)``. With ``deflate-on-oom`` (always on
+``ws = (total - available) - (max - actual)``, with the balloon's size as it was when the
+guest took its stats (they lag the balloon by up to a poll; mixing a fresh balloon size
+with older stats reads a shrinking balloon as a shrinking working set). With ``deflate-on-oom`` (always on
 here) Linux counts ballooned pages as used, so they must be taken back out. The guest's
 MemAvailable is the signal, not MemFree: page cache is memory it can give back (oVirt
 MoM reads MemFree and so counts cache as used).
@@ -79,6 +81,8 @@ class MemInput:
     major_fault_rate: float = 0.0
     swap_in_rate: float = 0.0
     stale: bool = False
+    target: int | None = None        # the target last set; the balloon may still be moving
+    stats_actual: int | None = None  # the balloon's size when the stats were taken
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,9 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
             if g.name in est_in:
                 est_out[g.name] = est_in[g.name]
             continue
-        inflated = max(0, g.max - g.actual)
+        # stats lag the balloon: take out what was ballooned when they were taken
+        seen = g.stats_actual if g.stats_actual is not None else g.actual
+        inflated = max(0, g.max - seen)
         ws = max(p.floor_ws, g.total - g.available - inflated)
         # RAM the guest kernel keeps for itself (MemTotal is below the RAM it was given)
         kernel = max(0, g.max - g.total)
@@ -181,8 +187,16 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
             causes.append(f"swapping in {g.swap_in_rate / MiB:.1f}MiB/s")
         pressure = bool(causes)
         if pressure:
-            want = max(want, g.actual + max(p.grow_min, int(est * p.grow_frac),
-                                            int(growth * p.trend_ticks)))
+            # grow from where the balloon is going, not where it is: a deflation still in
+            # flight is never taken back while the guest is short (that made targets bounce)
+            base = max(g.actual, g.target or 0)
+            step = max(p.grow_min, int(est * p.grow_frac), int(growth * p.trend_ticks))
+            if g.available < p.pressure_min:
+                # at its ceiling the guest's demand cannot be seen, only that it is more
+                # than it has: double, as TCP's slow start does, rather than creep
+                step = max(step, base)
+                causes.append("at its ceiling: doubling")
+            want = max(want, base + step)
             reason = "pressure (" + ", ".join(causes) + "): deflating"
         else:
             reason = (f"follows working set {ws // MiB}MiB (estimate {int(est) // MiB}MiB) "

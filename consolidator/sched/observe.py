@@ -49,6 +49,15 @@ class GuestObs:
     swap_out_rate: float = 0.0
     stats_age: float | None = None
     stale: bool = True
+    stats_balloon: int | None = None      # the balloon's size when the stats were taken
+
+    def working_set(self, max_bytes: int) -> int | None:
+        """Memory the guest uses, ballooned pages excluded: ``total - available -
+        (max - balloon)``, with the balloon as it was when the guest took its stats."""
+        balloon = self.stats_balloon if self.stats_balloon is not None else self.balloon
+        if self.total is None or self.available is None or balloon is None:
+            return None
+        return max(0, self.total - self.available - (max_bytes - balloon))
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,7 @@ class Observer:
             fields["stats_age"] = age
             fields["stale"] = age > self.stale_after or st.available is None
             fields.update(total=st.total, available=st.available, free=st.free,
-                          disk_caches=st.disk_caches)
+                          disk_caches=st.disk_caches, stats_balloon=g.balloon_at(st.last_update))
             cur["stats_t"] = st.last_update
             cur["faults"], cur["swin"], cur["swout"] = (st.major_faults or 0, st.swap_in or 0,
                                                         st.swap_out or 0)

@@ -188,7 +188,8 @@ class Rebalancer:
             actual = o.balloon if o.balloon is not None else rt.intent.memory.max
             mem_in.append(MemInput(n, rt.intent.memory.max, rt.intent.memory_min,
                                    rt.intent.memory.shares, actual, o.total, o.available,
-                                   o.major_fault_rate, o.swap_in_rate, o.stale))
+                                   o.major_fault_rate, o.swap_in_rate, o.stale,
+                                   self.requested.get(n), o.stats_balloon))
         host = MemHost(fleet.budget, snap.host.mem_available, snap.host.mem_total,
                        snap.host.psi_mem_some10, snap.host.psi_mem_full10)
         res = memory_policy(mem_in, host, estimates=self.estimates,

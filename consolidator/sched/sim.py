@@ -87,8 +87,10 @@ class Policy:
     interval = 1
     min_change = 1.0         # MiB: smaller moves are not made
 
-    def decide(self, t: float, guests: list[SimGuest], host_free: float, budget: float
-               ) -> dict[str, float]:
+    def decide(self, t: float, guests: list[SimGuest], host_free: float, budget: float,
+               host: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
+        """``host_free``: budget not handed out; ``host``: the host's (MemTotal,
+        MemAvailable), what our loop reads from /proc/meminfo."""
         raise NotImplementedError
 
 
@@ -101,19 +103,22 @@ class Ours(Policy):
         self.est: dict[str, float] = {}
         self.state = HostState.NORMAL
 
-    def decide(self, t, guests, host_free, budget):
+    def decide(self, t, guests, host_free, budget, host=(0.0, 0.0)):
         inputs = []
         for g in guests:
-            ws, cache, size = g.history[-2] if len(g.history) > 1 else g.history[-1]  # 1 s lag
+            # guest stats lag a poll (1 s); the balloon's size is current (QMP events), and
+            # the loop knows the target it set last
+            ws, cache, size = g.history[-2] if len(g.history) > 1 else g.history[-1]
             total = g.max - 38
             inflated = g.max - size
             used = ws + inflated          # ballooned pages count as used (deflate-on-oom)
             avail = max(0.0, total - used)
             inputs.append(MemInput(g.name, int(g.max * MiB), int(g.min * MiB), g.shares,
-                                   int(size * MiB), int(total * MiB), int(avail * MiB)))
-        host = MemHost(int(budget * MiB), int(host_free * MiB),
-                       int(sum(x.max for x in guests) * 4 * MiB))
-        res = memory_policy(inputs, host, estimates=self.est, prev_state=self.state)
+                                   int(g.size * MiB), int(total * MiB), int(avail * MiB),
+                                   target=int(g.target * MiB),
+                                   stats_actual=int(size * MiB)))
+        mh = MemHost(int(budget * MiB), int(host[1] * MiB), int(host[0] * MiB))
+        res = memory_policy(inputs, mh, estimates=self.est, prev_state=self.state)
         self.est, self.state = res.estimates, res.host_state
         return {d.name: d.target / MiB for d in res.decisions}
 
@@ -125,7 +130,7 @@ class MoM(Policy):
     def __init__(self) -> None:
         self.free: dict[str, list[float]] = {}
 
-    def decide(self, t, guests, host_free, budget):
+    def decide(self, t, guests, host_free, budget, host=(0.0, 0.0)):
         out = {}
         host_pressure = host_free < 0.20 * budget
         for g in guests:
@@ -150,7 +155,7 @@ class Proxmox(Policy):
     interval = 10
     step = 100.0
 
-    def decide(self, t, guests, host_free, budget):
+    def decide(self, t, guests, host_free, budget, host=(0.0, 0.0)):
         used = budget - host_free
         goal = 0.80 * budget
         out = {g.name: g.size for g in guests}
@@ -191,8 +196,11 @@ def run(scenario: Scenario, policy: Policy) -> Result:
                 r.pressure_s += 1
         # what the host has handed out is what the balloons leave the guests
         host_free = max(0.0, budget - sum(g.size for g in guests))
+        # the host: its RAM, less what runs outside the guests and what the guests hold
+        host = (float(scenario.host_total),
+                max(0.0, scenario.host_total - outside - sum(g.size for g in guests)))
         if t % policy.interval == 0:
-            targets = policy.decide(t, guests, host_free, budget)
+            targets = policy.decide(t, guests, host_free, budget, host)
             for g in guests:
                 new = targets.get(g.name, g.target)
                 if abs(new - g.target) >= policy.min_change:

@@ -154,7 +154,9 @@ class Guest:
         self.proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None        # set for children and for adopted processes
         self.adopted = False
-        self.balloon_actual: int | None = None   # kept current from BALLOON_CHANGE events
+        # (wall time, size) of the balloon, from BALLOON_CHANGE events: guest stats lag
+        # the balloon, and are read against its size at the time they were taken
+        self._balloon_log: deque[tuple[float, int | None]] = deque(maxlen=32)
         self.qmp: QMP | None = None
         self.exit: ExitInfo | None = None
         self._agent: Agent | None = None
@@ -304,6 +306,22 @@ class Guest:
             getattr(self.log, level)("guest.exited", how=self.exit.describe(),
                                      serial_tail=tail(self.paths.serial_log, 5))
 
+    @property
+    def balloon_actual(self) -> int | None:
+        """The balloon's current size: guest RAM it leaves the guest (None: unknown)."""
+        return self._balloon_log[-1][1] if self._balloon_log else None
+
+    @balloon_actual.setter
+    def balloon_actual(self, v: int | None) -> None:
+        self._balloon_log.append((time.time(), v))
+
+    def balloon_at(self, t: float) -> int | None:
+        """The balloon's size at wall time ``t`` (the oldest known size before the log)."""
+        for when, v in reversed(self._balloon_log):
+            if when <= t:
+                return v
+        return self._balloon_log[0][1] if self._balloon_log else None
+
     def alive(self) -> bool:
         if self._exited is not None and self._exited.is_set():
             return False
@@ -400,7 +418,10 @@ class Guest:
                 if ev["event"] == "SHUTDOWN":
                     self._shutdown_reason = (ev.get("data") or {}).get("reason")
                 elif ev["event"] == "BALLOON_CHANGE":
-                    self.balloon_actual = int((ev.get("data") or {}).get("actual", 0)) or None
+                    ts = ev.get("timestamp") or {}
+                    t = (ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6) or time.time()
+                    self._balloon_log.append(
+                        (t, int((ev.get("data") or {}).get("actual", 0)) or None))
                 self.log.debug("guest.event", qmp_event=ev["event"], data=ev.get("data"))
         except asyncio.CancelledError:
             raise

@@ -140,11 +140,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "inventory.yaml"
 
 
-def shipped_inventory(instance: str) -> str:
-    """The shipped inventory, with a unique instance and the fabric in its own netns."""
+def shipped_inventory(instance: str, metrics_port: int | None = None) -> str:
+    """The shipped inventory, with a unique instance and the fabric in its own netns.
+
+    Its metrics endpoint is off unless a port is given: parallel test fleets must not
+    compete for the default port."""
     text = SHIPPED.read_text()
     text = text.replace("instance: cns ", f"instance: {instance} ", 1)
     text = text.replace("fabric_netns: null ", f"fabric_netns: {instance}-fab ", 1)
+    metrics = "  metrics:\n    enabled: true\n    listen: 127.0.0.1:9477 "
+    assert metrics in text, "the shipped inventory's metrics block moved"
+    text = text.replace(metrics, (f"  metrics:\n    enabled: true\n"
+                                  f"    listen: 127.0.0.1:{metrics_port} ")
+                        if metrics_port else
+                        "  metrics:\n    enabled: false\n    listen: 127.0.0.1:9477 ", 1)
     assert f"instance: {instance}" in text and f"{instance}-fab" in text
     return text
 

@@ -31,10 +31,7 @@ def loaded(tmp_path_factory):
     port = free_port()
     tmp = tmp_path_factory.mktemp("report")
     with cli_fleet(tmp) as f:
-        text = shipped_inventory(f.instance).replace(
-            f"fabric_netns: {f.instance}-fab ",
-            f"fabric_netns: {f.instance}-fab\n  metrics: {{listen: 127.0.0.1:{port}}} ", 1)
-        f.write(text)
+        f.write(shipped_inventory(f.instance, metrics_port=port))
         f.cli("apply")
         f.cli("agent", "web", "cpu", "50")
         f.cli("agent", "app", "cpu", "20")
@@ -125,9 +122,6 @@ def test_html_report_in_headless_chromium(loaded, tmp_path):
     import matplotlib.image as mpimg
     img = mpimg.imread(str(png))
     assert img.std() > 0.05                       # not a blank page: charts and tables
-    out = Path(__file__).resolve().parents[2] / "docs" / "report-screenshot.png"
-    if not out.exists():
-        shutil.copy(png, out)
 
 
 def test_prometheus_endpoint_serves_every_guest(loaded):

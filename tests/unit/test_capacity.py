@@ -115,3 +115,18 @@ def test_report_with_no_history_still_gives_allocations_and_fits(tmp_path):
     assert doc["fits"] and doc["fits"][0]["by_guarantees"]["count"] >= 0
     assert doc["fits"][0]["by_observed"] is None and doc["charts"] is None
     assert all(g["recommendation"]["memory"] == "no history yet" for g in doc["guests"])
+    # every rendering works without history
+    import io
+
+    from rich.console import Console
+
+    from consolidator.report import tables, to_json, to_prom
+    buf = io.StringIO()
+    con = Console(file=buf, width=120, highlight=False)
+    for r in tables(doc):
+        con.print(r)
+    text = buf.getvalue()
+    assert "how many more fit" in text and "no history" in text and "FAIL" in text
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert '"format": 1' in to_json(doc)
+    assert "consolidator_fits_guests{" in to_prom(doc)

@@ -42,6 +42,31 @@ def test_pressure_deflates_at_once():
     assert "pressure" in d["a"].reason
 
 
+def test_a_deflation_in_flight_is_never_taken_back_under_pressure():
+    # the last tick asked for 600 MiB; the balloon is still at 300 and the guest is short
+    g = guest("a", mx=1024, mn=64, actual=300, avail=10)
+    _, d = run([MemInput(**{**g.__dict__, "target": 600 * MiB})])
+    assert d["a"].pressure and d["a"].target > 600 * MiB
+
+
+def test_a_guest_at_its_ceiling_doubles():
+    _, d = run([guest("a", mx=2048, mn=64, actual=200, avail=2)])
+    assert d["a"].target == 400 * MiB and "ceiling" in d["a"].reason
+    _, d = run([guest("a", mx=300, mn=64, actual=200, avail=2)])
+    assert d["a"].target == 300 * MiB                            # never above max
+
+
+def test_working_set_is_read_against_the_balloon_the_stats_saw():
+    # stats taken with the balloon at 512 (nothing inflated) show 200 MiB in use; the
+    # balloon has since gone to 256. Mixing the two would read 200 - 256 < 0 in use.
+    g = MemInput("a", 512 * MiB, 64 * MiB, 1000, 256 * MiB, 474 * MiB, 274 * MiB,
+                 stats_actual=512 * MiB)
+    _, d = run([g])
+    assert d["a"].ws == 200 * MiB
+    _, mixed = run([MemInput(**{**g.__dict__, "stats_actual": None})])
+    assert mixed["a"].ws == MemParams().floor_ws                 # what it would have read
+
+
 def test_growth_trend_widens_the_headroom():
     _, calm = run([guest("a", mx=1024, mn=64, actual=400, used=300)], estimates={"a": 300 * MiB})
     _, rising = run([guest("a", mx=1024, mn=64, actual=400, used=300)],
