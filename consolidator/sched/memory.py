@@ -1,9 +1,11 @@
 """Memory policy: guest stats + spec + budget -> balloon targets, with reasons. Pure.
 
 Signals. The working set is what the guest uses minus what the balloon holds:
-``ws = (total - available) - (max - actual)``, with the balloon's size as it was when the
-guest took its stats (they lag the balloon by up to a poll; mixing a fresh balloon size
-with older stats reads a shrinking balloon as a shrinking working set). With ``deflate-on-oom`` (always on
+``ws = (total - available) - (max - actual)``. The stats must be read against the
+balloon's size when the guest took them (mixing a fresh balloon size with older stats
+reads a shrinking balloon as a shrinking working set, and the reverse). While the balloon
+moves, that size is known only within a range, and so is the working set: the estimate
+then moves only as far as the range forces it. With ``deflate-on-oom`` (always on
 here) Linux counts ballooned pages as used, so they must be taken back out. The guest's
 MemAvailable is the signal, not MemFree: page cache is memory it can give back (oVirt
 MoM reads MemFree and so counts cache as used).
@@ -16,7 +18,10 @@ Per guest, each tick:
 - **want** = estimate + headroom + what the guest kernel keeps (MemTotal is below the RAM
   given), within [min, max]. At that size the guest's MemAvailable is the headroom;
 - **pressure** (available under 40 % of the headroom, major faults or swap-in): deflate
-  at once, by a large step, and the guest is never squeezed while it lasts. The threshold
+  at once, by a large step from where the balloon is going (its last target), doubling
+  when the guest is at its ceiling (no MemAvailable left: its demand cannot be seen); the
+  guest is never squeezed while it lasts, nor for ``pressure_hold`` ticks after (its stats
+  lag, so the news that it no longer needs the memory comes late). The threshold
   sits inside the headroom on purpose: a threshold above it made every target read as
   pressure and the balloon bounce (the simulator showed it);
 - **shrinking** is stepwise: at most ``max_step`` a tick, and not at all for less than
@@ -25,8 +30,9 @@ Per guest, each tick:
 Then the budget (host RAM minus reserve, or ``host.memory``; tightened by host pressure)
 is enforced by reclaiming in tiers, each taking first from the guests that the idle
 memory tax (Waldspurger's ESX paper, tau = 0.75) rates lowest, i.e. most idle memory per
-share: (1) what is above a guest's working set plus headroom, (2) its headroom, (3)
-below its working set down to its min, (4) the headroom of guests under pressure. Floors
+share: (1) what is above a guest's working set plus headroom, (2) its headroom, down to
+what would read as pressure, (3) below its working set down to its min, (4) the
+headroom of guests under (or just out of) pressure. Floors
 hold throughout: ``min`` for everyone, and for a guest under pressure or unseen,
 ``max(min, working set, current size)``. So the targets fit the budget whenever the
 floors do, and no pressured guest ever feeds an idle one.
@@ -61,6 +67,8 @@ class MemParams:
     trend_ticks: float = 3.0          # headroom covers this many ticks of working-set growth
     max_step: int = 64 * MiB          # largest voluntary shrink per tick
     min_change: int = 8 * MiB         # smaller changes are not made (churn)
+    ceiling_avail: int = 8 * MiB      # available below this: the guest is at its ceiling
+    pressure_hold: int = 5            # ticks a guest keeps what it got after pressure ends
     decay: float = 0.2                # EWMA weight of a lower working set
     stale_step: int = 32 * MiB        # drift towards max per tick when blind
     tau: float = 0.75                 # idle memory tax rate
@@ -82,7 +90,9 @@ class MemInput:
     swap_in_rate: float = 0.0
     stale: bool = False
     target: int | None = None        # the target last set; the balloon may still be moving
-    stats_actual: int | None = None  # the balloon's size when the stats were taken
+    # the balloon's size when the stats were taken, as (smallest, largest) it may have
+    # been; None: the current size
+    stats_actual: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,7 @@ class MemDecision:
 class MemResult:
     decisions: list[MemDecision]
     estimates: dict[str, float]      # working-set estimates to feed back next tick
+    holds: dict[str, int]            # ticks of hold left after pressure, to feed back
     host_state: HostState
     budget: int                      # the budget in force after host pressure
     feasible: bool                   # the floors fit in the budget
@@ -143,10 +154,13 @@ def _tax(g: MemInput, ws: int, tau: float) -> float:
 
 def memory_policy(guests: list[MemInput], host: MemHost, *,
                   estimates: dict[str, float] | None = None,
+                  holds: dict[str, int] | None = None,
                   prev_state: HostState = HostState.NORMAL,
                   params: MemParams = MemParams()) -> MemResult:
     p = params
     est_in = estimates or {}
+    hold_in = holds or {}
+    hold_out: dict[str, int] = {}
     state = host_state(host, prev_state)
     factor = {HostState.NORMAL: 1.0, HostState.SOFT: p.soft_factor,
               HostState.HARD: p.hard_factor}[state]
@@ -158,18 +172,24 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
         if g.stale or g.total is None or g.available is None:
             target = min(g.max, g.actual + p.stale_step)
             rows[g.name] = dict(want=max(target, g.min), floor=max(g.min, min(g.actual, g.max)),
-                                ws=None, pressure=False, headroom=0, kernel=0,
+                                ws=None, pressure=False, held=False, headroom=0, kernel=0,
+                                threshold=0,
                                 reason="stats stale or missing: drifting towards deflated")
             if g.name in est_in:
                 est_out[g.name] = est_in[g.name]
             continue
-        # stats lag the balloon: take out what was ballooned when they were taken
-        seen = g.stats_actual if g.stats_actual is not None else g.actual
-        inflated = max(0, g.max - seen)
-        ws = max(p.floor_ws, g.total - g.available - inflated)
+        # stats lag the balloon: take out what was ballooned when they were taken. Where
+        # that is known only within a range, so is the working set, and the estimate
+        # moves only as far as the range forces it (with none yet: the high end, so that
+        # nothing is shrunk on an underestimate)
+        lo_b, hi_b = g.stats_actual or (g.actual, g.actual)
+        used = g.total - g.available
+        ws_lo = max(p.floor_ws, used - max(0, g.max - lo_b))
+        ws_hi = max(p.floor_ws, used - max(0, g.max - hi_b))
         # RAM the guest kernel keeps for itself (MemTotal is below the RAM it was given)
         kernel = max(0, g.max - g.total)
         prev = est_in.get(g.name)
+        ws = ws_hi if prev is None else int(min(max(prev, ws_lo), ws_hi))
         est = float(ws) if prev is None or ws >= prev else prev + p.decay * (ws - prev)
         est_out[g.name] = est
         growth = max(0.0, ws - prev) if prev is not None else 0.0   # bytes per tick
@@ -191,13 +211,21 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
             # flight is never taken back while the guest is short (that made targets bounce)
             base = max(g.actual, g.target or 0)
             step = max(p.grow_min, int(est * p.grow_frac), int(growth * p.trend_ticks))
-            if g.available < p.pressure_min:
+            if g.available < p.ceiling_avail:
                 # at its ceiling the guest's demand cannot be seen, only that it is more
                 # than it has: double, as TCP's slow start does, rather than creep
                 step = max(step, base)
                 causes.append("at its ceiling: doubling")
             want = max(want, base + step)
             reason = "pressure (" + ", ".join(causes) + "): deflating"
+            hold_out[g.name] = p.pressure_hold
+        elif hold_in.get(g.name, 0) > 0:
+            # short a moment ago: its stats lag, so the evidence that it no longer needs
+            # what it was given comes late; it keeps it for a few ticks
+            hold_out[g.name] = hold_in[g.name] - 1
+            want = max(want, min(g.max, max(g.actual, g.target or 0)))
+            reason = (f"was under pressure {p.pressure_hold - hold_out[g.name]} tick(s) ago: "
+                      "keeps what it was given for now")
         else:
             reason = (f"follows working set {ws // MiB}MiB (estimate {int(est) // MiB}MiB) "
                       f"+ headroom {headroom // MiB}MiB + guest kernel {kernel // MiB}MiB")
@@ -212,9 +240,15 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
             want = stepped
         elif want > g.actual and want - g.actual < p.min_change and not pressure:
             want = g.actual
-        floor = max(g.min, min(g.max, max(ws + kernel, g.actual))) if pressure else g.min
-        rows[g.name] = dict(want=want, floor=floor, ws=ws, pressure=pressure,
-                            headroom=headroom, kernel=kernel, reason=reason)
+        held = g.name in hold_out
+        if pressure or held:
+            floor = max(g.min, min(g.max, max(ws + kernel, g.actual,
+                                              g.target or 0 if held else 0)))
+        else:
+            floor = g.min
+        rows[g.name] = dict(want=want, floor=floor, ws=ws, pressure=pressure, held=held,
+                            headroom=headroom, kernel=kernel, threshold=threshold,
+                            reason=reason)
 
     floors = sum(r["floor"] for r in rows.values())
     feasible = floors <= budget
@@ -229,11 +263,13 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
             r, g = rows[n], by_name[n]
             if r["ws"] is None:                  # unseen: its floor is its current size
                 return r["floor"]
-            if r["pressure"]:
+            if r["pressure"] or r["held"]:
                 return r["floor"] if level == "pressure" else r["want"]
             need = r["ws"] + r["kernel"]          # what the guest uses right now
+            # squeezing the headroom stops short of what would read as pressure
             return {"idle": max(r["floor"], min(r["want"], need + r["headroom"])),
-                    "headroom": max(r["floor"], min(r["want"], need)),
+                    "headroom": max(r["floor"], min(r["want"], need + r["threshold"] +
+                                                    p.min_change)),
                     "below-ws": r["floor"], "pressure": r["floor"]}[level]
 
         for level in ("idle", "headroom", "below-ws", "pressure"):
@@ -253,6 +289,7 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
         if total > budget:
             notes.append(f"budget infeasible: floors need {floors // MiB}MiB, budget is "
                          f"{budget // MiB}MiB")
+    _pace_growth(rows, {g.name: g for g in guests}, budget)
     if state is not HostState.NORMAL:
         notes.append(f"host memory {state.value}: budget x{factor:g}")
 
@@ -263,7 +300,33 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
         decisions.append(MemDecision(g.name, int(r["want"]), g.actual, r["reason"],
                                      r["pressure"], r["ws"], r["floor"],
                                      _tax(by[g.name], r["ws"] or g.actual, p.tau)))
-    return MemResult(decisions, est_out, state, budget, feasible, tuple(notes))
+    return MemResult(decisions, est_out, hold_out, state, budget, feasible, tuple(notes))
+
+
+def _pace_growth(rows: dict[str, dict], by_name: dict[str, MemInput], budget: int) -> None:
+    """The budget holds at every instant, not only once the balloons have moved.
+
+    A balloon deflates at once but inflates at the guest's pace, so until a shrinking guest
+    has given memory back it still holds it. Growth is granted only within the room the
+    guests hold now leaves: guests not under pressure give up theirs first. What is held
+    back comes on the next ticks, as the others' balloons inflate.
+    """
+    holding = sum(max(by_name[n].actual, r["want"]) if r["want"] > by_name[n].actual
+                  else by_name[n].actual for n, r in rows.items())
+    excess = holding - budget
+    if excess <= 0:
+        return
+    growers = sorted((n for n, r in rows.items() if r["want"] > by_name[n].actual),
+                     key=lambda n: (rows[n]["pressure"], n))
+    for n in growers:
+        if excess <= 0:
+            break
+        r, g = rows[n], by_name[n]
+        cut = min(r["want"] - g.actual, excess)
+        r["want"] -= cut
+        excess -= cut
+        r["reason"] += (f"; {cut // MiB}MiB of it held back until other balloons give "
+                        "memory back (budget)")
 
 
 def with_actual(g: MemInput, actual: int) -> MemInput:

@@ -9,6 +9,7 @@ Per guest:
   BALLOON_CHANGE events, so no query per tick);
 - guest stats (available, free, total, disk caches; major faults and swap in/out as
   rates) with their age. Stats older than ``stale_after`` are *unknown*, never idle.
+  With them, the range of sizes the balloon may have had when they were taken.
 
 Host: MemAvailable, PSI for memory and CPU (avg10, and the total's delta), CPU busy in cores.
 """
@@ -49,15 +50,15 @@ class GuestObs:
     swap_out_rate: float = 0.0
     stats_age: float | None = None
     stale: bool = True
-    stats_balloon: int | None = None      # the balloon's size when the stats were taken
+    # smallest and largest size the balloon may have had when the stats were taken
+    stats_balloon: tuple[int, int] | None = None
 
     def working_set(self, max_bytes: int) -> int | None:
         """Memory the guest uses, ballooned pages excluded: ``total - available -
-        (max - balloon)``, with the balloon as it was when the guest took its stats."""
-        balloon = self.stats_balloon if self.stats_balloon is not None else self.balloon
-        if self.total is None or self.available is None or balloon is None:
+        (max - balloon)``, against the balloon's current size (exact once it is still)."""
+        if self.total is None or self.available is None or self.balloon is None:
             return None
-        return max(0, self.total - self.available - (max_bytes - balloon))
+        return max(0, self.total - self.available - (max_bytes - self.balloon))
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,11 @@ class Observer:
             fields["stats_age"] = age
             fields["stale"] = age > self.stale_after or st.available is None
             fields.update(total=st.total, available=st.available, free=st.free,
-                          disk_caches=st.disk_caches, stats_balloon=g.balloon_at(st.last_update))
+                          disk_caches=st.disk_caches)
+            # QEMU stamps stats in whole seconds and sends BALLOON_CHANGE at most once a
+            # second, so the stats were taken at some balloon size seen from a second
+            # before their stamp until now
+            fields["stats_balloon"] = g.balloon_range(st.last_update - 1.0)
             cur["stats_t"] = st.last_update
             cur["faults"], cur["swin"], cur["swout"] = (st.major_faults or 0, st.swap_in or 0,
                                                         st.swap_out or 0)

@@ -68,6 +68,7 @@ class Rebalancer:
         self.params = params
         self.observer = Observer()
         self.estimates: dict[str, float] = {}
+        self.holds: dict[str, int] = {}
         self.demand: dict[str, float] = {}
         self.weights: dict[str, int] = {}
         self.requested: dict[str, int] = {}     # balloon targets sent, per guest
@@ -192,14 +193,14 @@ class Rebalancer:
                                    self.requested.get(n), o.stats_balloon))
         host = MemHost(fleet.budget, snap.host.mem_available, snap.host.mem_total,
                        snap.host.psi_mem_some10, snap.host.psi_mem_full10)
-        res = memory_policy(mem_in, host, estimates=self.estimates,
+        res = memory_policy(mem_in, host, estimates=self.estimates, holds=self.holds,
                             prev_state=self.host_state, params=self.params)
         if res.host_state is not self.host_state:
             log.warning("host.memory_state", old=self.host_state.value,
                         new=res.host_state.value, psi_some10=host.psi_some10,
                         mem_available=_mib(host.mem_available))
         self.host_state = res.host_state
-        self.estimates = res.estimates
+        self.estimates, self.holds = res.estimates, res.holds
         for note in res.notes:
             log.debug("memory.note", note=note)
         sets = []
@@ -263,7 +264,8 @@ class Rebalancer:
                             "reason": "rebalancer stalled: watchdog deflating"}
 
     def forget(self, name: str) -> None:
-        for d in (self.estimates, self.demand, self.weights, self.requested, self.explain):
+        for d in (self.estimates, self.holds, self.demand, self.weights, self.requested,
+                  self.explain):
             d.pop(name, None)
         self.observer.forget(name)
 

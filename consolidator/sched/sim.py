@@ -101,6 +101,7 @@ class Ours(Policy):
 
     def __init__(self) -> None:
         self.est: dict[str, float] = {}
+        self.holds: dict[str, int] = {}
         self.state = HostState.NORMAL
 
     def decide(self, t, guests, host_free, budget, host=(0.0, 0.0)):
@@ -109,6 +110,10 @@ class Ours(Policy):
             # guest stats lag a poll (1 s); the balloon's size is current (QMP events), and
             # the loop knows the target it set last
             ws, cache, size = g.history[-2] if len(g.history) > 1 else g.history[-1]
+            # what the real observer knows of the balloon's size when they were taken:
+            # only a range, the sizes seen from a second before them until now
+            sizes = [h[2] for h in g.history[-3:]]
+            seen = (int(min(sizes) * MiB), int(max(sizes) * MiB))
             total = g.max - 38
             inflated = g.max - size
             used = ws + inflated          # ballooned pages count as used (deflate-on-oom)
@@ -116,10 +121,11 @@ class Ours(Policy):
             inputs.append(MemInput(g.name, int(g.max * MiB), int(g.min * MiB), g.shares,
                                    int(g.size * MiB), int(total * MiB), int(avail * MiB),
                                    target=int(g.target * MiB),
-                                   stats_actual=int(size * MiB)))
+                                   stats_actual=seen))
         mh = MemHost(int(budget * MiB), int(host[1] * MiB), int(host[0] * MiB))
-        res = memory_policy(inputs, mh, estimates=self.est, prev_state=self.state)
-        self.est, self.state = res.estimates, res.host_state
+        res = memory_policy(inputs, mh, estimates=self.est, holds=self.holds,
+                            prev_state=self.state)
+        self.est, self.holds, self.state = res.estimates, res.holds, res.host_state
         return {d.name: d.target / MiB for d in res.decisions}
 
 

@@ -154,8 +154,8 @@ class Guest:
         self.proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None        # set for children and for adopted processes
         self.adopted = False
-        # (wall time, size) of the balloon, from BALLOON_CHANGE events: guest stats lag
-        # the balloon, and are read against its size at the time they were taken
+        # (wall time, size) of the balloon, from BALLOON_CHANGE events (QEMU sends at most
+        # one a second): guest stats taken while it moved cannot be read against it
         self._balloon_log: deque[tuple[float, int | None]] = deque(maxlen=32)
         self.qmp: QMP | None = None
         self.exit: ExitInfo | None = None
@@ -315,12 +315,15 @@ class Guest:
     def balloon_actual(self, v: int | None) -> None:
         self._balloon_log.append((time.time(), v))
 
-    def balloon_at(self, t: float) -> int | None:
-        """The balloon's size at wall time ``t`` (the oldest known size before the log)."""
+    def balloon_range(self, since: float) -> tuple[int, int] | None:
+        """Smallest and largest size the balloon had from wall time ``since`` until now."""
+        sizes = []
         for when, v in reversed(self._balloon_log):
-            if when <= t:
-                return v
-        return self._balloon_log[0][1] if self._balloon_log else None
+            if v is not None:
+                sizes.append(v)
+            if when <= since:
+                break
+        return (min(sizes), max(sizes)) if sizes else None
 
     def alive(self) -> bool:
         if self._exited is not None and self._exited.is_set():

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consolidator.sched.memory import (HostState, MemHost, MemInput, MemParams, host_state,
-                                       memory_policy)
+                                       memory_policy, with_actual)
 
 MiB = 1 << 20
 HOST = MemHost(budget=4096 * MiB, mem_available=20000 * MiB, mem_total=24000 * MiB)
@@ -60,11 +60,25 @@ def test_working_set_is_read_against_the_balloon_the_stats_saw():
     # stats taken with the balloon at 512 (nothing inflated) show 200 MiB in use; the
     # balloon has since gone to 256. Mixing the two would read 200 - 256 < 0 in use.
     g = MemInput("a", 512 * MiB, 64 * MiB, 1000, 256 * MiB, 474 * MiB, 274 * MiB,
-                 stats_actual=512 * MiB)
+                 stats_actual=(512 * MiB, 512 * MiB))
     _, d = run([g])
     assert d["a"].ws == 200 * MiB
     _, mixed = run([MemInput(**{**g.__dict__, "stats_actual": None})])
     assert mixed["a"].ws == MemParams().floor_ws                 # what it would have read
+
+
+def test_stats_taken_while_the_balloon_moved_move_the_estimate_only_as_far_as_forced():
+    # stats say 400 MiB in use (deflate-on-oom counts ballooned pages); the balloon was
+    # somewhere between 300 and 512 MiB when they were taken: 188..400 MiB working set
+    g = MemInput("a", 512 * MiB, 64 * MiB, 1000, 300 * MiB, 474 * MiB, 74 * MiB,
+                 stats_actual=(300 * MiB, 512 * MiB))
+    for prev, ws in ((60, 188), (250, 250), (450, 400)):
+        _, d = run([g], estimates={"a": prev * MiB})
+        assert d["a"].ws == ws * MiB, prev
+    _, d = run([g])
+    assert d["a"].ws == 400 * MiB                    # no estimate yet: the high end
+    _, d = run([MemInput(**{**g.__dict__, "available": 5 * MiB})], estimates={"a": 60 * MiB})
+    assert d["a"].pressure and d["a"].target > 300 * MiB     # short is short, moving or not
 
 
 def test_growth_trend_widens_the_headroom():
@@ -107,9 +121,25 @@ def test_budget_takes_from_the_idlest_low_share_guest_first():
           guest("idle_high", mx=512, mn=64, actual=300, used=30, shares=5000)]
     r, d = run(gs, host)
     assert sum(x.target for x in r.decisions) <= 700 * MiB
-    assert d["busy"].target > 300 * MiB                           # fed, not squeezed
     assert d["idle_low"].target <= d["idle_high"].target
     assert "budget pressure" in d["idle_low"].reason
+    # the guests hold 900 MiB now: busy is not squeezed, but waits for the room
+    assert d["busy"].target == 300 * MiB and "held back" in d["busy"].reason
+    # once the idle balloons have inflated, busy is fed
+    gs2 = [with_actual(g, d[g.name].target) for g in gs]
+    r, d = run(gs2, host, holds=r.holds, estimates=r.estimates)
+    assert d["busy"].target > 300 * MiB
+    assert sum(x.target for x in r.decisions) <= 700 * MiB
+
+
+def test_growth_never_takes_the_guests_over_the_budget_while_balloons_move():
+    host = MemHost(budget=640 * MiB, mem_available=20000 * MiB, mem_total=24000 * MiB)
+    gs = [guest("a", mx=512, mn=96, actual=240, avail=4),        # short: doubles
+          guest("b", mx=512, mn=96, actual=115, used=40),
+          guest("c", mx=512, mn=96, actual=115, used=40)]
+    r, d = run(gs, host)
+    # b and c still hold 230 MiB until their balloons inflate
+    assert d["a"].target <= (640 - 230) * MiB and d["a"].target > 240 * MiB
 
 
 def test_budget_infeasible_is_reported():
@@ -171,3 +201,7 @@ def test_properties(rows, budget_mib, psi):
             assert d.target >= g.actual                    # never squeezed
     if r.feasible:
         assert sum(d.target for d in r.decisions) <= r.budget
+    # what the guests hold while balloons move (a shrinking one still has its actual)
+    # never goes over the budget, or over what they already held
+    holding = sum(max(d.target, by[d.name].actual) for d in r.decisions)
+    assert holding <= max(r.budget, sum(g.actual for g in gs)) or not r.feasible
