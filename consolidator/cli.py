@@ -144,7 +144,8 @@ def cli(ctx: click.Context) -> None:
     consolidator validate       check the inventory, report every error at once
     consolidator plan           show what apply would change
     consolidator apply          make it so (the supervisor starts if needed)
-    consolidator status         what runs, and how it is doing
+    consolidator status         what runs, and how it is doing (--explain: why)
+    consolidator report         is the box full, what is wasted, how many more fit
     consolidator doctor         what this host offers, and what is missing
     """
     ctx.ensure_object(Ctx)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import StateError
+
 SCHEMA_VERSION = 1
 HOST_METRICS = ("cpu", "mem_available", "mem_used", "psi_mem", "psi_cpu", "budget")
 GUEST_METRICS = ("cpu", "ws", "available", "balloon", "cgmem", "max")
@@ -66,10 +68,13 @@ def open_db(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     db = sqlite3.connect(str(path), timeout=5, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
+    # no checkpoint (and its fsync) inside a commit of the loop: maintain() checkpoints
+    db.execute("PRAGMA wal_autocheckpoint=0")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise RuntimeError(f"{path}: history schema {version} is newer than this "
-                           f"consolidator's {SCHEMA_VERSION}")
+        raise StateError(f"{path}: history schema {version} is newer than this "
+                         f"consolidator's {SCHEMA_VERSION}",
+                         hint="use the consolidator that wrote it, or move the file away")
     if version < SCHEMA_VERSION:
         db.execute("BEGIN")
         for stmt in _schema():
@@ -151,6 +156,9 @@ class History:
         if rewind:
             self.db.execute("DELETE FROM marks WHERE name = 'rewind'")
         self._prune(now)
+        # move the WAL into the database here, off the loop (PASSIVE: never waits for
+        # the recorder, which may be mid-transaction)
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _aggregate(self, res: str, size: int, now: float, rewind: float | None) -> None:
         db = self.db
@@ -274,11 +282,11 @@ def guest_table(db: sqlite3.Connection, metrics: Sequence[str], since: float,
     src = source or choose_source(db, since)
     cols = ", ".join(metrics if src == "raw" else [f"{m}_mean" for m in metrics])
     if src == "raw":
-        q = db.execute(f"SELECT guest, t, {cols} FROM raw_guest WHERE t >= ? ORDER BY t",
+        q = db.execute(f"SELECT guest, t, {cols} FROM raw_guest WHERE t >= ? ORDER BY guest, t",
                        (since,))
     else:
         q = db.execute(f"SELECT guest, t, {cols} FROM agg_guest WHERE res = ? AND t >= ? "
-                       "ORDER BY t", (src, since))
+                       "ORDER BY guest, t", (src, since))      # the primary key's order
     acc: dict[str, list[list[tuple[float, float]]]] = {}
     for row in q:
         lists = acc.get(row[0])
@@ -307,11 +315,13 @@ def host_table(db: sqlite3.Connection, metrics: Sequence[str], since: float,
 def thin(points: list[tuple[float, float]], limit: int = 600) -> list[tuple[float, float]]:
     """At most ``limit`` points: bucket averages, for charts."""
     pts = [(t, v) for t, v in points if v is not None]
-    if len(pts) <= limit:
+    n = len(pts)
+    if n <= limit:
         return pts
-    step = len(pts) / limit
+    ts, vs = zip(*pts)                     # sums over tuple slices run in C
     out = []
     for i in range(limit):
-        chunk = pts[int(i * step):int((i + 1) * step)] or pts[int(i * step):int(i * step) + 1]
-        out.append((sum(t for t, _ in chunk) / len(chunk), sum(v for _, v in chunk) / len(chunk)))
+        lo, hi = i * n // limit, (i + 1) * n // limit      # n > limit: never empty
+        k = hi - lo
+        out.append((sum(ts[lo:hi]) / k, sum(vs[lo:hi]) / k))
     return out

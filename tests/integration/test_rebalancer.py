@@ -130,7 +130,7 @@ def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
         t0 = time.monotonic()
         # idle guests shrink towards their min, and the budget holds
         wait_for(lambda: all(b is not None and b <= 200 * MiB for b in balloons(f).values()),
-                 25, "idle guests to shrink")
+                 10, "idle guests to shrink")
         print(f"idle guests shrunk in {time.monotonic() - t0:.1f}s: "
               f"{ {n: b // MiB for n, b in balloons(f).items()} }")
         assert sum(balloons(f).values()) <= budget

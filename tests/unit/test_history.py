@@ -14,6 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consolidator.errors import StateError
 from consolidator.sched.history import (GUEST_METRICS, HOST_METRICS, SCHEMA_VERSION, History,
                                         Retention, open_db, percentile)
 
@@ -94,7 +95,7 @@ def test_schema_version_and_wal(tmp_path):
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.close()
     import pytest
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(StateError, match="newer"):
         open_db(tmp_path / "v.sqlite")
 
 
@@ -133,3 +134,22 @@ def test_sigkill_mid_write_leaves_a_sound_database(tmp_path):
     per = db.execute("SELECT t, COUNT(*) FROM raw_guest GROUP BY t").fetchall()
     assert len(per) == len(ts) and all(c == 20 for _, c in per)
     db.close()
+
+
+@given(st.lists(st.one_of(st.none(), st.floats(0, 1e9)), min_size=0, max_size=2500),
+       st.integers(1, 700))
+def test_thin_keeps_at_most_limit_points_and_every_value_once(values, limit):
+    from consolidator.sched.history import thin
+    pts = [(float(i), v) for i, v in enumerate(values)]
+    known = [(t, v) for t, v in pts if v is not None]
+    out = thin(pts, limit)
+    assert len(out) == min(len(known), limit)
+    if len(known) > limit:
+        # buckets partition the points: bucket means weighted by size give the overall mean
+        n = len(known)
+        sizes = [(i + 1) * n // limit - i * n // limit for i in range(limit)]
+        total = sum(v * k for (_, v), k in zip(out, sizes))
+        assert math.isclose(total, sum(v for _, v in known), rel_tol=1e-9, abs_tol=1e-3)
+        assert all(a[0] < b[0] for a, b in zip(out, out[1:]))
+    else:
+        assert out == known

@@ -6,6 +6,8 @@
     the recorder does every 10 s included in the p99. Target < 2 ms;
   - `report --window 7d` on 7 days of history for 20 guests: minute aggregates for 7 days
     and hourly ones, as retention leaves them, plus an hour of raw samples. Target < 2 s.
+Each against a baseline taken in the same run: bare SQLite inserts of the same rows, and
+a bare scan of the rows the report reads.
 Run: python tools/bench/history.py (no root needed)
 """
 
@@ -47,6 +49,44 @@ def record_cost(n: int = 600) -> tuple[float, float]:
         h.close()
     costs.sort()
     return statistics.median(costs), costs[int(len(costs) * 0.99)], statistics.median(maint)
+
+
+def bare_cost(n: int = 600) -> float:
+    """Baseline: the same 21 rows per interval into one plain table each, one transaction,
+    WAL and synchronous=NORMAL, no schema of ours: what SQLite itself costs."""
+    import sqlite3
+    with tempfile.TemporaryDirectory() as d:
+        db = sqlite3.connect(str(Path(d) / "b.sqlite"), isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE h (t REAL, a, b, c, d, e, f)")
+        db.execute("CREATE TABLE g (t REAL, n TEXT, s TEXT, a, b, c, d, e, f)")
+        costs = []
+        for i in range(n):
+            rows = [(float(i), g, "running", random.random(), 1.0, 2.0, 3.0, 4.0, 5.0)
+                    for g in GUESTS]
+            c = time.perf_counter()
+            db.execute("BEGIN")
+            db.execute("INSERT INTO h VALUES (?, ?, ?, ?, ?, ?, ?)", (float(i), 1, 2, 3, 4, 5, 6))
+            db.executemany("INSERT INTO g VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+            costs.append((time.perf_counter() - c) * 1000)
+        db.close()
+    return statistics.median(costs)
+
+
+def bare_scan(state: Path) -> float:
+    """Baseline: reading the rows the 7-day report reads, with nothing done to them."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{state / 'history.sqlite'}?mode=ro", uri=True)
+    t = time.perf_counter()
+    db.execute("SELECT t, cpu_mean, mem_used_mean, budget_mean FROM agg_host "
+               "WHERE res = '1m'").fetchall()
+    db.execute("SELECT guest, t, cpu_mean, ws_mean, balloon_mean FROM agg_guest "
+               "WHERE res = '1m'").fetchall()
+    took = time.perf_counter() - t
+    db.close()
+    return took
 
 
 def fill_week(state: Path) -> None:
@@ -105,6 +145,7 @@ def report_time(state: Path) -> tuple[float, int]:
 
 
 def main() -> None:
+    bare = bare_cost()
     med, p99, maint = record_cost()
     with tempfile.TemporaryDirectory() as d:
         state = Path(d) / "state"
@@ -112,6 +153,7 @@ def main() -> None:
         fill_week(state)
         fill = time.perf_counter() - t
         rt, points = report_time(state)
+        scan = bare_scan(state)
         t = time.perf_counter()
         from consolidator.report import build
         from consolidator.report_html import render
@@ -121,9 +163,11 @@ def main() -> None:
     print("# history benchmark")
     print(f"record one interval, 20 guests : {med:.2f} ms median, {p99:.2f} ms p99 "
           f"(target < 2 ms)")
+    print(f"  baseline: bare SQLite inserts : {bare:.2f} ms median; ratio {med / bare:.2f}")
     print(f"downsampling every 10 s (worker): {maint:.2f} ms median, off the loop")
     print(f"report --window 7d, 20 guests   : {rt:.2f} s ({points} points per series; "
           f"target < 2 s)")
+    print(f"  baseline: bare scan of its rows: {scan:.2f} s; ratio {rt / scan:.2f}")
     print(f"  ... as HTML with charts       : {ht:.2f} s, {len(html) // 1024} KiB")
     print(f"database after 7 d (+90 d hourly): {size / MiB:.1f} MiB (filled in {fill:.1f} s)")
 
