@@ -8,7 +8,6 @@ it says how little there is, and still reports allocations and guarantee-based f
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from .sched import capacity as cap
 from .sched.history import (choose_source, covered_since, guest_table, host_table, open_db,
                             percentile, thin)
 from .state import StateDir
-from .units import format_size, human_size, parse_duration, parse_size
+from .units import human_size, parse_duration, parse_size
 
 FORMAT = 1
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
@@ -372,14 +371,14 @@ def tables(doc: dict[str, Any]) -> list[Any]:
     tiered = any(x.get("tiers") for x in doc["fits"])
     f = Table(title="how many more fit", title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False)
-    f.add_column("shape", overflow="fold", max_width=46)
+    f.add_column("shape", no_wrap=True)
     for col in ("by guarantees", "by observed p95") + (("tiers",) if tiered else ()):
-        f.add_column(col, overflow="fold", max_width=40)
+        f.add_column(col, overflow="fold", max_width=36)
     for x in doc["fits"]:
         bg = x["by_guarantees"]
         bo = x.get("by_observed")
-        row = [x["shape"], f"[bold]{bg['count']}[/] {bg['binding']}: {bg['detail']}",
-               f"[bold]{bo['count']}[/] {bo['binding']}: {bo['detail']}" if bo
+        row = [x["shape"], f"[bold]{bg['count']}[/] {bg['binding']}\n{bg['detail']}",
+               f"[bold]{bo['count']}[/] {bo['binding']}\n{bo['detail']}" if bo
                else "no history"]
         if tiered:
             row.append("\n".join(f"{t['count']} x {t['shape']} ({t['binding']})"

@@ -21,25 +21,22 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import psutil
 import structlog
 
 from . import api
-from .errors import (ConflictError, ConsolidatorError, PlanError, QMPError, StateError,
-                     UsageError)
+from .errors import (ConflictError, ConsolidatorError, QMPError, UsageError)
 from .executor import Executor
 from .model import Fleet, GuestIntent
-from .plan import (CreateGuest, CreateNetwork, GuestState, Observed, ObservedGuest, Plan,
-                   RemoveGuest, RemoveNetwork, StartGuest, StopGuest, UpdateGuest, UpdateHost,
+from .plan import (CreateGuest, CreateNetwork, GuestState, Observed, ObservedGuest, RemoveGuest, RemoveNetwork, StartGuest, StopGuest, UpdateGuest, UpdateHost,
                    UpdateNetwork, plan as make_plan, _phase)
 from .inventory.schema import NetworkSpec
 from .restartpolicy import decide
 from .state import StateDir, atomic_write, write_json
 from .sched.rebalancer import Rebalancer
-from .vm.guest import Guest, Runstate, rotate_log
+from .vm.guest import Guest, rotate_log
 
 log = structlog.get_logger("supervisor")
 GUEST_LOG_CAP = 4 << 20
@@ -58,10 +55,7 @@ class GuestRuntime:
     monitor: asyncio.Task[None] | None = None
     pending_restart: asyncio.Task[None] | None = None
     started_at: float | None = None
-    cpu_ns: int | None = None
-    cpu_t: float | None = None
     cpu_percent: float | None = None
-    balloon: int | None = None
     serial_offset: int = 0
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -329,7 +323,7 @@ class Supervisor:
                 "guests": guests}
 
     async def _sampler(self) -> None:
-        """Every interval: CPU % and balloon per running guest; tail serial logs."""
+        """Every interval: tail serial logs; CPU % from the rebalancer's last snapshot."""
         while True:
             interval = self.fleet.host.rebalance.interval if self.fleet else 1.0
             try:
@@ -339,25 +333,14 @@ class Supervisor:
             await asyncio.sleep(interval)
 
     async def _sample_once(self) -> None:
-        """Serial logs always; CPU % only when no rebalancer observes it already."""
-        now = time.monotonic()
+        """The rebalancer observes every running guest each interval (also when it only
+        observes); status reads its CPU rates instead of reading the cgroups again."""
         snap = self.rebalancer.last if self.rebalancer else None
         for rt in list(self.guests.values()):
             self._tail_serial(rt)
-            g = rt.guest
-            if rt.state is not GuestState.RUNNING or g is None or self.executor is None:
-                continue
-            rt.balloon = g.balloon_actual
-            if snap is not None and rt.name in snap.guests:
-                rate = snap.guests[rt.name].cpu_rate
-                rt.cpu_percent = None if rate is None else round(rate * 100, 1)
-                continue
-            with contextlib.suppress(Exception):
-                st = self.executor.cgroups.stats(rt.name)   # type: ignore[union-attr]
-                if rt.cpu_ns is not None and rt.cpu_t is not None and now > rt.cpu_t:
-                    rt.cpu_percent = round((st.cpu_usage_ns - rt.cpu_ns) / 1e9 /
-                                           (now - rt.cpu_t) * 100, 1)
-                rt.cpu_ns, rt.cpu_t = st.cpu_usage_ns, now
+            o = snap.guests.get(rt.name) if snap is not None else None
+            if rt.state is GuestState.RUNNING and o is not None:
+                rt.cpu_percent = None if o.cpu_rate is None else round(o.cpu_rate * 100, 1)
 
     def _sync_rebalancer(self) -> None:
         """One loop per supervisor once there is a fleet: it rebalances when
@@ -486,7 +469,7 @@ class Supervisor:
         rt.guest = g
         rt.state = GuestState.RUNNING
         rt.started_at = time.time()
-        rt.cpu_ns = rt.cpu_t = None
+        rt.cpu_percent = None
         self._bump()
         self.event(rt, "ready", pid=g.pid, after_s=round(time.monotonic() - t0, 2))
         self._save(rt)

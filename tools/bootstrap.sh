@@ -65,6 +65,8 @@ case "$cmd" in
         exec "$VENV/bin/consolidator" apply "$@"
         ;;
     test)
+        say "ruff (pyflakes checks)"
+        "$VENV/bin/ruff" check consolidator tools tests
         say "pytest"
         set +e
         "$VENV/bin/python" -m pytest "$@"

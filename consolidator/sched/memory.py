@@ -242,8 +242,8 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
             want = g.actual
         held = g.name in hold_out
         if pressure or held:
-            floor = max(g.min, min(g.max, max(ws + kernel, g.actual,
-                                              g.target or 0 if held else 0)))
+            # never squeezed, and a deflation in flight is not taken back
+            floor = max(g.min, min(g.max, max(ws + kernel, g.actual, g.target or 0)))
         else:
             floor = g.min
         rows[g.name] = dict(want=want, floor=floor, ws=ws, pressure=pressure, held=held,
@@ -260,7 +260,7 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
                                                              by_name[n].actual, p.tau))
 
         def tier(level: str, n: str) -> int:
-            r, g = rows[n], by_name[n]
+            r = rows[n]
             if r["ws"] is None:                  # unseen: its floor is its current size
                 return r["floor"]
             if r["pressure"] or r["held"]:

@@ -23,7 +23,6 @@ def need_qemu() -> None:
 
 # ------------------------------------------------------------------ guests
 
-import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402

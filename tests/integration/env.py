@@ -148,12 +148,11 @@ def shipped_inventory(instance: str, metrics_port: int | None = None) -> str:
     text = SHIPPED.read_text()
     text = text.replace("instance: cns ", f"instance: {instance} ", 1)
     text = text.replace("fabric_netns: null ", f"fabric_netns: {instance}-fab ", 1)
-    metrics = "  metrics:\n    enabled: true\n    listen: 127.0.0.1:9477 "
-    assert metrics in text, "the shipped inventory's metrics block moved"
-    text = text.replace(metrics, (f"  metrics:\n    enabled: true\n"
-                                  f"    listen: 127.0.0.1:{metrics_port} ")
-                        if metrics_port else
-                        "  metrics:\n    enabled: false\n    listen: 127.0.0.1:9477 ", 1)
+    block = re.compile(r"(?m)^(  metrics:[^\n]*\n    enabled: )true( *(?:#[^\n]*)?\n"
+                       r"    listen: )127\.0\.0\.1:9477\b")
+    assert block.search(text), "the shipped inventory's metrics block moved"
+    text = block.sub((lambda m: f"{m[1]}true{m[2]}127.0.0.1:{metrics_port}") if metrics_port
+                     else (lambda m: f"{m[1]}false{m[2]}127.0.0.1:9477"), text, count=1)
     assert f"instance: {instance}" in text and f"{instance}-fab" in text
     return text
 

@@ -15,7 +15,7 @@ import pytest
 
 from consolidator.net import netns as ns
 
-from .env import CliFleet, IMAGE_CACHE, cli_fleet, leftovers, shipped_inventory
+from .env import CliFleet, IMAGE_CACHE, cli_fleet, leftovers
 
 pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
 

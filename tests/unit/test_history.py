@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consolidator.errors import StateError
-from consolidator.sched.history import (GUEST_METRICS, HOST_METRICS, SCHEMA_VERSION, History,
+from consolidator.sched.history import (SCHEMA_VERSION, History,
                                         Retention, open_db, percentile)
 
 T0 = 1_800_000_000.0          # a minute- and hour-aligned epoch second

@@ -14,7 +14,6 @@ Run as root: python tools/bench/apply.py [--guests 8] [--many 20] [--runs 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
