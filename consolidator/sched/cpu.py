@@ -109,7 +109,8 @@ def cpu_policy(guests: list[CpuInput], *, host_cpus: tuple[int, ...], usable: fl
         old = prev.get(g.name)
         reason = why[g.name]
         if old is not None and w != old and abs(w - old) <= params.min_change * old:
-            reason = f"kept {old}: within {params.min_change:.0%} of {w}"
+            # the basis stays in the reason: hysteresis only says why the number held
+            reason = f"{reason}; kept {old}, within {params.min_change:.0%} of {w}"
             w = old
         elif g.name not in active and g.reserve > 0:
             reason = f"shares {g.shares}: idle ({g.demand:.2f} cores), reserve not needed"
