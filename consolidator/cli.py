@@ -307,7 +307,7 @@ def image_rm(c: Ctx, names: tuple[str, ...], all_: bool) -> None:
     """Remove built images (by name from `image list`). Running guests keep their copy open."""
     import shutil
     from .errors import UsageError
-    from .vm.image import list_images
+    from .vm.image import cache_lock, list_images
     cache = _image_cache(c)
     if not names and not all_:
         raise UsageError("name an image (see `consolidator image list`) or pass --all")
@@ -317,12 +317,13 @@ def image_rm(c: Ctx, names: tuple[str, ...], all_: bool) -> None:
         if n not in known:
             raise UsageError(f"no image {n!r} in {cache}")
         targets.append(known[n])
-    for d in targets:
-        shutil.rmtree(d)
-        out.print(f"removed {d.name}")
-    if all_:
-        for sub in ("debian-cloud", "debs"):
-            shutil.rmtree(cache / sub, ignore_errors=True)
+    with cache_lock(cache):                   # not under a build in progress
+        for d in targets:
+            shutil.rmtree(d, ignore_errors=True)
+            out.print(f"removed {d.name}")
+        if all_:
+            for sub in ("debian-cloud", "debs"):
+                shutil.rmtree(cache / sub, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ gc

@@ -16,6 +16,8 @@ input, and the manifest records sources, versions and sha256s.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -29,7 +31,7 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import ImageError
 
@@ -103,10 +105,19 @@ def _run(argv: list[str], cwd: Path | None = None, timeout: float = 300) -> str:
     return res.stdout
 
 
+def unpacked_kernels(root: Path) -> list[Path]:
+    """The kernels unpacked under ``root``, oldest version first; never one in a
+    ".<pkg>.tmp" that an interrupted unpack left behind, which may be half written."""
+    def version_order(p: Path) -> list[tuple[int, str]]:      # 6.1.0-10 after 6.1.0-9
+        return [(int(t), "") if t.isdigit() else (-1, t) for t in re.split(r"(\d+)", p.name)]
+    return sorted((p for p in root.glob("*/boot/vmlinuz-*")
+                   if not p.parent.parent.name.startswith(".")), key=version_order)
+
+
 def _debian_cloud_kernel(cache: Path, refresh: bool, progress: Progress) -> KernelSource:
     root = cache / "debian-cloud"
     if not refresh:
-        found = sorted(root.glob("*/boot/vmlinuz-*"))
+        found = unpacked_kernels(root)
         if found:
             vmlinuz = found[-1]
             unpacked = vmlinuz.parent.parent
@@ -393,10 +404,29 @@ def _inputs(src: KernelSource, busybox: Path, modules: list[tuple[str, Path]]) -
     }
 
 
+@contextlib.contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Exclusive use of the image cache: apply starts guests in parallel, and each may find
+    the image missing; `image build` and `image rm` may run beside a supervisor. The first
+    builds, the others wait and then find its result. flock, so a crash releases it."""
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def build_tiny(cache: Path, kernel: str | Path | None = None, *, force: bool = False,
                refresh: bool = False, progress: Progress = lambda s: None) -> BuiltImage:
     """Build (or reuse) the tiny image for these inputs. Reproducible: same inputs, same bytes."""
-    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with cache_lock(cache):
+        return _build_tiny(cache, kernel, force=force, refresh=refresh, progress=progress)
+
+
+def _build_tiny(cache: Path, kernel: str | Path | None, *, force: bool, refresh: bool,
+                progress: Progress) -> BuiltImage:
     src = find_kernel(cache, kernel, refresh=refresh, progress=progress)
     busybox = busybox_path()
     modules = resolve_modules(src.modules_dir)

@@ -15,7 +15,7 @@ import pytest
 
 from consolidator.errors import ConflictError, LaunchError, ReadyTimeout
 from consolidator.vm.guest import Runstate
-from consolidator.vm.image import busybox_path, guest_tree
+from consolidator.vm.image import build_tiny, busybox_path, guest_tree
 from consolidator.vm.qemu import Boot
 
 from .conftest import running
@@ -274,3 +274,21 @@ def test_image_build_cli_is_reproducible(tmp_path, tiny_image):
         assert sha == tiny_image.manifest["outputs"]["initrd.cpio"]["sha256"]
     run("rm", Path(img["dir"]).name)
     assert not Path(img["dir"]).exists()
+
+
+def test_concurrent_builds_of_one_image_share_one_result(tmp_path, tiny_image):
+    """apply starts guests in parallel and each may find the image missing: the builds
+    must serialise on the cache, not trip over each other's temporary directories."""
+    from concurrent.futures import ThreadPoolExecutor
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    unpacked = tiny_image.dir.parent / "debian-cloud"
+    if unpacked.exists():
+        (cache / "debian-cloud").symlink_to(unpacked)
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(lambda _: build_tiny(cache), range(4)))
+    assert len({b.dir for b in built}) == 1
+    assert len({b.manifest["outputs"]["initrd.cpio"]["sha256"] for b in built}) == 1
+    assert [p.name for p in cache.glob("tiny-*")] == [built[0].dir.name]
+    assert not list(cache.glob(".*.tmp"))
+    assert built[0].initrd.stat().st_size == built[0].manifest["outputs"]["initrd.cpio"]["size"]
