@@ -113,7 +113,8 @@ def doctor_table(report: dict) -> Table:
             mark = Text("NO", style="bold red")
         else:
             mark = Text("no", style="yellow")
-        t.add_row(f["name"], f["value"], mark, f["fix"] or "")
+        # facts quote the system ("[cpu memory]"): text, never rich markup
+        t.add_row(f["name"], Text(f["value"]), mark, Text(f["fix"] or ""))
     return t
 
 
@@ -147,7 +148,7 @@ def status_table(doc: dict) -> Table:
         t.add_row(g["name"], Text(g["state"], style=_STATE_STYLE.get(g["state"], "")),
                   _uptime(g.get("uptime_s")), str(g["vcpus"]), cpu, mem,
                   ", ".join(g.get("ips") or []) or "-", str(g.get("restarts", 0)),
-                  g.get("last_event") or "-")
+                  Text(g.get("last_event") or "-"))
     return t
 
 
@@ -169,7 +170,7 @@ def explain_table(doc: dict) -> Table:
             bal = f"{human_size(mem.get('actual'))} -> {human_size(mem.get('target'))}"
             if mem.get("ws") is not None:
                 bal += f"\n(ws {human_size(mem['ws'])})"
-        t.add_row(g["name"], str(cpu.get("weight", "-")), cpu.get("reason", "-"), bal,
+        t.add_row(g["name"], str(cpu.get("weight", "-")), Text(cpu.get("reason", "-")), bal,
                   Text(mem.get("reason", "-"),
                        style="bold yellow" if mem.get("pressure") else ""))
     return t

@@ -92,6 +92,7 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
         finally:
             db.close()
     have = bool(series) and bool(series["host_cpu"].points)
+    history_s = round(history_s, 1)          # one figure for the header, the note and JSON
     note = None
     if not have:
         note = "no history recorded yet: allocations and guarantee-based fits only"
@@ -183,7 +184,7 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
     doc: dict[str, Any] = {
         "format": FORMAT, "generated_at": now, "instance": fleet.instance,
         "window": {"name": window, "seconds": seconds, "since": since, "source": source,
-                   "history_seconds": round(history_s, 1), "note": note},
+                   "history_seconds": history_s, "note": note},
         "host": {
             "cpus": facts.ncpus, "usable_cpus": fleet.usable_cpus,
             "memory_total": facts.memory_total,
