@@ -195,12 +195,19 @@ def format_cpus(cpus: tuple[int, ...]) -> str:
     return format_cpulist(tuple(sorted(cpus)))
 
 
+def shares_write(backend: str, shares: int) -> tuple[str, str, str]:
+    """The CPU weight's one write, in every full apply and in each rebalancer change."""
+    if backend == "v2":
+        return ("cpu", "cpu.weight", str(shares_to_weight(shares)))
+    return ("cpu", "cpu.shares", str(shares))
+
+
 def v1_writes(s: CgroupSettings, parent_cpus: str) -> list[tuple[str, str, str]]:
     """Pure: (controller, file, value) writes that make a v1 guest cgroup match ``s``."""
     quota = -1 if s.cpu_quota_cores is None else max(1000, round(s.cpu_quota_cores *
                                                                  CFS_PERIOD_US))
     return [
-        ("cpu", "cpu.shares", str(s.cpu_shares)),
+        shares_write("v1", s.cpu_shares),
         ("cpu", "cpu.cfs_period_us", str(CFS_PERIOD_US)),
         ("cpu", "cpu.cfs_quota_us", str(quota)),
         ("cpuset", "cpuset.cpus", format_cpus(s.cpus) if s.cpus else parent_cpus),
@@ -217,7 +224,7 @@ def v2_writes(s: CgroupSettings, parent_cpus: str) -> list[tuple[str, str, str]]
     quota = "max" if s.cpu_quota_cores is None else str(max(1000, round(s.cpu_quota_cores *
                                                                         CFS_PERIOD_US)))
     return [
-        ("cpu", "cpu.weight", str(shares_to_weight(s.cpu_shares))),
+        shares_write("v2", s.cpu_shares),
         ("cpu", "cpu.max", f"{quota} {CFS_PERIOD_US}"),
         ("cpuset", "cpuset.cpus", format_cpus(s.cpus) if s.cpus else ""),
         ("memory", "memory.max",
@@ -228,11 +235,16 @@ def v2_writes(s: CgroupSettings, parent_cpus: str) -> list[tuple[str, str, str]]
 
 
 @dataclass(frozen=True)
-class CgroupStats:
+class CgroupUsage:
+    """What the rebalancer reads each interval: counters and memory, nothing more."""
     cpu_usage_ns: int
     throttled_ns: int
-    nr_throttled: int
     memory_current: int
+
+
+@dataclass(frozen=True)
+class CgroupStats(CgroupUsage):
+    nr_throttled: int
     memory_peak: int | None
     psi: dict[str, dict[str, float]]   # {"cpu": {"some_avg10":.., "some_total":..}, ...}
     psi_scope: str                     # "cgroup" (v2) or "host" (v1: no per-cgroup PSI)
@@ -402,8 +414,7 @@ class CgroupDriver:
         """Only the CPU weight (the rebalancer's knob). Returns whether it was written."""
         if "cpu" not in self.controllers:
             return False
-        fname, value = (("cpu.weight", str(shares_to_weight(shares))) if self.backend == "v2"
-                        else ("cpu.shares", str(shares)))
+        _, fname, value = shares_write(self.backend, shares)
         path = self._dir_for("cpu", guest) / fname
         if self._current(path) == value:
             return False
@@ -484,24 +495,37 @@ class CgroupDriver:
         return sorted(names)
 
     # -- stats
-    def stats(self, guest: str) -> CgroupStats:
+    def _usage(self, guest: str) -> tuple[CgroupUsage, dict[str, int]]:
         if self.backend == "v2":
             d = self.base["unified"] / "guests" / guest
             cpu = parse_flat(_read(d / "cpu.stat"))
-            peak = d / "memory.peak"
-            psi = {r: parse_psi(_read(d / f"{r}.pressure")) for r in ("cpu", "memory", "io")
-                   if (d / f"{r}.pressure").exists()}
-            return CgroupStats(cpu.get("usage_usec", 0) * 1000,
-                               cpu.get("throttled_usec", 0) * 1000, cpu.get("nr_throttled", 0),
-                               int(_read(d / "memory.current")) if (d / "memory.current")
-                               .exists() else 0,
-                               int(_read(peak)) if peak.exists() else None, psi, "cgroup")
+            mem = int(_read(d / "memory.current")) if (d / "memory.current").exists() else 0
+            return CgroupUsage(cpu.get("usage_usec", 0) * 1000,
+                               cpu.get("throttled_usec", 0) * 1000, mem), cpu
         cpu = parse_flat(_read(self._dir_for("cpu", guest) / "cpu.stat"))
         usage = int(_read(self._dir_for("cpuacct", guest) / "cpuacct.usage")) \
             if "cpuacct" in self.base else 0
+        mem = int(_read(self._dir_for("memory", guest) / "memory.usage_in_bytes"))
+        return CgroupUsage(usage, cpu.get("throttled_time", 0), mem), cpu
+
+    def usage(self, guest: str) -> CgroupUsage:
+        """The rebalancer's per-interval read: no peak, no PSI (the loop reads host PSI
+        once per tick; on v1 per-guest PSI is the host's anyway)."""
+        return self._usage(guest)[0]
+
+    def stats(self, guest: str) -> CgroupStats:
+        u, cpu = self._usage(guest)
+        if self.backend == "v2":
+            d = self.base["unified"] / "guests" / guest
+            peak = d / "memory.peak"
+            psi = {r: parse_psi(_read(d / f"{r}.pressure")) for r in ("cpu", "memory", "io")
+                   if (d / f"{r}.pressure").exists()}
+            return CgroupStats(u.cpu_usage_ns, u.throttled_ns, u.memory_current,
+                               cpu.get("nr_throttled", 0),
+                               int(_read(peak)) if peak.exists() else None, psi, "cgroup")
         mem = self._dir_for("memory", guest)
-        return CgroupStats(usage, cpu.get("throttled_time", 0), cpu.get("nr_throttled", 0),
-                           int(_read(mem / "memory.usage_in_bytes")),
+        return CgroupStats(u.cpu_usage_ns, u.throttled_ns, u.memory_current,
+                           cpu.get("nr_throttled", 0),
                            int(_read(mem / "memory.max_usage_in_bytes")), host_psi(), "host")
 
 

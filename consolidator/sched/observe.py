@@ -153,7 +153,7 @@ class Observer:
         dt = mono - prev["mono"] if "mono" in prev else None
         if cgroups is not None:
             with contextlib.suppress(Exception):
-                cs = cgroups.stats(name)
+                cs = cgroups.usage(name)
                 cur["cpu_ns"], cur["thr_ns"] = cs.cpu_usage_ns, cs.throttled_ns
                 fields["cgroup_memory"] = cs.memory_current
                 if dt and "cpu_ns" in prev:
