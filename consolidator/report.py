@@ -19,7 +19,7 @@ from .sched import capacity as cap
 from .sched.history import (choose_source, covered_since, guest_table, host_table, open_db,
                             percentile, thin)
 from .state import StateDir
-from .units import human_size, parse_duration, parse_size
+from .units import human_duration, human_size, parse_duration, parse_size
 
 FORMAT = 1
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
@@ -219,16 +219,6 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
 
 def _fit_json(f: cap.Fit) -> dict[str, Any]:
     return {"count": f.count, "binding": f.binding, "limits": f.limits, "detail": f.detail}
-
-
-def human_duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} d"
 
 
 def _chart_data(series: dict[str, Any], fleet: Fleet) -> dict[str, Any]:

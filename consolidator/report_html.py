@@ -7,8 +7,8 @@ import io
 from datetime import datetime
 from typing import Any
 
-from .report import _cores, _size, human_duration
-from .units import human_size
+from .report import _cores, _size
+from .units import human_duration, human_size
 
 MiB = 1 << 20
 CSS = """

@@ -55,7 +55,6 @@ class GuestRuntime:
     monitor: asyncio.Task[None] | None = None
     pending_restart: asyncio.Task[None] | None = None
     started_at: float | None = None
-    cpu_percent: float | None = None
     serial_offset: int = 0
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -296,7 +295,7 @@ class Supervisor:
                 "uptime_s": round(now - rt.started_at, 1) if running and rt.started_at
                 else None,
                 "vcpus": rt.intent.vcpus,
-                "cpu_percent": rt.cpu_percent if running else None,
+                "cpu_percent": self._cpu_percent(rt) if running else None,
                 "balloon_bytes": (g.balloon_actual if g else None) if running else None,
                 "memory_max_bytes": rt.intent.memory.max,
                 "memory_min_bytes": rt.intent.memory_min,
@@ -323,24 +322,24 @@ class Supervisor:
                 "guests": guests}
 
     async def _sampler(self) -> None:
-        """Every interval: tail serial logs; CPU % from the rebalancer's last snapshot."""
+        """Every interval: tail the guests' serial logs into their event logs."""
         while True:
             interval = self.fleet.host.rebalance.interval if self.fleet else 1.0
             try:
-                await self._sample_once()
+                for rt in list(self.guests.values()):
+                    self._tail_serial(rt)
             except Exception as e:  # noqa: BLE001 - sampling must never stop
                 log.warning("sampler.failed", error=f"{type(e).__name__}: {e}")
             await asyncio.sleep(interval)
 
-    async def _sample_once(self) -> None:
-        """The rebalancer observes every running guest each interval (also when it only
-        observes); status reads its CPU rates instead of reading the cgroups again."""
+    def _cpu_percent(self, rt: GuestRuntime) -> float | None:
+        """From the rebalancer's last snapshot (it observes every running guest each
+        interval, also when it only observes), if taken since this run of the guest began."""
         snap = self.rebalancer.last if self.rebalancer else None
-        for rt in list(self.guests.values()):
-            self._tail_serial(rt)
-            o = snap.guests.get(rt.name) if snap is not None else None
-            if rt.state is GuestState.RUNNING and o is not None:
-                rt.cpu_percent = None if o.cpu_rate is None else round(o.cpu_rate * 100, 1)
+        o = snap.guests.get(rt.name) if snap is not None else None
+        if o is None or o.cpu_rate is None or (rt.started_at or 0) > snap.t:
+            return None
+        return round(o.cpu_rate * 100, 1)
 
     def _sync_rebalancer(self) -> None:
         """One loop per supervisor once there is a fleet: it rebalances when
@@ -469,7 +468,6 @@ class Supervisor:
         rt.guest = g
         rt.state = GuestState.RUNNING
         rt.started_at = time.time()
-        rt.cpu_percent = None
         self._bump()
         self.event(rt, "ready", pid=g.pid, after_s=round(time.monotonic() - t0, 2))
         self._save(rt)

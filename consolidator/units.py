@@ -121,3 +121,14 @@ def format_duration(seconds: float) -> str:
             if q or name == "s":
                 parts.append(f"{q}{name}")
     return "".join(parts) if parts else "0s"
+
+
+def human_duration(s: float) -> str:
+    """Approximate, for people reading reports: ``98 s``, ``12 min``, ``3.5 h``, ``6.9 d``."""
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
