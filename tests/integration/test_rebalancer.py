@@ -135,6 +135,15 @@ def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
               f"{ {n: b // MiB for n, b in balloons(f).items()} }")
         assert sum(balloons(f).values()) <= budget
         assert all(b >= 96 * MiB for b in balloons(f).values())
+        # the baseline is a's settled idle size, not a size on its way down: the burst's
+        # threshold (150 MiB above it) must not depend on when the shrink was sampled
+        last: dict[str, dict[str, int]] = {}
+
+        def settled() -> bool:                 # no balloon moved by 8 MiB in a second
+            now, prev = balloons(f), last.get("b")
+            last["b"] = now
+            return prev is not None and all(abs(now[n] - prev[n]) < 8 * MiB for n in now)
+        wait_for(lambda: (time.sleep(1.0), settled())[1], 15, "idle balloons to settle")
         before = balloons(f)
         seen_min = dict(before)
         # a allocates 150 MiB: its balloon deflates before the allocation fails
@@ -142,9 +151,11 @@ def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
         held = f.cli("agent", "a", "mem", "150", "--timeout", "60").stdout
         assert "mem_mib=150" in held
         reached = None
+        trace = []
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             b = balloons(f)
+            trace.append(b["a"] // MiB)
             for n, v in b.items():
                 seen_min[n] = min(seen_min[n], v)
             assert sum(b.values()) <= budget + 8 * MiB
@@ -154,7 +165,8 @@ def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
         status = dict(x.split("=") for x in f.cli("agent", "a", "status").stdout.split())
         assert status["oom_kill"] == "0"
         print(f"a's balloon reached working set + headroom in {reached}s; "
-              f"{ {n: v // MiB for n, v in balloons(f).items()} }")
+              f"{ {n: v // MiB for n, v in balloons(f).items()} }; a from "
+              f"{before['a'] // MiB} MiB every 0.25 s: {sorted(set(trace), key=trace.index)}")
         assert reached is not None and reached <= 5.0     # from the start of the allocation
         assert all(v >= 96 * MiB for v in seen_min.values())
         ex = json.loads(f.cli("status", "--json", "--explain").stdout)
