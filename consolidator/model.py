@@ -1,22 +1,72 @@
-"""The desired fleet: a validated inventory, resolved into what the planner compares.
+"""The desired fleet, and the lifecycle states of its guests.
 
-A :class:`Fleet` is what ``apply`` wants to be true. Compared with the inventory it
-has every default filled in and every reference resolved: each guest carries
-the definition of its image and, per NIC, the prefix, gateway and MAC it will
-get. So a change to a network's gateway or an image's kernel shows up as a
-change to the guests that use them, which is what it is.
+A :class:`Fleet` is what ``apply`` wants to be true: a validated inventory
+(:mod:`consolidator.inventory`) resolved by :func:`resolve`, with every default filled
+in and every reference followed. Each guest carries the definition of its image and,
+per NIC, the prefix, gateway and MAC it will get. So a change to a network's gateway
+or an image's kernel shows up as a change to the guests that use them, which is what
+it is.
+
+:class:`GuestState` is the guest's lifecycle as the planner and the supervisor see it,
+with the table of the transitions allowed between states. The planner reads states;
+only the supervisor's runtime (:mod:`consolidator.daemon.runtime`) moves a guest from
+one to another, through that table.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import ipaddress
 import json
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .inventory.schema import CpuSpec, HostSpec, ImageSpec, MemorySpec, NetworkSpec, Size
+from .hostfacts import HostFacts
+from .inventory import Inventory, load_inventory, validate
+from .inventory.derive import budget, derive_mac, resolved_image, usable_cpus
+from .inventory.schema import (BUILTIN_IMAGES, CpuSpec, HostSpec, ImageSpec, MemorySpec,
+                               NetworkSpec, Size)
+from .units import human_size
+
+
+class GuestState(enum.StrEnum):
+    DEFINED = "defined"      # known, never started (or definition changed while stopped)
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"      # clean exit, or stopped by the operator
+    CRASHED = "crashed"      # died; the restart policy may bring it back
+    FAILED = "failed"        # gave up restarting; waits for apply or start
+    ORPHANED = "orphaned"    # a QEMU runs but its QMP could not be reattached
+
+    @property
+    def active(self) -> bool:
+        """A QEMU process exists (or is being made) for it."""
+        return self in (GuestState.STARTING, GuestState.RUNNING, GuestState.STOPPING,
+                        GuestState.ORPHANED)
+
+    def may_become(self, new: "GuestState") -> bool:
+        return new in TRANSITIONS[self]
+
+
+_S = GuestState
+#: Every move a guest may make. A move not here is a bug, and the runtime refuses it.
+#: Reattach after a supervisor restart moves a guest recorded as active to running
+#: (adopted), orphaned (QMP lost) or crashed (it vanished).
+TRANSITIONS: dict[GuestState, frozenset[GuestState]] = {
+    _S.DEFINED: frozenset({_S.DEFINED, _S.STARTING}),
+    _S.STARTING: frozenset({_S.RUNNING, _S.STOPPED, _S.CRASHED, _S.ORPHANED}),
+    _S.RUNNING: frozenset({_S.RUNNING, _S.STOPPING, _S.STOPPED, _S.CRASHED, _S.ORPHANED}),
+    _S.STOPPING: frozenset({_S.RUNNING, _S.STOPPED, _S.CRASHED, _S.ORPHANED}),
+    _S.STOPPED: frozenset({_S.DEFINED, _S.STARTING, _S.FAILED}),
+    _S.CRASHED: frozenset({_S.DEFINED, _S.STARTING, _S.STOPPED, _S.FAILED}),
+    _S.FAILED: frozenset({_S.DEFINED, _S.STARTING, _S.STOPPED}),
+    _S.ORPHANED: frozenset({_S.ORPHANED, _S.RUNNING, _S.STOPPED, _S.CRASHED}),
+}
 
 
 class _Frozen(BaseModel):
@@ -71,7 +121,6 @@ class Fleet(_Frozen):
     def summary(self) -> str:
         vcpus = sum(g.vcpus for g in self.guests.values())
         mem = sum(g.memory.max for g in self.guests.values())
-        from .units import human_size
         return (f"instance {self.instance}: {len(self.guests)} guests, {len(self.networks)} "
                 f"networks, {vcpus} vCPUs, {human_size(mem)} max memory, "
                 f"budget {human_size(self.budget)}")
@@ -85,3 +134,38 @@ def _hash(obj: object) -> str:
 def nic_address(ip: str | None) -> str | None:
     """``10.0.0.5/24`` -> ``10.0.0.5``."""
     return str(ipaddress.ip_interface(ip).ip) if ip else None
+
+
+def resolve(inv: Inventory, facts: HostFacts, base_dir: Path) -> Fleet:
+    """The fleet a *validated* inventory describes on this host."""
+    images = {n: resolved_image(s, base_dir) for n, s in {**BUILTIN_IMAGES,
+                                                          **inv.images}.items()}
+    guests = {}
+    for name, g in inv.guests.items():
+        nics = []
+        for i, nic in enumerate(g.nics):
+            net = inv.networks[nic.network]
+            nics.append(NicIntent(network=nic.network,
+                                  mac=nic.mac or derive_mac(inv.instance, name, i),
+                                  ip=nic_address(nic.ip), prefix=net.subnet.prefixlen,
+                                  gateway=nic_address(net.gateway)))
+        mem = g.memory
+        guests[name] = GuestIntent(
+            name=name, image=g.image, image_spec=images[g.image], vcpus=g.vcpus, cpu=g.cpu,
+            memory=MemorySpec(max=mem.max, min=mem.max if mem.min is None else mem.min,
+                              shares=mem.shares),
+            nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels)
+    return Fleet(instance=inv.instance, host=inv.host, budget=budget(inv.host, facts),
+                 usable_cpus=max(usable_cpus(inv.host, facts), 0.0), images=images,
+                 networks=dict(inv.networks), guests=guests)
+
+
+def parse_fleet(text: str, file: str, facts: HostFacts, base_dir: Path | None = None) -> Fleet:
+    """Validate inventory ``text`` (named ``file`` in errors) and resolve it."""
+    return resolve(validate(text, file, facts, base_dir), facts, base_dir or Path("."))
+
+
+def load_fleet(path: str | os.PathLike[str], facts: HostFacts | None = None) -> Fleet:
+    """Read, validate and resolve an inventory file. Raises InventoryError."""
+    facts = facts or HostFacts.probe()
+    return resolve(load_inventory(path, facts), facts, Path(path).parent)

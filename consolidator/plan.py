@@ -14,21 +14,26 @@ Restart and replace actions that would disturb a *running* guest are planned
 only with ``allow_restart``; otherwise they are returned as :class:`Pending`.
 Removals are planned only with ``prune``.
 
-Actions come in dependency order, in five phases: guests stop or go; networks
-go; networks come or change; guests change live; guests are defined and
-started. So a network always exists before a guest on it starts, and every
-guest has left a network before it is removed.
+Actions come in dependency order, in seven phases (:data:`PHASES`): guests stop
+or go; networks go; networks come or change; host settings change; guests change
+live; guests are defined; guests start. So a network always exists before a guest
+on it starts, and every guest has left a network before it is removed.
+
+A plan has a :meth:`Plan.digest`: the supervisor executes a plan only when its own
+plan from the same state has the digest of the one the operator was shown.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .errors import PlanError
 from .inventory.schema import HostSpec, NetworkSpec
-from .model import Fleet, GuestIntent
+from .model import Fleet, GuestIntent, GuestState
 from .units import parse_size
 
 
@@ -40,23 +45,6 @@ class Impact(enum.StrEnum):
     @property
     def rank(self) -> int:
         return {"live": 0, "restart": 1, "replace": 2}[self.value]
-
-
-class GuestState(enum.StrEnum):
-    DEFINED = "defined"      # known, never started (or definition changed while stopped)
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"      # clean exit, or stopped by the operator
-    CRASHED = "crashed"      # died; the restart policy may bring it back
-    FAILED = "failed"        # gave up restarting; waits for apply or start
-    ORPHANED = "orphaned"    # a QEMU runs but its QMP could not be reattached
-
-    @property
-    def active(self) -> bool:
-        """A QEMU process exists (or is being made) for it."""
-        return self in (GuestState.STARTING, GuestState.RUNNING, GuestState.STOPPING,
-                        GuestState.ORPHANED)
 
 
 # ------------------------------------------------------------------ observed state
@@ -339,25 +327,36 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"format": 1, "actions": [a.to_json() for a in self.actions],
                 "pending": [p.to_json() for p in self.pending], "notes": list(self.notes),
-                "counts": self.counts()}
+                "counts": self.counts(), "digest": self.digest()}
+
+    def digest(self) -> str:
+        """What this plan does, as a hash: every action with its changes, every pending
+        change and note. Two plans with one digest do the same thing."""
+        doc = {"actions": [a.to_json() for a in self.actions],
+               "pending": [p.to_json() for p in self.pending], "notes": list(self.notes)}
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
 
 
 # ------------------------------------------------------------------------ planning
 
-def _phase(a: Action) -> int:
-    if isinstance(a, (StopGuest, RemoveGuest)):
-        return 0
-    if isinstance(a, RemoveNetwork):
-        return 1
-    if isinstance(a, (CreateNetwork, UpdateNetwork)):
-        return 2
-    if isinstance(a, UpdateHost):
-        return 3
-    if isinstance(a, UpdateGuest):
-        return 4
-    if isinstance(a, CreateGuest):
-        return 5
-    return 6  # StartGuest
+#: The dependency order of actions: a phase runs only after every earlier one.
+PHASES: tuple[tuple[type[Action], ...], ...] = (
+    (StopGuest, RemoveGuest),
+    (RemoveNetwork,),
+    (CreateNetwork, UpdateNetwork),
+    (UpdateHost,),
+    (UpdateGuest,),
+    (CreateGuest,),
+    (StartGuest,),
+)
+
+
+def phase(a: Action) -> int:
+    for i, kinds in enumerate(PHASES):
+        if isinstance(a, kinds):
+            return i
+    raise PlanError(f"no phase for action {type(a).__name__}")
 
 
 def plan(desired: Fleet, observed: Observed, *, prune: bool = False, purge: bool = False,
@@ -468,7 +467,7 @@ def plan(desired: Fleet, observed: Observed, *, prune: bool = False, purge: bool
         else:
             actions.append(RemoveNetwork(name, Impact.REPLACE))
 
-    ordered = sorted(enumerate(actions), key=lambda ia: (_phase(ia[1]), ia[1].name, ia[0]))
+    ordered = sorted(enumerate(actions), key=lambda ia: (phase(ia[1]), ia[1].name, ia[0]))
     return Plan(tuple(a for _, a in ordered), tuple(sorted(pending, key=lambda p: (p.target,
                                                                                     p.name))),
                 tuple(notes))

@@ -6,30 +6,39 @@ Layout (format 1), mode 0700 throughout::
     <state>/applied.json             last applied fleet, its hash and the inventory text
     <state>/networks/<name>.json     a network as created (spec + kernel object names)
     <state>/guests/<name>/record.json   a guest as defined/launched (intent, state, pid, ...)
+    <state>/guests/<name>/log.jsonl  its serial lines and supervisor events
+    <state>/guests/<name>/disk.qcow2 its disk overlay: kept until an explicit purge
     <state>/guests/<name>/run/       QMP and console sockets, pidfile (0700)
     <state>/images/                  the image cache
     <state>/history.sqlite           samples for reports
     <state>/supervisor/              lock, API socket, daemon log
 
 Every write is atomic: write a temporary file, fsync, rename, fsync the directory.
+:class:`StateDir` is the only writer of records and of ``applied.json``; in the
+supervisor, records are written by its runtime alone (:mod:`consolidator.daemon.runtime`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from .errors import StateError
 from .inventory.schema import HostSpec, NetworkSpec
-from .model import Fleet, GuestIntent
-from .plan import GuestState, Observed, ObservedGuest
+from .model import Fleet, GuestIntent, GuestState
+from .plan import Observed, ObservedGuest
 
 FORMAT = 1
 FORMAT_TAG = f"consolidator-state {FORMAT}\n"
 DEFAULT_STATE_DIR = "/var/lib/consolidator"
+#: A guest's files that hold its data: kept by destroy and prune unless purged.
+DISK_SUFFIXES = (".qcow2",)
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
@@ -106,6 +115,9 @@ class StateDir:
     def guest_record_path(self, name: str) -> Path:
         return self.guest_dir(name) / "record.json"
 
+    def guest_log_path(self, name: str) -> Path:
+        return self.guest_dir(name) / "log.jsonl"
+
     def network_record_path(self, name: str) -> Path:
         return self.networks_dir / f"{name}.json"
 
@@ -145,10 +157,14 @@ class StateDir:
             return None
         return read_json(self.applied_path)
 
-    def write_applied(self, fleet: Fleet, inventory_text: str, applied_at: float) -> None:
+    def write_applied(self, fleet: Fleet, inventory_text: str, *, complete: bool,
+                      index: int) -> None:
+        """The fleet being applied (``complete`` false: written ahead, so a supervisor
+        killed mid-apply is followed by one that knows it) or applied."""
         write_json(self.applied_path, {
-            "format": FORMAT, "hash": fleet.fleet_hash(), "applied_at": applied_at,
-            "fleet": fleet.model_dump(mode="json"), "inventory": inventory_text})
+            "format": FORMAT, "hash": fleet.fleet_hash(), "applied_at": time.time(),
+            "complete": complete, "index": index, "fleet": fleet.model_dump(mode="json"),
+            "inventory": inventory_text})
 
     # -- records
     def read_guest_record(self, name: str) -> dict[str, Any] | None:
@@ -158,6 +174,42 @@ class StateDir:
     def write_guest_record(self, name: str, record: dict[str, Any]) -> None:
         self.guest_dir(name).mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json(self.guest_record_path(name), {"format": FORMAT, **record})
+
+    def remove_guest_files(self, name: str, *, purge: bool) -> None:
+        """Everything of the guest but its disks; with ``purge``, its disks too."""
+        gdir = self.guest_dir(name)
+        if purge:
+            shutil.rmtree(gdir, ignore_errors=True)
+            return
+        for p in gdir.iterdir() if gdir.is_dir() else []:
+            if p.suffix in DISK_SUFFIXES:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        with contextlib.suppress(OSError):
+            gdir.rmdir()
+
+    def remove_network_record(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.network_record_path(name).unlink()
+
+    def clear(self, *, purge: bool) -> None:
+        """Forget the fleet: every record, the applied fleet and the guests' files; the
+        disks stay unless ``purge``. The image cache and the history stay."""
+        for g in self.guest_names() + self._guest_dirs_without_record():
+            self.remove_guest_files(g, purge=purge)
+        for n in self.network_names():
+            self.remove_network_record(n)
+        with contextlib.suppress(FileNotFoundError):
+            self.applied_path.unlink()
+
+    def _guest_dirs_without_record(self) -> list[str]:
+        if not self.guests_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.guests_dir.iterdir()
+                      if p.is_dir() and not (p / "record.json").exists())
 
     def guest_names(self) -> list[str]:
         if not self.guests_dir.is_dir():

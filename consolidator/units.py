@@ -132,3 +132,21 @@ def human_duration(s: float) -> str:
     if s < 2 * 86400:
         return f"{s / 3600:.1f} h"
     return f"{s / 86400:.1f} d"
+
+
+def human_uptime(s: float | None) -> str:
+    """An uptime for tables, in whole seconds and at most two units: ``0s``, ``42s``,
+    ``5m07s``, ``3h02m``, ``2d05h``. ``None`` prints as ``-``."""
+    if s is None:
+        return "-"
+    n = int(max(s, 0))
+    d, n = divmod(n, 86400)
+    h, n = divmod(n, 3600)
+    m, sec = divmod(n, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{sec:02d}s"
+    return f"{sec}s"

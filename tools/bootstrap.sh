@@ -67,6 +67,8 @@ case "$cmd" in
     test)
         say "ruff (pyflakes checks)"
         "$VENV/bin/ruff" check consolidator tools tests
+        say "lint-imports (the layering contract in pyproject.toml)"
+        "$VENV/bin/lint-imports"
         say "pytest"
         set +e
         "$VENV/bin/python" -m pytest "$@"

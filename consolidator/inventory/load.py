@@ -1,4 +1,4 @@
-"""Load an inventory file into a :class:`~consolidator.model.Fleet`, or report every error.
+"""Read and validate an inventory file, or report every error in it.
 
 Three passes, all of which always run, so the operator sees every problem at once:
 
@@ -6,7 +6,9 @@ Three passes, all of which always run, so the operator sees every problem at onc
 2. Structure, through pydantic: unknown keys (with a suggestion), types, sizes.
 3. Meaning, through :mod:`.checks`, on every section that parsed.
 
-Each problem is reported as ``FILE:LINE:COL: dotted.path: message``.
+Each problem is reported as ``FILE:LINE:COL: dotted.path: message [CODE]``. What comes
+out is the validated :class:`~.schema.Inventory`; :func:`consolidator.model.resolve`
+turns it into the fleet.
 """
 
 from __future__ import annotations
@@ -24,16 +26,15 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import InventoryError, Problem
 from ..hostfacts import HostFacts
-from ..model import Fleet
 from . import checks
+from .reporter import Reporter
 from .schema import GuestSpec, HostSpec, ImageSpec, Inventory, NetworkSpec
-from .yamlpos import Mark, SourceMap, load_yaml
+from .yamlpos import Mark, load_yaml
 
 DEFAULT_FILE = "inventory.yaml"
 
 
 def _all_field_names() -> set[str]:
-    from pydantic import BaseModel as _BM
     names: set[str] = set()
     stack: list[type] = [Inventory]
     while stack:
@@ -42,81 +43,70 @@ def _all_field_names() -> set[str]:
             names.add(n)
             for t in typing.get_args(f.annotation) + (f.annotation,):
                 for tt in (t, *typing.get_args(t)):
-                    if isinstance(tt, type) and issubclass(tt, _BM) and tt not in stack:
+                    if isinstance(tt, type) and issubclass(tt, BaseModel) and tt not in stack:
                         stack.append(tt)
     return names
 
 
-def dotted(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(root)"
-
-
-class Reporter:
-    """Collects problems, placing each by the source map."""
-
-    def __init__(self, source: SourceMap) -> None:
-        self.source = source
-        self.problems: list[Problem] = []
-
-    def at(self, mark: Mark, loc: tuple, message: str, hint: str | None = None) -> None:
-        self.problems.append(Problem(self.source.file, mark.line, mark.col, dotted(loc),
-                                     message, hint))
-
-    def value(self, loc: tuple, message: str, hint: str | None = None) -> None:
-        self.at(self.source.value(loc), loc, message, hint)
-
-    def key(self, loc: tuple, message: str, hint: str | None = None) -> None:
-        self.at(self.source.key(loc), loc, message, hint)
-
-
-def load_inventory(path: str | os.PathLike[str], facts: HostFacts | None = None) -> Fleet:
-    """Read and validate ``path``. Raises :class:`InventoryError` listing every problem."""
-    p = Path(path)
+def read_inventory(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """The file's text and the name problems show it under. Raises Y004 problems."""
     shown = str(path)
     try:
-        text = p.read_text()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise InventoryError([Problem(shown, 1, 1, "(file)", "no such file",
-                                      "pass -f FILE or run from the inventory's directory")])
-    except (OSError, UnicodeDecodeError) as e:
-        raise InventoryError([Problem(shown, 1, 1, "(file)", f"cannot read: {e}")])
-    return parse_inventory(text, shown, facts or HostFacts.probe(), base_dir=p.parent)
+                                      "pass -f FILE or run from the inventory's directory",
+                                      "Y004")]) from None
+    except OSError as e:
+        raise InventoryError([Problem(shown, 1, 1, "(file)", f"cannot read: {e.strerror}",
+                                      None, "Y004")]) from None
+    try:
+        return data.decode("utf-8"), shown
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise InventoryError([Problem(shown, line, col, "(file)",
+                                      f"byte 0x{data[e.start]:02x} is not UTF-8",
+                                      "save the file as UTF-8", "Y004")]) from None
 
 
-def parse_inventory(text: str, file: str, facts: HostFacts, base_dir: Path | None = None) -> Fleet:
+def load_inventory(path: str | os.PathLike[str], facts: HostFacts) -> Inventory:
+    """Read and validate ``path``. Raises :class:`InventoryError` listing every problem."""
+    text, shown = read_inventory(path)
+    return validate(text, shown, facts, base_dir=Path(path).parent)
+
+
+def validate(text: str, file: str, facts: HostFacts, base_dir: Path | None = None
+             ) -> Inventory:
+    """Every check, every problem at once: the validated inventory, or InventoryError."""
     try:
         data, source, yproblems = load_yaml(text, file)
     except yaml.MarkedYAMLError as e:
         mark = Mark.of(e.problem_mark or e.context_mark)
         msg = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
-        raise InventoryError([Problem(file, mark.line, mark.col, "yaml", msg)]) from None
+        raise InventoryError([Problem(file, mark.line, mark.col, "yaml", msg, None,
+                                      "Y001")]) from None
     rep = Reporter(source)
     for yp in yproblems:
-        rep.at(yp.mark, yp.path, yp.message)
+        rep.at(yp.code, yp.mark, yp.path, yp.message)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        rep.value((), f"the inventory must be a mapping, got {type(data).__name__}")
+        rep.value("Y003", (), f"the inventory must be a mapping, got {type(data).__name__}")
         raise InventoryError(rep.problems)
 
+    inventory = None
     try:
-        Inventory.model_validate(data)
+        inventory = Inventory.model_validate(data)
     except ValidationError as e:
         for err in _merge_union_errors(e.errors()):
             _report_pydantic(rep, err)
 
-    parsed = _parse_sections(data)
-    fleet = checks.run(rep, data, parsed, facts, base_dir or Path("."))
+    checks.run(rep, data, _parse_sections(data), facts, base_dir or Path("."))
     if rep.problems:
         raise InventoryError(_dedupe(rep.problems))
-    assert fleet is not None
-    return fleet
+    assert inventory is not None
+    return inventory
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
@@ -222,14 +212,14 @@ def _report_pydantic(rep: Reporter, err: dict[str, Any]) -> None:
         close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else (
             f"allowed here: {', '.join(allowed)}" if allowed else None)
-        rep.key(loc, f"unknown key {key!r}", hint)
+        rep.key("S001", loc, f"unknown key {key!r}", hint)
         return
     if kind == "missing":
-        rep.key(loc[:-1], f"{_MESSAGES['missing']}: {loc[-1]}")
+        rep.key("S002", loc[:-1], f"{_MESSAGES['missing']}: {loc[-1]}")
         return
     msg = _MESSAGES.get(kind) or err["msg"]
     if kind == "union":
-        rep.value(loc, msg)
+        rep.value("S003", loc, msg)
         return
     if kind == "value_error":
         msg = str(err["ctx"]["error"]) if "ctx" in err else msg.removeprefix("Value error, ")
@@ -239,7 +229,7 @@ def _report_pydantic(rep: Reporter, err: dict[str, Any]) -> None:
         msg = err["msg"].replace("Input should be", "must be")
     if "input" in err and kind != "value_error" and _scalar(err["input"]):
         msg += f", got {_show(err['input'])}"
-    rep.value(loc, msg)
+    rep.value("S003", loc, msg)
 
 
 def _scalar(v: Any) -> bool:

@@ -61,6 +61,7 @@ class YamlProblem:
     path: Path
     mark: Mark
     message: str
+    code: str          # Y002 duplicate key, Y005 a key that is not a string
 
 
 class PositionLoader(yaml.SafeLoader):
@@ -101,13 +102,15 @@ class PositionLoader(yaml.SafeLoader):
                     shown = key if not isinstance(key, bool) else str(key).lower()
                     self.problems.append(YamlProblem(
                         path + (str(shown),), kmark,
-                        f"key {shown!r} is a {type(key).__name__}, not a string; quote it"))
+                        f"key {shown!r} is a {type(key).__name__}, not a string; quote it",
+                        "Y005"))
                     key = str(shown)
                 if key in first_seen:
                     f = first_seen[key]
                     self.problems.append(YamlProblem(
                         path + (key,), kmark,
-                        f"duplicate key {key!r} (first defined at line {f.line}, column {f.col})"))
+                        f"duplicate key {key!r} (first defined at line {f.line}, column {f.col})",
+                        "Y002"))
                     continue
                 first_seen[key] = kmark
                 self.source.keys[path + (key,)] = kmark

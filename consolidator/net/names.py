@@ -1,4 +1,4 @@
-"""Deterministic names for kernel objects and MACs.
+"""Deterministic names for kernel objects.
 
 Every object carries the instance prefix, so two instances never collide and
 ``gc`` can find leftovers by prefix after a crash. Instance names are
@@ -92,8 +92,3 @@ def netns_is_ours(instance: str, name: str) -> bool:
 def nft_table_is_ours(instance: str, table: str) -> bool:
     return re.fullmatch(rf"{re.escape(instance)}_(guard|nat)", table) is not None
 
-
-def derive_mac(instance: str, guest: str, index: int) -> str:
-    """A locally administered unicast MAC (52:54:xx:xx:xx:xx) stable per instance/guest/NIC."""
-    h = hashlib.sha256(f"{instance}/{guest}/{index}".encode()).digest()
-    return "52:54:" + ":".join(f"{b:02x}" for b in h[:4])

@@ -30,6 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import CgroupError
+from ..inventory.schema import format_cpulist
+
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
 V2_CONTROLLERS = ("cpu", "cpuset", "memory", "io", "pids")
 
@@ -182,7 +185,7 @@ def memory_protection(guest_min: int) -> int:
 
 @dataclass(frozen=True)
 class CgroupSettings:
-    cpu_shares: int = 1024
+    cpu_shares: int | None = 1024            # None: leave the weight to its owner
     cpu_quota_cores: float | None = None     # None: no cap
     cpus: tuple[int, ...] | None = None      # pin; None: the parent's
     memory_limit: int | None = None          # bytes; None: no limit
@@ -191,7 +194,6 @@ class CgroupSettings:
 
 
 def format_cpus(cpus: tuple[int, ...]) -> str:
-    from ..inventory.schema import format_cpulist
     return format_cpulist(tuple(sorted(cpus)))
 
 
@@ -206,8 +208,8 @@ def v1_writes(s: CgroupSettings, parent_cpus: str) -> list[tuple[str, str, str]]
     """Pure: (controller, file, value) writes that make a v1 guest cgroup match ``s``."""
     quota = -1 if s.cpu_quota_cores is None else max(1000, round(s.cpu_quota_cores *
                                                                  CFS_PERIOD_US))
-    return [
-        shares_write("v1", s.cpu_shares),
+    weight = [shares_write("v1", s.cpu_shares)] if s.cpu_shares is not None else []
+    return weight + [
         ("cpu", "cpu.cfs_period_us", str(CFS_PERIOD_US)),
         ("cpu", "cpu.cfs_quota_us", str(quota)),
         ("cpuset", "cpuset.cpus", format_cpus(s.cpus) if s.cpus else parent_cpus),
@@ -223,8 +225,8 @@ def v2_writes(s: CgroupSettings, parent_cpus: str) -> list[tuple[str, str, str]]
     """Pure: (controller, file, value) writes for a v2 guest cgroup."""
     quota = "max" if s.cpu_quota_cores is None else str(max(1000, round(s.cpu_quota_cores *
                                                                         CFS_PERIOD_US)))
-    return [
-        shares_write("v2", s.cpu_shares),
+    weight = [shares_write("v2", s.cpu_shares)] if s.cpu_shares is not None else []
+    return weight + [
         ("cpu", "cpu.max", f"{quota} {CFS_PERIOD_US}"),
         ("cpuset", "cpuset.cpus", format_cpus(s.cpus) if s.cpus else ""),
         ("memory", "memory.max",
@@ -240,14 +242,6 @@ class CgroupUsage:
     cpu_usage_ns: int
     throttled_ns: int
     memory_current: int
-
-
-@dataclass(frozen=True)
-class CgroupStats(CgroupUsage):
-    nr_throttled: int
-    memory_peak: int | None
-    psi: dict[str, dict[str, float]]   # {"cpu": {"some_avg10":.., "some_total":..}, ...}
-    psi_scope: str                     # "cgroup" (v2) or "host" (v1: no per-cgroup PSI)
 
 
 def parse_psi(text: str) -> dict[str, float]:
@@ -277,7 +271,6 @@ def _read(p: Path) -> str:
 
 
 def _write(p: Path, value: str) -> None:
-    from ..errors import CgroupError
     try:
         with open(p, "w") as f:
             f.write(value)
@@ -290,7 +283,6 @@ class CgroupDriver:
 
     def __init__(self, layout: CgroupLayout, instance: str, parent: str | None = None,
                  backend: str | None = None) -> None:
-        from ..errors import CgroupError
         self.layout = layout
         self.instance = instance
         self.backend = backend or layout.backend
@@ -343,7 +335,6 @@ class CgroupDriver:
 
     def _v1_mkdirs(self, ctrl: str, target: Path) -> None:
         """mkdir -p below the supervisor's own cgroup, never above it."""
-        from ..errors import CgroupError
         base = self.layout.v1[ctrl].path_of(self.layout.own_v1.get(ctrl, "/"))
         todo = []
         p = target
@@ -471,7 +462,6 @@ class CgroupDriver:
 
     @staticmethod
     def _rmdir(d: Path, timeout: float = 5.0) -> None:
-        from ..errors import CgroupError
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -495,38 +485,20 @@ class CgroupDriver:
         return sorted(names)
 
     # -- stats
-    def _usage(self, guest: str) -> tuple[CgroupUsage, dict[str, int]]:
+    def usage(self, guest: str) -> CgroupUsage:
+        """What the rebalancer reads each interval: CPU and throttling counters, memory.
+        (PSI is read once per tick for the host: on v1 a guest's PSI is the host's.)"""
         if self.backend == "v2":
             d = self.base["unified"] / "guests" / guest
             cpu = parse_flat(_read(d / "cpu.stat"))
             mem = int(_read(d / "memory.current")) if (d / "memory.current").exists() else 0
             return CgroupUsage(cpu.get("usage_usec", 0) * 1000,
-                               cpu.get("throttled_usec", 0) * 1000, mem), cpu
+                               cpu.get("throttled_usec", 0) * 1000, mem)
         cpu = parse_flat(_read(self._dir_for("cpu", guest) / "cpu.stat"))
         usage = int(_read(self._dir_for("cpuacct", guest) / "cpuacct.usage")) \
             if "cpuacct" in self.base else 0
         mem = int(_read(self._dir_for("memory", guest) / "memory.usage_in_bytes"))
-        return CgroupUsage(usage, cpu.get("throttled_time", 0), mem), cpu
-
-    def usage(self, guest: str) -> CgroupUsage:
-        """The rebalancer's per-interval read: no peak, no PSI (the loop reads host PSI
-        once per tick; on v1 per-guest PSI is the host's anyway)."""
-        return self._usage(guest)[0]
-
-    def stats(self, guest: str) -> CgroupStats:
-        u, cpu = self._usage(guest)
-        if self.backend == "v2":
-            d = self.base["unified"] / "guests" / guest
-            peak = d / "memory.peak"
-            psi = {r: parse_psi(_read(d / f"{r}.pressure")) for r in ("cpu", "memory", "io")
-                   if (d / f"{r}.pressure").exists()}
-            return CgroupStats(u.cpu_usage_ns, u.throttled_ns, u.memory_current,
-                               cpu.get("nr_throttled", 0),
-                               int(_read(peak)) if peak.exists() else None, psi, "cgroup")
-        mem = self._dir_for("memory", guest)
-        return CgroupStats(u.cpu_usage_ns, u.throttled_ns, u.memory_current,
-                           cpu.get("nr_throttled", 0),
-                           int(_read(mem / "memory.max_usage_in_bytes")), host_psi(), "host")
+        return CgroupUsage(usage, cpu.get("throttled_time", 0), mem)
 
 
 def host_psi() -> dict[str, dict[str, float]]:

@@ -14,6 +14,10 @@ short, the weight is raised further by the shortfall. Everyone else keeps their 
 
 A weight changes only when it moves by more than ``min_change`` (hysteresis), so noise
 in demand does not flap the cgroup files.
+
+Demand is smoothed before the policy sees it (:func:`smooth_demand`): it rises at once
+and falls by half the gap a tick, so a guest that pauses for one interval keeps its
+reserve's weight rather than losing it and winning it back.
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ class CpuParams:
     contended: float = 0.90      # pool demand / capacity above which it is contended
     margin: float = 1.10         # weight headroom over the exact guarantee
     min_change: float = 0.10     # hysteresis: relative change needed to rewrite a weight
+
+
+def smooth_demand(previous: float | None, measured: float, fall: float = 0.5) -> float:
+    """Demand fed to the policy: up at once, down by ``fall`` of the gap each tick."""
+    if previous is None or measured > previous:
+        return measured
+    return previous + fall * (measured - previous)
 
 
 def _pool(g: CpuInput, host_cpus: tuple[int, ...]) -> frozenset[int]:

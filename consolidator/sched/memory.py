@@ -44,7 +44,7 @@ with hysteresis; soft and hard shrink the budget.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 MiB = 1 << 20
 
@@ -329,6 +329,10 @@ def _pace_growth(rows: dict[str, dict], by_name: dict[str, MemInput], budget: in
                         "memory back (budget)")
 
 
-def with_actual(g: MemInput, actual: int) -> MemInput:
-    """For simulators and tests: the same guest after its balloon moved."""
-    return replace(g, actual=actual)
+def watchdog_target(current: int | None, maximum: int, step: int) -> int | None:
+    """The fail-safe's step when the loop has stalled: one ``step`` towards deflated
+    (``maximum``), never past it. ``None``: nothing to do (already there). An unknown
+    size is taken as ``maximum``: with no controller, a guest keeps all its memory."""
+    cur = maximum if current is None else current
+    target = min(maximum, cur + step)
+    return target if target > cur else None

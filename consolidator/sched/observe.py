@@ -12,6 +12,12 @@ Per guest:
   With them, the range of sizes the balloon may have had when they were taken.
 
 Host: MemAvailable, PSI for memory and CPU (avg10, and the total's delta), CPU busy in cores.
+
+The observer sees guests only through :class:`Tracked` (a name, its intent and a
+:class:`GuestProbe`) and cgroups only through a usage reader: it never holds the
+supervisor or a QEMU object. A reading that fails is not dropped in silence: it is
+named in the guest's ``errors`` (``status`` shows them) and logged when it starts
+failing and when it recovers.
 """
 
 from __future__ import annotations
@@ -21,15 +27,40 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
-from ..errors import QMPError
-from ..hostfacts import read_meminfo
-from .cgroup import host_psi
+import structlog
 
-if TYPE_CHECKING:
-    from ..vm.guest import Guest
-    from .cgroup import CgroupDriver
+from ..errors import ConsolidatorError, QMPError
+from ..hostfacts import HostFacts, read_meminfo
+from ..model import GuestIntent
+from .cgroup import CgroupUsage, host_psi
+
+log = structlog.get_logger("observe")
+UsageReader = Callable[[str], CgroupUsage]
+
+
+class GuestProbe(Protocol):
+    """What the loop reads of a running guest (a :class:`consolidator.vm.guest.Guest`)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def balloon_actual(self) -> int | None: ...
+
+    def balloon_range(self, since: float) -> tuple[int, int] | None: ...
+
+    async def guest_stats(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """A running guest as the rebalancer sees it."""
+
+    name: str
+    intent: GuestIntent
+    probe: GuestProbe
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,7 @@ class GuestObs:
     stale: bool = True
     # smallest and largest size the balloon may have had when the stats were taken
     stats_balloon: tuple[int, int] | None = None
+    errors: tuple[str, ...] = ()          # readings that failed this tick, and why
 
     def working_set(self, max_bytes: int) -> int | None:
         """Memory the guest uses, ballooned pages excluded: ``total - available -
@@ -99,34 +131,42 @@ def _proc_stat() -> tuple[int, int]:
 
 
 class Observer:
-    def __init__(self, stale_after: float = 4.0) -> None:
-        from ..hostfacts import HostFacts
+    def __init__(self, stale_after: float = 4.0, ncpu: int | None = None) -> None:
         self.stale_after = stale_after
-        self.ncpu = max(1, HostFacts.probe().ncpus)
+        self.ncpu = max(1, ncpu if ncpu is not None else HostFacts.probe().ncpus)
         self._prev: dict[str, dict[str, Any]] = {}
         self._host_prev: dict[str, Any] = {}
+        self._failing: dict[str, tuple[str, ...]] = {}
 
     def forget(self, name: str) -> None:
         self._prev.pop(name, None)
+        self._failing.pop(name, None)
 
-    async def observe(self, guests: list[tuple[str, "Guest"]], cgroups: "CgroupDriver | None"
-                      ) -> Snapshot:
+    async def observe(self, guests: list[Tracked], usage: UsageReader | None) -> Snapshot:
         now, mono = time.time(), time.monotonic()
         host = self._host(mono)
-        stats = await asyncio.gather(*(self._guest_stats(g) for _, g in guests))
+        stats = await asyncio.gather(*(self._guest_stats(t.probe) for t in guests))
         out: dict[str, GuestObs] = {}
-        for (name, g), st in zip(guests, stats):
-            out[name] = self._guest(name, g, cgroups, st, now, mono)
+        for t, (st, st_err) in zip(guests, stats):
+            out[t.name] = self._guest(t.name, t.probe, usage, st, st_err, now, mono)
+            self._report(t.name, out[t.name].errors)
         return Snapshot(now, mono, host, out)
 
+    def _report(self, name: str, errors: tuple[str, ...]) -> None:
+        """Log a guest's failing readings when they start and when they stop failing."""
+        before = self._failing.get(name, ())
+        if errors and errors != before:
+            log.warning("observe.reading_failed", guest=name, errors=list(errors))
+        elif before and not errors:
+            log.info("observe.reading_recovered", guest=name)
+        self._failing[name] = errors
+
     @staticmethod
-    async def _guest_stats(g: "Guest") -> Any:
-        if g.qmp is None:
-            return None
+    async def _guest_stats(probe: GuestProbe) -> tuple[Any, str | None]:
         try:
-            return await g.qmp.guest_stats()
-        except QMPError:
-            return None
+            return await probe.guest_stats(), None
+        except QMPError as e:
+            return None, f"guest stats: {e.error_class or 'QMPError'}: {e.message}"
 
     def _host(self, mono: float) -> HostObs:
         mi = read_meminfo()
@@ -145,15 +185,19 @@ class Observer:
                        mem.get("some_avg10", 0.0), mem.get("full_avg10", 0.0),
                        psi.get("cpu", {}).get("some_avg10", 0.0), delta, busy)
 
-    def _guest(self, name: str, g: "Guest", cgroups: "CgroupDriver | None", st: Any,
-               now: float, mono: float) -> GuestObs:
+    def _guest(self, name: str, g: GuestProbe, usage: UsageReader | None, st: Any,
+               st_error: str | None, now: float, mono: float) -> GuestObs:
         prev = self._prev.get(name, {})
         cur: dict[str, Any] = {"mono": mono}
         fields: dict[str, Any] = {"balloon": g.balloon_actual}
+        errors = [st_error] if st_error else []
         dt = mono - prev["mono"] if "mono" in prev else None
-        if cgroups is not None:
-            with contextlib.suppress(Exception):
-                cs = cgroups.usage(name)
+        if usage is not None:
+            try:
+                cs = usage(name)
+            except (OSError, ValueError, ConsolidatorError) as e:
+                errors.append(f"cgroup usage: {type(e).__name__}: {e}")
+            else:
                 cur["cpu_ns"], cur["thr_ns"] = cs.cpu_usage_ns, cs.throttled_ns
                 fields["cgroup_memory"] = cs.memory_current
                 if dt and "cpu_ns" in prev:
@@ -161,7 +205,7 @@ class Observer:
                     fields["throttled_rate"] = max(0.0, (cs.throttled_ns - prev["thr_ns"])
                                                    / 1e9 / dt)
         if g.pid:
-            with contextlib.suppress(OSError):
+            try:
                 run, wait = schedstat(g.pid)
                 cur["run"], cur["wait"] = run, wait
                 if dt and "run" in prev:
@@ -169,6 +213,8 @@ class Observer:
                     fields["demand"] = max(0.0, demand)
                 with open(f"/proc/{g.pid}/statm") as f:
                     fields["rss"] = int(f.read().split()[1]) * 4096
+            except OSError as e:
+                errors.append(f"/proc/{g.pid}: {e.strerror or e}")
         if st is not None and st.last_update:
             age = now - st.last_update
             fields["stats_age"] = age
@@ -196,5 +242,5 @@ class Observer:
                 if k in fields:
                     cur[k] = fields[k]
         self._prev[name] = {**prev, **cur}
-        return GuestObs(name=name, **fields)
+        return GuestObs(name=name, errors=tuple(errors), **fields)
 

@@ -3,13 +3,22 @@
 Every ``host.rebalance.interval`` (default 1 s), or at once when the host's memory
 PSI trigger fires (poll on /proc/pressure/memory), it takes one snapshot
 (:mod:`.observe`), runs :func:`.cpu.cpu_policy` and :func:`.memory.memory_policy`, writes
-CPU weights through the cgroup driver and balloon targets through QMP where they
-changed, and logs each change with the inputs that caused it. The last decision per
-guest is kept for ``status --explain``.
+CPU weights and balloon targets where they changed, and logs each change with the
+inputs that caused it. The last decision per guest is kept for ``status --explain``.
+
+Like oVirt MoM's policy engine, it is handed what it may see and what it may move, and
+nothing else: the running guests (:class:`~.observe.Tracked`: name, intent, a probe), a
+cgroup usage reader, and :class:`Controls`, a weight setter and a balloon setter. It
+never sees the supervisor.
+
+While it is active it is the only writer of a running guest's CPU weight: a live
+change of a guest's CPU spec comes to it (:meth:`Rebalancer.respec`), which decides
+the weight again from the last readings, so an apply never fights it.
 
 Fail-safe: a watchdog checks the loop's heartbeat. When the loop is dead or stalled for
 ``3 x interval``, it logs it and walks every balloon towards deflated (max), one step a
-tick: without a controller a guest must end up with all its memory, never squeezed.
+tick (:func:`.memory.watchdog_target`): without a controller a guest must end up with
+all its memory, never squeezed.
 """
 
 from __future__ import annotations
@@ -19,18 +28,17 @@ import contextlib
 import os
 import select
 import time
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import structlog
 
 from ..errors import QMPError
-from .cpu import CpuInput, cpu_policy
-from .memory import HostState, MemHost, MemInput, MemParams, memory_policy
-from .observe import Observer, Snapshot
-
-if TYPE_CHECKING:
-    from ..supervisor import Supervisor
+from ..model import GuestIntent
+from .cpu import CpuDecision, CpuInput, cpu_policy, smooth_demand
+from .memory import (HostState, MemDecision, MemHost, MemInput, MemParams, memory_policy,
+                     watchdog_target)
+from .observe import Observer, Snapshot, Tracked, UsageReader
 
 log = structlog.get_logger("rebalancer")
 MiB = 1 << 20
@@ -38,6 +46,29 @@ MiB = 1 << 20
 
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n // MiB}MiB"
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop reads of the fleet, each tick."""
+
+    interval: float
+    enabled: bool             # false: observe and record only (host.rebalance.enabled)
+    budget: int               # guest memory budget, bytes
+    usable_cpus: float
+
+
+class Controls(Protocol):
+    """What the loop may move."""
+
+    async def set_weight(self, name: str, weight: int) -> bool:
+        """Write the guest's CPU weight; True when the file changed."""
+
+    async def set_balloon(self, name: str, target: int) -> None:
+        """Ask the guest's balloon for ``target`` bytes. Raises QMPError."""
+
+
+TickHook = Callable[[Snapshot, dict[str, Any]], None]
 
 
 class PsiTrigger:
@@ -63,14 +94,20 @@ class PsiTrigger:
 
 
 class Rebalancer:
-    def __init__(self, sup: "Supervisor", params: MemParams = MemParams()) -> None:
-        self.sup = sup
+    def __init__(self, settings: Callable[[], LoopSettings | None],
+                 guests: Callable[[], list[Tracked]], usage: UsageReader | None,
+                 controls: Controls, *, params: MemParams = MemParams(),
+                 observer: Observer | None = None) -> None:
+        self.settings = settings
+        self.guests = guests
+        self.usage = usage
+        self.controls = controls
         self.params = params
-        self.observer = Observer()
+        self.observer = observer or Observer()
         self.estimates: dict[str, float] = {}
         self.holds: dict[str, int] = {}
         self.demand: dict[str, float] = {}
-        self.weights: dict[str, int] = {}
+        self.weights: dict[str, int] = {}       # the weight last decided, per guest
         self.requested: dict[str, int] = {}     # balloon targets sent, per guest
         self.host_state = HostState.NORMAL
         self.explain: dict[str, dict[str, Any]] = {}
@@ -78,7 +115,9 @@ class Rebalancer:
         self.heartbeat = time.monotonic()
         self.ticks = 0
         self.tick_cpu_s: list[float] = []       # supervisor CPU seconds per tick (bench)
-        self.on_tick: list[Callable[[Snapshot, dict[str, Any]], None]] = []
+        self.on_tick: list[TickHook] = []
+        self._cpu_in: list[CpuInput] = []       # the last tick's CPU inputs (for respec)
+        self._was_active = False
         self._wake = asyncio.Event()
         self._psi: PsiTrigger | None = None
         self.loop_task: asyncio.Task[None] | None = None
@@ -86,8 +125,14 @@ class Rebalancer:
 
     @property
     def interval(self) -> float:
-        f = self.sup.fleet
-        return f.host.rebalance.interval if f else 1.0
+        s = self.settings()
+        return s.interval if s else 1.0
+
+    @property
+    def active(self) -> bool:
+        """False: observe and record only (host.rebalance.enabled: false)."""
+        s = self.settings()
+        return bool(s and s.enabled)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,6 +150,10 @@ class Rebalancer:
         if self.loop_task is not None:
             self.loop_task.cancel()
 
+    @property
+    def loop_alive(self) -> bool:
+        return self.loop_task is not None and not self.loop_task.done()
+
     async def close(self) -> None:
         for t in (self.loop_task, self.watchdog_task):
             if t is not None:
@@ -113,6 +162,18 @@ class Rebalancer:
                     await t
         if self._psi is not None:
             self._psi.close(asyncio.get_running_loop())
+
+    def forget(self, name: str) -> None:
+        """A guest (re)starts: its cgroup is new, and what was known of it is gone."""
+        for d in (self.estimates, self.holds, self.demand, self.weights, self.requested,
+                  self.explain):
+            d.pop(name, None)
+        self._cpu_in = [c for c in self._cpu_in if c.name != name]
+        self.observer.forget(name)
+
+    def owns_weight(self, name: str) -> bool:
+        """Whether the loop, not the apply, writes this guest's CPU weight now."""
+        return self.active and name in self.weights
 
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
@@ -132,66 +193,87 @@ class Rebalancer:
             del self.tick_cpu_s[:-200]
             self.heartbeat = time.monotonic()
 
-    def _running(self) -> list[tuple[str, Any, Any]]:
-        from ..plan import GuestState
-        return [(n, rt, rt.guest) for n, rt in self.sup.guests.items()
-                if rt.state is GuestState.RUNNING and rt.guest is not None
-                and rt.guest.qmp is not None]
-
-    @property
-    def active(self) -> bool:
-        """False: observe and record only (host.rebalance.enabled: false)."""
-        f = self.sup.fleet
-        return bool(f and f.host.rebalance.enabled)
-
     async def tick(self) -> None:
-        sup = self.sup
-        fleet = sup.fleet
-        ex = sup.executor
-        if fleet is None or ex is None:
+        settings = self.settings()
+        if settings is None:
             return
-        running = self._running()
-        snap = await self.observer.observe([(n, g) for n, _, g in running], ex.cgroups)
+        running = self.guests()
+        snap = await self.observer.observe(running, self.usage)
         self.last = snap
         self.ticks += 1
-        decisions: dict[str, Any] = {}
-        if not self.active:
-            self._notify(snap, {"budget": fleet.budget, "host_state": "static",
+        if not settings.enabled:
+            if self._was_active:
+                await self._restore_static(running)
+            self._was_active = False
+            self._notify(snap, {"budget": settings.budget, "host_state": "static",
                                 "decisions": {}})
             return
+        self._was_active = True
+        decisions: dict[str, Any] = {}
+        await self._cpu(snap, running, settings, decisions)
+        budget = await self._memory(snap, running, settings, decisions)
+        for t in running:
+            self.explain[t.name] = {"t": snap.t, **decisions.get(t.name, {})}
+        self._notify(snap, {"budget": budget, "host_state": self.host_state.value,
+                            "decisions": decisions})
 
-        # ---- CPU
+    async def _cpu(self, snap: Snapshot, running: list[Tracked], settings: LoopSettings,
+                   decisions: dict[str, Any]) -> None:
         cpu_in = []
-        for n, rt, g in running:
-            o = snap.guests[n]
+        for t in running:
+            o = snap.guests[t.name]
             want = o.demand if o.demand is not None else (o.cpu_rate or 0.0)
-            prev = self.demand.get(n)
-            dem = want if prev is None or want > prev else prev + 0.5 * (want - prev)
-            self.demand[n] = dem
-            cpu_in.append(CpuInput(n, rt.intent.cpu.shares, rt.intent.cpu.reserve,
-                                   rt.intent.vcpus, rt.intent.cpu.pin, dem,
-                                   o.cpu_rate or 0.0))
-        cpu_out = cpu_policy(cpu_in, host_cpus=tuple(range(self.observer.ncpu)),
-                             usable=fleet.usable_cpus, previous=self.weights)
-        for d in cpu_out:
-            if ex.cgroups is not None and d.changed:
-                if await asyncio.to_thread(ex.cgroups.set_shares, d.name, d.weight):
-                    log.info("cpu.weight", guest=d.name, old=d.previous, new=d.weight,
-                             reason=d.reason)
-            self.weights[d.name] = d.weight
-            decisions.setdefault(d.name, {})["cpu"] = {"weight": d.weight, "reason": d.reason,
-                                                       "demand": round(self.demand[d.name], 3)}
+            self.demand[t.name] = smooth_demand(self.demand.get(t.name), want)
+            cpu_in.append(_cpu_input(t.name, t.intent, self.demand[t.name], o.cpu_rate or 0.0))
+        self._cpu_in = cpu_in
+        for d in await self._decide_weights(settings.usable_cpus):
+            decisions.setdefault(d.name, {})["cpu"] = {
+                "weight": d.weight, "reason": d.reason,
+                "demand": round(self.demand.get(d.name, 0.0), 3)}
 
-        # ---- memory
+    async def _decide_weights(self, usable: float) -> list[CpuDecision]:
+        out = cpu_policy(self._cpu_in, host_cpus=tuple(range(self.observer.ncpu)),
+                         usable=usable, previous=self.weights)
+        for d in out:
+            if d.changed and await self.controls.set_weight(d.name, d.weight):
+                log.info("cpu.weight", guest=d.name, old=d.previous, new=d.weight,
+                         reason=d.reason)
+            self.weights[d.name] = d.weight
+        return out
+
+    async def respec(self, name: str, intent: GuestIntent) -> None:
+        """A live change of ``name``'s CPU spec (shares, reserve, pin): decide every weight
+        again at once, from the last tick's readings, and write what changed."""
+        s = self.settings()
+        if s is None or not s.enabled or not any(c.name == name for c in self._cpu_in):
+            return
+        self._cpu_in = [_cpu_input(name, intent, c.demand, c.usage) if c.name == name else c
+                        for c in self._cpu_in]
+        for d in await self._decide_weights(s.usable_cpus):
+            if d.name in self.explain:
+                self.explain[d.name]["cpu"] = {"weight": d.weight, "reason": d.reason,
+                                               "demand": round(self.demand.get(d.name, 0), 3)}
+
+    async def _restore_static(self, running: list[Tracked]) -> None:
+        """Rebalancing was switched off: every weight goes back to the inventory's shares."""
+        for t in running:
+            if self.weights.get(t.name) not in (None, t.intent.cpu.shares):
+                await self.controls.set_weight(t.name, t.intent.cpu.shares)
+        self.weights.clear()
+        self._cpu_in = []
+
+    async def _memory(self, snap: Snapshot, running: list[Tracked], settings: LoopSettings,
+                      decisions: dict[str, Any]) -> int:
+        """Balloon targets; returns the budget in force after host pressure."""
         mem_in = []
-        for n, rt, g in running:
-            o = snap.guests[n]
-            actual = o.balloon if o.balloon is not None else rt.intent.memory.max
-            mem_in.append(MemInput(n, rt.intent.memory.max, rt.intent.memory_min,
-                                   rt.intent.memory.shares, actual, o.total, o.available,
-                                   o.major_fault_rate, o.swap_in_rate, o.stale,
-                                   self.requested.get(n), o.stats_balloon))
-        host = MemHost(fleet.budget, snap.host.mem_available, snap.host.mem_total,
+        for t in running:
+            o = snap.guests[t.name]
+            m = t.intent.memory
+            actual = o.balloon if o.balloon is not None else m.max
+            mem_in.append(MemInput(t.name, m.max, t.intent.memory_min, m.shares, actual,
+                                   o.total, o.available, o.major_fault_rate, o.swap_in_rate,
+                                   o.stale, self.requested.get(t.name), o.stats_balloon))
+        host = MemHost(settings.budget, snap.host.mem_available, snap.host.mem_total,
                        snap.host.psi_mem_some10, snap.host.psi_mem_full10)
         res = memory_policy(mem_in, host, estimates=self.estimates, holds=self.holds,
                             prev_state=self.host_state, params=self.params)
@@ -211,12 +293,8 @@ class Rebalancer:
             if abs(d.target - d.actual) >= self.params.min_change and \
                     self.requested.get(d.name) != d.target:
                 sets.append(d)
-        g_by = {n: g for n, _, g in running}
-        await asyncio.gather(*(self._set_balloon(g_by[d.name], d) for d in sets))
-        for n, rt, _ in running:
-            self.explain[n] = {"t": snap.t, **decisions.get(n, {})}
-        self._notify(snap, {"budget": res.budget, "host_state": res.host_state.value,
-                            "decisions": decisions})
+        await asyncio.gather(*(self._set_balloon(d) for d in sets))
+        return res.budget
 
     def _notify(self, snap: Snapshot, info: dict[str, Any]) -> None:
         for hook in self.on_tick:
@@ -225,9 +303,9 @@ class Rebalancer:
             except Exception as e:  # noqa: BLE001 - a recorder failure never stops the loop
                 log.warning("rebalancer.hook_failed", error=f"{type(e).__name__}: {e}")
 
-    async def _set_balloon(self, g: Any, d: Any) -> None:
+    async def _set_balloon(self, d: MemDecision) -> None:
         try:
-            await g.qmp.set_balloon(d.target)
+            await self.controls.set_balloon(d.name, d.target)
         except QMPError as e:
             log.warning("balloon.set_failed", guest=d.name, error_class=e.error_class)
             return
@@ -252,22 +330,19 @@ class Rebalancer:
                 log.error("rebalancer.stalled", late_s=round(late, 1),
                           action="walking balloons towards deflated")
                 stalled = True
-            for n, rt, g in self._running():
-                cur = g.balloon_actual or rt.intent.memory.max
-                target = min(rt.intent.memory.max, cur + self.params.stale_step)
-                if target > cur:
-                    with contextlib.suppress(QMPError):
-                        await g.qmp.set_balloon(target)
-                        self.requested[n] = target
-                        self.explain.setdefault(n, {})["memory"] = {
-                            "target": target, "actual": cur, "ws": None, "pressure": False,
-                            "reason": "rebalancer stalled: watchdog deflating"}
+            for t in self.guests():
+                cur = t.probe.balloon_actual
+                target = watchdog_target(cur, t.intent.memory.max, self.params.stale_step)
+                if target is None:
+                    continue
+                with contextlib.suppress(QMPError):
+                    await self.controls.set_balloon(t.name, target)
+                    self.requested[t.name] = target
+                    self.explain.setdefault(t.name, {})["memory"] = {
+                        "target": target, "actual": cur, "ws": None, "pressure": False,
+                        "reason": "rebalancer stalled: watchdog deflating"}
 
-    def forget(self, name: str) -> None:
-        for d in (self.estimates, self.holds, self.demand, self.weights, self.requested,
-                  self.explain):
-            d.pop(name, None)
-        self.observer.forget(name)
 
-    def snapshot_json(self) -> dict[str, Any] | None:
-        return asdict(self.last) if self.last else None
+def _cpu_input(name: str, intent: GuestIntent, demand: float, usage: float) -> CpuInput:
+    return CpuInput(name, intent.cpu.shares, intent.cpu.reserve, intent.vcpus,
+                    intent.cpu.pin, demand, usage)

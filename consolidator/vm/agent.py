@@ -12,15 +12,7 @@ import base64
 import contextlib
 import itertools
 
-from ..errors import ConsolidatorError
-
-
-class AgentError(ConsolidatorError):
-    """The agent answered ``err``, or did not answer in time (``timeout`` True)."""
-
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
-        super().__init__(message)
-        self.timeout = timeout
+from ..errors import AgentError
 
 
 def parse_kv(payload: str) -> dict[str, str]:

@@ -37,7 +37,7 @@ from .. import linux
 from ..errors import ConflictError, LaunchError, QMPError, ReadyTimeout, RunstateError
 from .agent import Agent
 from .qemu import LaunchSpec, build_argv
-from .qmp import QMP
+from .qmp import QMP, GuestStats
 
 READY_MARK = b"CONSOLIDATOR-READY"
 SERIAL_LOG_CAP = 4 << 20
@@ -468,6 +468,19 @@ class Guest:
                               serial_tail=tail(self.paths.serial_log)) from cause
 
     # --------------------------------------------------------------- control
+    async def guest_stats(self) -> GuestStats | None:
+        """The balloon driver's guest stats; None when QMP is not connected."""
+        if self.qmp is None:
+            return None
+        return await self.qmp.guest_stats()
+
+    async def set_balloon(self, size: int) -> None:
+        """Ask the balloon for ``size`` bytes of guest RAM. Raises QMPError."""
+        if self.qmp is None:
+            raise QMPError(f"guest {self.name}: QMP is not connected",
+                           error_class="Disconnected", command="balloon")
+        await self.qmp.set_balloon(size)
+
     async def agent(self, timeout: float = 10.0) -> Agent:
         """The guest agent connection (builtin image), connected on first use."""
         self._require("talk to the agent", Runstate.RUNNING)

@@ -333,13 +333,30 @@ def _guestfs(name: str) -> bytes:
     return resources.files("consolidator.vm").joinpath("guestfs", name).read_bytes()
 
 
+def is_static_elf(path: str) -> bool:
+    """True when the ELF has no PT_INTERP program header (statically linked)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:
+                return False
+            phoff = int.from_bytes(head[32:40], "little")
+            phentsize = int.from_bytes(head[54:56], "little")
+            phnum = int.from_bytes(head[56:58], "little")
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+        return not any(int.from_bytes(table[i:i + 4], "little") == 3
+                       for i in range(0, len(table), phentsize))
+    except OSError:
+        return False
+
+
 def busybox_path() -> Path:
-    from ..doctor import _is_static_elf
     p = shutil.which("busybox")
     if not p:
         raise ImageError("busybox is not installed", hint="apt-get install busybox-static")
     real = Path(p).resolve()
-    if not _is_static_elf(str(real)):
+    if not is_static_elf(str(real)):
         raise ImageError(f"{real} is dynamically linked; the guest needs a static busybox",
                          hint="apt-get install busybox-static")
     return real

@@ -28,7 +28,7 @@ import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from consolidator.hostfacts import HostFacts  # noqa: E402
-from consolidator.inventory import parse_inventory  # noqa: E402
+from consolidator.model import parse_fleet  # noqa: E402
 from consolidator.vm.image import BuiltImage, build_tiny  # noqa: E402
 from consolidator.vm.launch import VirtHost, launch_spec, prepare_boot  # noqa: E402
 from consolidator.vm.guest import Guest  # noqa: E402
@@ -57,7 +57,7 @@ def virt_host() -> VirtHost:
 
 
 def intent_from(yaml_text: str, name: str):
-    fleet = parse_inventory(yaml_text, "test.yaml", HostFacts.probe())
+    fleet = parse_fleet(yaml_text, "test.yaml", HostFacts.probe())
     return fleet.guests[name]
 
 

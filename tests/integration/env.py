@@ -13,9 +13,9 @@ from typing import Any, Iterator
 
 import psutil
 
-from consolidator.executor import Executor
+from consolidator.daemon.executor import Executor
 from consolidator.hostfacts import HostFacts
-from consolidator.inventory import parse_inventory
+from consolidator.model import parse_fleet
 from consolidator.model import Fleet
 from consolidator.net import names
 from consolidator.net import netns as ns
@@ -113,7 +113,7 @@ def leftovers(instance: str) -> list[str]:
 def fleet_env(tmp_path: Path, template: str = THREE_GUESTS) -> Iterator[Env]:
     inst = unique_instance()
     os.environ["CONSOLIDATOR_IMAGE_CACHE"] = str(IMAGE_CACHE)
-    fleet = parse_inventory(template.format(inst=inst), "test.yaml", HostFacts.probe())
+    fleet = parse_fleet(template.format(inst=inst), "test.yaml", HostFacts.probe())
     state = StateDir(tmp_path / f"state-{inst}").ensure()
     env = Env(inst, fleet, Executor(fleet, state), asyncio.new_event_loop())
     try:
@@ -231,5 +231,5 @@ def cli_fleet(tmp_path: Path, text: str | None = None) -> Iterator[CliFleet]:
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, _signal.SIGKILL)
-        from consolidator import gc
-        gc.collect(inst, f.fabric)
+        from consolidator.daemon import teardown
+        teardown.collect(teardown.Scope(inst, f.fabric))

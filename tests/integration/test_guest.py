@@ -73,16 +73,15 @@ def test_boot_agent_balloon_load_and_graceful_stop(make_guest):
             after_mem = await agent.meminfo()
             await asyncio.sleep(1)
             after_rss = rss(g.pid)
-            print(f"balloon actual={actual >> 20}MiB MemTotal {before_mem['MemTotal'] >> 20}"
-                  f"->{after_mem['MemTotal'] >> 20} MemAvailable "
-                  f"{before_mem['MemAvailable'] >> 20}->{after_mem['MemAvailable'] >> 20} "
-                  f"RSS {before_rss >> 20}->{after_rss >> 20}MiB")
-            assert abs(actual - 128 * MiB) < 4 * MiB
+            seen = (f"balloon {actual >> 20} MiB, MemAvailable {before_mem['MemAvailable'] >> 20}"
+                    f"->{after_mem['MemAvailable'] >> 20} MiB, RSS {before_rss >> 20}->"
+                    f"{after_rss >> 20} MiB")
+            assert abs(actual - 128 * MiB) < 4 * MiB, seen
             # With deflate-on-oom (which we keep, as the OOM safety net), Linux counts
             # ballooned pages as used instead of shrinking MemTotal: usable memory drops.
             dropped = before_mem["MemAvailable"] - after_mem["MemAvailable"]
-            assert 100 * MiB < dropped < 150 * MiB, dropped >> 20
-            assert before_rss - after_rss > 64 * MiB
+            assert 100 * MiB < dropped < 150 * MiB, seen
+            assert before_rss - after_rss > 64 * MiB, seen
             await g.qmp.set_balloon(256 * MiB)
             await settle_balloon(g, 256 * MiB)
 
@@ -93,8 +92,8 @@ def test_boot_agent_balloon_load_and_graceful_stop(make_guest):
             held = await fresh_stats(g, base.last_update)
             held = await fresh_stats(g, held.last_update)
             fall = base.available - held.available
-            print(f"mem 64: available {base.available >> 20}->{held.available >> 20}MiB")
-            assert 56 * MiB < fall < 72 * MiB, fall >> 20
+            assert 56 * MiB < fall < 72 * MiB, \
+                f"available {base.available >> 20}->{held.available >> 20} MiB"
             await agent.mem(0)
 
             # -- cpu 100 on one vCPU: QEMU burns about one core
@@ -104,8 +103,7 @@ def test_boot_agent_balloon_load_and_graceful_stop(make_guest):
             await asyncio.sleep(5)
             cores = (cpu_seconds(g.pid) - c0) / (time.monotonic() - t0)
             await agent.cpu(0)
-            print(f"cpu 100: {cores:.2f} cores")
-            assert 0.8 < cores < 1.3
+            assert 0.8 < cores < 1.3, f"{cores:.2f} cores"
 
             # -- graceful stop within 10 s
             t = time.monotonic()
@@ -135,11 +133,11 @@ def test_disk_image_boots_from_overlay_and_base_is_untouched(make_guest, tmp_pat
     before = sha256(base)
     body = "{image: rooted}"
     from consolidator.hostfacts import HostFacts
-    from consolidator.inventory import parse_inventory
+    from consolidator.model import parse_fleet
     from consolidator.vm.launch import prepare_boot
     inv = (f"images:\n  rooted: {{builtin: tiny, disk: {base}}}\n"
            f"guests:\n  disk1: {body}\n")
-    intent = parse_inventory(inv, "t.yaml", HostFacts.probe()).guests["disk1"]
+    intent = parse_fleet(inv, "t.yaml", HostFacts.probe()).guests["disk1"]
     gdir = tmp_path / "disk1"
     gdir.mkdir()
     boot = prepare_boot(intent, tiny_image.dir.parent, gdir, built=tiny_image)

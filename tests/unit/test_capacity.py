@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from consolidator.sched.capacity import (INF, Capacity, Committed, Observed, Shape,
+from consolidator.report.capacity import (INF, Capacity, Committed, Observed, Shape,
                                          by_guarantees, by_observed, recommend_cpu,
                                          recommend_memory, tiered)
 
@@ -102,17 +102,27 @@ def test_cpu_recommendation(vcpus, reserve, p95, word):
 
 def test_report_with_no_history_still_gives_allocations_and_fits(tmp_path):
     from consolidator.hostfacts import HostFacts
-    from consolidator.inventory import load_inventory
-    from consolidator.report import build
+    from consolidator.model import load_fleet
+    from consolidator.report.document import build
     from consolidator.state import StateDir
     root = Path(__file__).resolve().parents[2]
-    fleet = load_inventory(root / "inventory.yaml", HostFacts.probe())
+    facts = HostFacts(cpus=(0, 1), memory_total=8 << 30)
+    fleet = load_fleet(root / "inventory.yaml", facts)
     st = StateDir(tmp_path / "state").ensure()
-    st.write_applied(fleet, "", 0.0)
-    doc = build(st.root, "1h")
+    st.write_applied(fleet, "", complete=True, index=1)
+    doc = build(st.root, "1h", facts=facts)
     assert doc["window"]["note"].startswith("no history recorded yet")
     assert doc["host"]["committed"]["vcpus"] == 3
-    assert doc["fits"] and doc["fits"][0]["by_guarantees"]["count"] >= 0
+    # by hand: 2 CPUs - 0.5 reserved = 1.5 usable; 3 x 0.25 reserved leaves 0.75, so 3
+    # more guests of reserve 0.25 (the vCPU ratio, 4 x 1.5 - 3 = 3, ties; memory allows
+    # 39 by overcommit and 52 by minimums): CPU binds first
+    assert [(f["shape"], f["by_guarantees"]["count"], f["by_guarantees"]["binding"])
+            for f in doc["fits"]] == [("vcpus=1,memory=256MiB,min=128MiB,reserve=0.25", 3,
+                                       "FAILCPU"),
+                                      ("vcpus=1,memory=256MiB,min=160MiB,reserve=0.25", 3,
+                                       "FAILCPU")]
+    assert doc["fits"][0]["by_guarantees"]["limits"] == {
+        "cpu_reserve": 3, "vcpu_overcommit": 3, "memory_min": 52, "memory_overcommit": 39}
     assert doc["fits"][0]["by_observed"] is None and doc["charts"] is None
     assert all(g["recommendation"]["memory"] == "no history yet" for g in doc["guests"])
     # every rendering works without history
@@ -120,7 +130,8 @@ def test_report_with_no_history_still_gives_allocations_and_fits(tmp_path):
 
     from rich.console import Console
 
-    from consolidator.report import tables, to_json, to_prom
+    from consolidator.report.document import to_json
+    from consolidator.report.text import tables, to_prom
     buf = io.StringIO()
     con = Console(file=buf, width=120, highlight=False)
     for r in tables(doc):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from consolidator.cli import cli
+from consolidator.cli.main import cli
 from consolidator.errors import ExitCode
-from consolidator.inventory import load_inventory
+from consolidator.model import load_fleet
 from consolidator.state import StateDir
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -29,7 +29,7 @@ def test_shipped_inventory_is_valid(tmp_path):
 
 
 def test_shipped_fleet_shape():
-    fleet = load_inventory(SHIPPED)
+    fleet = load_fleet(SHIPPED)
     assert set(fleet.guests) == {"web", "app", "db"}
     assert fleet.networks["front"].gateway and not fleet.networks["back"].gateway
     assert all(g.image == "tiny" for g in fleet.guests.values())
@@ -58,9 +58,9 @@ def test_plan_detailed_exitcode(tmp_path):
     assert res.exit_code == 2
     assert "+" in res.output and "network front" in res.output
     # record the fleet as applied and running: nothing left to do
-    fleet = load_inventory(SHIPPED)
+    fleet = load_fleet(SHIPPED)
     st = StateDir(tmp_path).ensure()
-    st.write_applied(fleet, SHIPPED.read_text(), 0.0)
+    st.write_applied(fleet, SHIPPED.read_text(), complete=True, index=1)
     for name, spec in fleet.networks.items():
         st.write_network_record(name, {"spec": spec.model_dump(mode="json")})
     for name, g in fleet.guests.items():
@@ -111,6 +111,6 @@ def test_relative_image_paths_are_absolute_in_the_fleet(tmp_path):
     (tmp_path / "k").write_text("kernel")
     inv = tmp_path / "inv.yaml"
     inv.write_text("images:\n  direct: {kernel: ./k}\nguests:\n  web: {image: direct}\n")
-    fleet = load_inventory(inv)
+    fleet = load_fleet(inv)
     assert fleet.guests["web"].image_spec.kernel == str(tmp_path / "k")
     assert fleet.images["direct"].kernel == str(tmp_path / "k")

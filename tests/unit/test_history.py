@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consolidator.errors import StateError
-from consolidator.sched.history import (SCHEMA_VERSION, History,
+from consolidator.report.history import (SCHEMA_VERSION, History,
                                         Retention, open_db, percentile)
 
 T0 = 1_800_000_000.0          # a minute- and hour-aligned epoch second
@@ -102,7 +102,7 @@ def test_schema_version_and_wal(tmp_path):
 WRITER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from consolidator.sched.history import History
+from consolidator.report.history import History
 h = History({path!r})
 i = 0
 while True:
@@ -139,7 +139,7 @@ def test_sigkill_mid_write_leaves_a_sound_database(tmp_path):
 @given(st.lists(st.one_of(st.none(), st.floats(0, 1e9)), min_size=0, max_size=2500),
        st.integers(1, 700))
 def test_thin_keeps_at_most_limit_points_and_every_value_once(values, limit):
-    from consolidator.sched.history import thin
+    from consolidator.report.history import thin
     pts = [(float(i), v) for i, v in enumerate(values)]
     known = [(t, v) for t, v in pts if v is not None]
     out = thin(pts, limit)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from consolidator.errors import PlanError
 from consolidator.inventory.schema import CpuSpec, HostSpec, ImageSpec, MemorySpec, NetworkSpec
 from consolidator.model import Fleet, GuestIntent, NicIntent
-from consolidator.net.names import derive_mac
+from consolidator.inventory.derive import derive_mac
 from consolidator.plan import (CreateGuest, CreateNetwork, GuestState, Impact, Observed,
                                ObservedGuest, RemoveGuest, RemoveNetwork, StartGuest, StopGuest,
                                UpdateGuest, UpdateNetwork, guest_changes, plan, simulate)
@@ -289,3 +289,27 @@ def test_plan_json_is_stable():
     assert j["format"] == 1
     assert [a["action"] for a in j["actions"]] == ["create-guest", "start-guest"]
     assert j["counts"]["create"] == 1 and j["counts"]["start"] == 1
+
+
+def test_the_digest_names_what_the_plan_does():
+    """apply-commit carries the digest of the plan shown; the supervisor runs only a plan
+    with the same digest, made from its own state."""
+    a = plan(fleet_of(BASE), Observed.empty())
+    again = plan(fleet_of(BASE), Observed.from_json(Observed.empty().to_json()))
+    assert a.digest() == again.digest() == a.to_json()["digest"]
+    running = Observed(instance="t", guests={"web": ObservedGuest(BASE, GuestState.RUNNING)})
+    other = plan(fleet_of(BASE.model_copy(update={"vcpus": 2})), running,
+                 allow_restart=True)
+    pending = plan(fleet_of(BASE.model_copy(update={"vcpus": 2})), running)
+    assert len({a.digest(), other.digest(), pending.digest()}) == 3
+
+
+def test_the_digest_survives_the_trip_through_the_socket():
+    """The CLI plans against the observed state it got as JSON, the supervisor against its
+    own: the same state must give the same digest."""
+    running = Observed(instance="t", guests={"web": ObservedGuest(BASE, GuestState.RUNNING)})
+    want = fleet_of(BASE.model_copy(update={"cpu": CpuSpec(shares=4096, limit=0.75)}))
+    cli = plan(Fleet.model_validate(want.model_dump(mode="json")),
+               Observed.from_json(running.to_json()))
+    daemon = plan(want, running)
+    assert cli.actions and cli.digest() == daemon.digest()

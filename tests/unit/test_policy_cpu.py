@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consolidator.sched.cpu import CpuInput, cpu_policy
+from consolidator.sched.cpu import CpuInput, cpu_policy, smooth_demand
 
 HOST = (0, 1)
 
@@ -107,3 +108,20 @@ def test_ordered_by_shares_at_equal_demand(shares, demand):
             sb = next(x.shares for x in gs if x.name == b.name)
             if sa < sb:
                 assert a.weight <= b.weight
+
+
+@pytest.mark.parametrize("prev,measured,want", [
+    (None, 0.3, 0.3),          # first reading: taken as it is
+    (0.2, 0.9, 0.9),           # up at once
+    (1.0, 0.0, 0.5),           # down by half the gap a tick
+    (0.5, 0.0, 0.25),
+    (0.4, 0.4, 0.4),
+])
+def test_demand_rises_at_once_and_falls_by_half_the_gap(prev, measured, want):
+    assert smooth_demand(prev, measured) == pytest.approx(want)
+
+
+def test_one_idle_tick_does_not_drop_a_busy_guest_below_half():
+    d = smooth_demand(None, 1.0)
+    d = smooth_demand(d, 0.0)
+    assert d == 0.5 and smooth_demand(d, 1.0) == 1.0

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consolidator.sched.memory import (HostState, MemHost, MemInput, MemParams, host_state,
-                                       memory_policy, with_actual)
+                                       memory_policy, watchdog_target)
 
 MiB = 1 << 20
 HOST = MemHost(budget=4096 * MiB, mem_available=20000 * MiB, mem_total=24000 * MiB)
@@ -126,7 +128,7 @@ def test_budget_takes_from_the_idlest_low_share_guest_first():
     # the guests hold 900 MiB now: busy is not squeezed, but waits for the room
     assert d["busy"].target == 300 * MiB and "held back" in d["busy"].reason
     # once the idle balloons have inflated, busy is fed
-    gs2 = [with_actual(g, d[g.name].target) for g in gs]
+    gs2 = [replace(g, actual=d[g.name].target) for g in gs]
     r, d = run(gs2, host, holds=r.holds, estimates=r.estimates)
     assert d["busy"].target > 300 * MiB
     assert sum(x.target for x in r.decisions) <= 700 * MiB
@@ -205,3 +207,13 @@ def test_properties(rows, budget_mib, psi):
     # never goes over the budget, or over what they already held
     holding = sum(max(d.target, by[d.name].actual) for d in r.decisions)
     assert holding <= max(r.budget, sum(g.actual for g in gs)) or not r.feasible
+
+
+@pytest.mark.parametrize("current,maximum,step,want", [
+    (128 * MiB, 512 * MiB, 32 * MiB, 160 * MiB),     # one step towards deflated
+    (500 * MiB, 512 * MiB, 32 * MiB, 512 * MiB),     # never past max
+    (512 * MiB, 512 * MiB, 32 * MiB, None),          # already there: nothing to do
+    (None, 512 * MiB, 32 * MiB, None),               # unknown size: taken as max
+])
+def test_the_watchdog_walks_balloons_towards_deflated(current, maximum, step, want):
+    assert watchdog_target(current, maximum, step) == want

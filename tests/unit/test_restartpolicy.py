@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consolidator.restartpolicy import BACKOFF_MAX, MAX_RESTARTS, WINDOW, backoff, decide
+from consolidator.daemon.restartpolicy import BACKOFF_MAX, MAX_RESTARTS, WINDOW, backoff, decide
 
 
 @pytest.mark.parametrize("policy,clean,restart", [

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consolidator.units import (UnitError, format_duration, format_size, human_size,
+from consolidator.units import (UnitError, format_duration, format_size, human_size, human_uptime,
                                 parse_duration, parse_size)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -79,3 +79,11 @@ def test_duration_round_trips(s):
     for num, unit in re.findall(r"(\d+)(ms|s|m|h|d)", text):
         total += parse_duration(f"{num}{unit}")
     assert total == s
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (None, "-"), (0, "0s"), (0.1, "0s"), (0.9, "0s"), (42.7, "42s"), (307, "5m07s"),
+    (3600, "1h00m"), (3 * 3600 + 125, "3h02m"), (2 * 86400 + 5 * 3600 + 59, "2d05h"),
+])
+def test_uptimes_read_the_same_way_in_every_row(seconds, text):
+    assert human_uptime(seconds) == text

@@ -68,24 +68,24 @@ class Fleet:
     def destroy(self) -> None:
         subprocess.run([sys.executable, "-m", "consolidator", "destroy", "--yes", "--purge"],
                        env=self.env, capture_output=True, cwd=ROOT)
-        from consolidator import gc
-        gc.collect(self.inst, f"{self.inst}-fab")
+        from consolidator.daemon import teardown
+        teardown.collect(teardown.Scope(self.inst, f"{self.inst}-fab"))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def bare(n: int) -> float:
     """The floor: netns, taps, bridge and cgroups made first (untimed), then the same
     argv spawned in parallel with the same placement, READY watched on serial logs."""
-    from consolidator.executor import Executor
+    from consolidator.daemon.executor import Executor
     from consolidator.hostfacts import HostFacts
-    from consolidator.inventory import parse_inventory
+    from consolidator.model import parse_fleet
     from consolidator.state import StateDir
     from consolidator.vm.placement import GuestPlacement
     from consolidator.vm.qemu import build_argv
     from consolidator.net import netns as ns
     inst = "b" + uuid.uuid4().hex[:7]
     d = Path(tempfile.mkdtemp(prefix="bench-bare-"))
-    fleet = parse_inventory(inventory(inst, n), "b.yaml", HostFacts.probe())
+    fleet = parse_fleet(inventory(inst, n), "b.yaml", HostFacts.probe())
     ex = Executor(fleet, StateDir(d / "state").ensure())
     os.environ["CONSOLIDATOR_IMAGE_CACHE"] = CACHE
     ex.image_cache = Path(CACHE)

@@ -30,7 +30,7 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from consolidator.hostfacts import HostFacts  # noqa: E402
-from consolidator.inventory import parse_inventory  # noqa: E402
+from consolidator.model import parse_fleet  # noqa: E402
 from consolidator.vm.guest import Guest  # noqa: E402
 from consolidator.vm.image import build_tiny  # noqa: E402
 from consolidator.vm.launch import VirtHost, launch_spec, prepare_boot  # noqa: E402
@@ -42,7 +42,7 @@ MiB = 1 << 20
 
 
 def spec_for(workdir: Path, machine: str, tb: int | None = None):
-    intent = parse_inventory("guests:\n  bench: {memory: {max: 256MiB}}\n", "b",
+    intent = parse_fleet("guests:\n  bench: {memory: {max: 256MiB}}\n", "b",
                              HostFacts.probe()).guests["bench"]
     built = build_tiny(CACHE)
     gdir = workdir / f"{machine}-{tb}-{time.monotonic_ns()}"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from consolidator.sched.history import (GUEST_METRICS, HOST_METRICS, History,  # noqa
+from consolidator.report.history import (GUEST_METRICS, HOST_METRICS, History,  # noqa
                                         Retention, _agg_cols, maintain_file)
 
 GUESTS = [f"g{i:02d}" for i in range(20)]
@@ -92,13 +92,13 @@ def bare_scan(state: Path) -> float:
 def fill_week(state: Path) -> None:
     """An applied fleet of 20 guests and the history retention would leave after 7 days."""
     from consolidator.hostfacts import HostFacts
-    from consolidator.inventory import parse_inventory
+    from consolidator.model import parse_fleet
     from consolidator.state import StateDir
     inv = "host: {overcommit: {cpus: 32, memory: 4}}\nguests:\n" + "".join(
         f"  {g}: {{memory: {{max: 256MiB, min: 128MiB}}}}\n" for g in GUESTS)
-    fleet = parse_inventory(inv, "b.yaml", HostFacts.probe())
+    fleet = parse_fleet(inv, "b.yaml", HostFacts.probe())
     st = StateDir(state).ensure()
-    st.write_applied(fleet, inv, time.time())
+    st.write_applied(fleet, inv, complete=True, index=1)
     h = History(st.history_path)
     now = time.time()
     db = h.db
@@ -135,7 +135,7 @@ def fill_week(state: Path) -> None:
 
 
 def report_time(state: Path) -> tuple[float, int]:
-    from consolidator.report import build
+    from consolidator.report.document import build
     times = []
     for _ in range(3):
         t = time.perf_counter()
@@ -155,8 +155,8 @@ def main() -> None:
         rt, points = report_time(state)
         scan = bare_scan(state)
         t = time.perf_counter()
-        from consolidator.report import build
-        from consolidator.report_html import render
+        from consolidator.report.document import build
+        from consolidator.report.html import render
         html = render(build(state, "7d"))
         ht = time.perf_counter() - t
         size = (state / "history.sqlite").stat().st_size

@@ -56,8 +56,8 @@ class Fleet:
         return res.stdout
 
     def client(self):
-        from consolidator import api
-        return api.connect(self.dir / "state", start=False)
+        from consolidator.daemon import protocol
+        return protocol.connect(self.dir / "state", start=False)
 
     def balloons(self) -> dict[str, int]:
         with self.client() as c:
@@ -80,8 +80,8 @@ class Fleet:
     def destroy(self) -> None:
         subprocess.run([sys.executable, "-m", "consolidator", "destroy", "--yes", "--purge"],
                        env=self.env, capture_output=True, cwd=ROOT)
-        from consolidator import gc
-        gc.collect(self.inst, f"{self.inst}-fab")
+        from consolidator.daemon import teardown
+        teardown.collect(teardown.Scope(self.inst, f"{self.inst}-fab"))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -1,4 +1,5 @@
-"""The supervisor's API: JSON lines over a unix socket (0600, in a 0700 directory).
+"""The supervisor's wire protocol: JSON lines over a unix socket (0600, in a 0700 directory),
+and the synchronous client the CLI uses.
 
 Each message is one JSON object on one line. The client sends requests; for each,
 the server sends zero or more events, then exactly one result or error, all tagged
@@ -9,17 +10,18 @@ with the request's id::
 
     -> {"id": 2, "op": "apply-begin", "args": {"check_index": null}}
     <- {"id": 2, "result": {"index": 7, "observed": {...}}}        (the apply lock is held)
-    -> {"id": 3, "op": "apply-commit", "args": {"index": 7, "fleet": {...}, ...}}
+    -> {"id": 3, "op": "apply-commit", "args": {"index": 7, "plan_digest": "...",
+                                                "fleet": {...}, ...}}
     <- {"id": 3, "event": {"guest": "web", "phase": "network", "t": 0.01}}
     <- {"id": 3, "result": {"ok": true, "failures": []}}
 
     <- {"id": 4, "error": {"type": "ConflictError", "message": "...", "hint": "...",
-                           "exit_code": 5}}
+                           "exit_code": 5, "fields": {}}}
 
-A connection is a session: ``apply-begin`` takes the apply lock for that connection
-until it commits, aborts or closes, so concurrent applies are serialised. Operations:
-``ping``, ``status``, ``observe``, ``apply-begin``, ``apply-commit``, ``apply-abort``,
-``start``, ``stop``, ``restart``, ``agent``, ``destroy``, ``shutdown``.
+An error is :meth:`consolidator.errors.ConsolidatorError.to_wire`; the client raises it
+again as the same class with the same fields (:func:`consolidator.errors.from_wire`), so
+the CLI's exit code is the one the daemon meant. The server side is
+:mod:`consolidator.daemon.server`.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import errors as E
+from ..errors import ConsolidatorError, SupervisorError, SupervisorUnreachable, from_wire
 
-PROTOCOL = 1
+PROTOCOL = 2
 MAX_LINE = 64 << 20
 
 
@@ -46,30 +48,15 @@ def encode(msg: dict[str, Any]) -> bytes:
 
 
 def error_message(rid: int, e: BaseException) -> dict[str, Any]:
-    if isinstance(e, E.ConsolidatorError):
-        err: dict[str, Any] = {"type": type(e).__name__, "message": e.message, "hint": e.hint,
-                               "exit_code": int(e.exit_code)}
-        if isinstance(e, E.InventoryError):
-            err["problems"] = [p.__dict__ for p in e.problems]
-        return {"id": rid, "error": err}
+    if isinstance(e, ConsolidatorError):
+        return {"id": rid, "error": e.to_wire()}
     return {"id": rid, "error": {"type": "InternalError", "message": f"{type(e).__name__}: {e}",
-                                 "hint": "see the supervisor log", "exit_code": 1}}
+                                 "hint": "see the supervisor log", "exit_code": 1,
+                                 "fields": {}}}
 
 
-def raise_remote(err: dict[str, Any]) -> None:
-    """Re-raise a server-side error as the same class of our error tree."""
-    cls = getattr(E, err.get("type", ""), None)
-    msg = err.get("message", "supervisor error")
-    hint = err.get("hint")
-    if cls is E.InventoryError:
-        raise E.InventoryError([E.Problem(**p) for p in err.get("problems", [])])
-    if isinstance(cls, type) and issubclass(cls, E.ConsolidatorError) and cls not in (
-            E.InventoryError, E.NotYetImplemented, E.RunstateError, E.LaunchError,
-            E.ReadyTimeout, E.ImageError, E.HostError, E.QMPError):
-        raise cls(msg, hint=hint)
-    exc = E.ConsolidatorError(msg, hint=hint)
-    exc.exit_code = E.ExitCode(err.get("exit_code", 1))
-    raise exc
+def socket_path(state_root: Path) -> Path:
+    return Path(state_root) / "supervisor" / "api.sock"
 
 
 class Client:
@@ -87,15 +74,20 @@ class Client:
         self._file = self.sock.makefile("rb")
         self._ids = itertools.count(1)
 
-    def call(self, op: str, on_event: Callable[[dict[str, Any]], None] | None = None,
-             **args: Any) -> Any:
+    def send(self, op: str, **args: Any) -> int:
+        """Send a request without waiting for its reply; returns its id."""
         rid = next(self._ids)
         self.sock.sendall(encode({"id": rid, "op": op, "args": args}))
+        return rid
+
+    def call(self, op: str, on_event: Callable[[dict[str, Any]], None] | None = None,
+             **args: Any) -> Any:
+        rid = self.send(op, **args)
         while True:
             line = self._file.readline(MAX_LINE)
             if not line:
-                raise E.SupervisorError("the supervisor closed the connection",
-                                        hint="see its log: <state>/supervisor/log.jsonl")
+                raise SupervisorError("the supervisor closed the connection",
+                                      hint="see its log: <state>/supervisor/log.jsonl")
             msg = json.loads(line)
             if msg.get("id") != rid:
                 continue
@@ -104,7 +96,7 @@ class Client:
                     on_event(msg["event"])
                 continue
             if "error" in msg:
-                raise_remote(msg["error"])
+                raise from_wire(msg["error"])
             return msg.get("result")
 
     def close(self) -> None:
@@ -119,20 +111,16 @@ class Client:
         self.close()
 
 
-def socket_path(state_root: Path) -> Path:
-    return Path(state_root) / "supervisor" / "api.sock"
-
-
-def connect(state_root: Path, *, start: bool = True, log_format: str = "json",
-            wait: float = 15.0) -> Client:
-    """Connect to the state dir's supervisor, starting it detached when it is not running."""
+def connect(state_root: Path, *, start: bool = True, wait: float = 15.0) -> Client:
+    """Connect to the state dir's supervisor, starting it detached when it is not running.
+    Without ``start``, no supervisor is :class:`SupervisorUnreachable`."""
     path = socket_path(state_root)
     try:
         return Client(path)
     except OSError:
         if not start:
-            raise E.SupervisorError(f"no supervisor is running for {state_root}",
-                                    hint="consolidator apply (or supervise) starts one")
+            raise SupervisorUnreachable(f"no supervisor is running for {state_root}",
+                                        hint="consolidator apply (or supervise) starts one")
     start_detached(state_root)
     deadline = time.monotonic() + wait
     last: OSError | None = None
@@ -142,8 +130,8 @@ def connect(state_root: Path, *, start: bool = True, log_format: str = "json",
         except OSError as e:
             last = e
             time.sleep(0.05)
-    raise E.SupervisorError(f"the supervisor did not come up within {wait:g}s ({last})",
-                            hint=f"see {Path(state_root) / 'supervisor' / 'log.jsonl'}")
+    raise SupervisorError(f"the supervisor did not come up within {wait:g}s ({last})",
+                          hint=f"see {Path(state_root) / 'supervisor' / 'log.jsonl'}")
 
 
 def start_detached(state_root: Path) -> int:

@@ -7,8 +7,14 @@ import io
 from datetime import datetime
 from typing import Any
 
-from .report import _cores, _size
-from .units import human_duration, human_size
+import matplotlib
+
+matplotlib.use("Agg")   # no display: render to SVG only
+import matplotlib.dates as mdates  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..units import human_duration, human_size  # noqa: E402
+from .text import cores, size  # noqa: E402
 
 MiB = 1 << 20
 CSS = """
@@ -31,7 +37,6 @@ th{background:#eef0f4;font-weight:600}td.n{text-align:right;font-variant-numeric
 def _fig_svg(fig: Any) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
-    import matplotlib.pyplot as plt
     plt.close(fig)
     svg = buf.getvalue()
     return svg[svg.index("<svg"):]
@@ -42,10 +47,6 @@ def _times(points: list[list[float]]) -> tuple[list[datetime], list[float]]:
 
 
 def _charts(doc: dict[str, Any]) -> dict[str, str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.dates as mdates
-    import matplotlib.pyplot as plt
     plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
                          "svg.fonttype": "none"})
     c = doc["charts"]
@@ -153,10 +154,10 @@ def render(doc: dict[str, Any]) -> str:
           ("overcommit", f"{o['vcpus_per_usable_core']:.2f} vCPUs per usable core (limit "
                          f"{o['limit_cpus']:g}); memory max {o['memory_max_per_budget']:.2f} x "
                          f"budget (limit {o['limit_memory']:g})"),
-          ("CPU use", f"now {_cores(u['cpu_now'])} cores, p95 {_cores(u['cpu_p95'])}"),
-          ("guest memory", f"now {_size(u['guest_memory_now'])}, p95 "
-                           f"{_size(u['guest_memory_p95'])}"),
-          ("headroom", f"{_cores(hr['cpu'])} cores, {_size(hr['memory'])}")]
+          ("CPU use", f"now {cores(u['cpu_now'])} cores, p95 {cores(u['cpu_p95'])}"),
+          ("guest memory", f"now {size(u['guest_memory_now'])}, p95 "
+                           f"{size(u['guest_memory_p95'])}"),
+          ("headroom", f"{cores(hr['cpu'])} cores, {size(hr['memory'])}")]
     parts.append("<h2>Host</h2><table class='kv'>" + "".join(
         f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in kv) + "</table>")
     if doc.get("charts"):
@@ -174,12 +175,12 @@ def render(doc: dict[str, Any]) -> str:
         rows.append(
             f"<tr><td>{e(g['name'])}</td><td>{e(g['state'])}</td>"
             f"<td class='n'>{g['vcpus']}</td>"
-            f"<td class='n'>{_cores(cp['p50'])} / {_cores(cp['p95'])} / {_cores(cp['max'])}</td>"
+            f"<td class='n'>{cores(cp['p50'])} / {cores(cp['p95'])} / {cores(cp['max'])}</td>"
             f"<td class='n'>{e(human_size(g['memory_max']))} / "
             f"{e(human_size(g['memory_min']))}</td>"
-            f"<td class='n'>{e(_size(ws['p50']))} / {e(_size(ws['p95']))} / "
-            f"{e(_size(ws['max']))}</td>"
-            f"<td class='n'>{e(_size(b['min']))} – {e(_size(b['max']))}</td>"
+            f"<td class='n'>{e(size(ws['p50']))} / {e(size(ws['p95']))} / "
+            f"{e(size(ws['max']))}</td>"
+            f"<td class='n'>{e(size(b['min']))} – {e(size(b['max']))}</td>"
             f"<td class='n'>{g['restarts']}</td>"
             f"<td>{e(g['recommendation']['memory'])}<br>{e(g['recommendation']['cpu'])}</td>"
             "</tr>")

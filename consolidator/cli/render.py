@@ -6,11 +6,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .inventory.schema import NetworkSpec
-from .model import GuestIntent
-from .plan import (Action, CreateGuest, CreateNetwork, Impact, Plan, RemoveGuest,
+from ..inventory.schema import NetworkSpec
+from ..model import GuestIntent
+from ..plan import (Action, CreateGuest, CreateNetwork, Impact, Plan, RemoveGuest,
                    RemoveNetwork, StartGuest, StopGuest, UpdateGuest, UpdateHost, UpdateNetwork)
-from .units import format_size
+from ..units import format_size, human_size, human_uptime
 
 _IMPACT_STYLE = {Impact.LIVE: "green", Impact.RESTART: "yellow", Impact.REPLACE: "red"}
 
@@ -123,15 +123,7 @@ _STATE_STYLE = {"running": "green", "starting": "yellow", "stopping": "yellow",
                 "orphaned": "bold magenta"}
 
 
-def _uptime(s: float | None) -> str:
-    if s is None:
-        return "-"
-    from .units import format_duration
-    return format_duration(s)
-
-
 def status_table(doc: dict) -> Table:
-    from .units import human_size
     title = "guests"
     if doc.get("instance"):
         title = f"instance {doc['instance']} (state index {doc.get('index')})"
@@ -146,15 +138,18 @@ def status_table(doc: dict) -> Table:
             mem = f"{human_size(g['balloon_bytes'])} / {mem}"
         cpu = f"{g['cpu_percent']:.0f}" if g.get("cpu_percent") is not None else "-"
         t.add_row(g["name"], Text(g["state"], style=_STATE_STYLE.get(g["state"], "")),
-                  _uptime(g.get("uptime_s")), str(g["vcpus"]), cpu, mem,
+                  human_uptime(g.get("uptime_s")), str(g["vcpus"]), cpu, mem,
                   ", ".join(g.get("ips") or []) or "-", str(g.get("restarts", 0)),
                   Text(g.get("last_event") or "-"))
+    failing = [f"{g['name']}: {e}" for g in doc.get("guests", []) for e in g.get("errors") or []]
+    if failing:
+        t.caption = Text("readings failing: " + "; ".join(failing), style="yellow")
+        t.caption_justify = "left"
     return t
 
 
 def explain_table(doc: dict) -> Table:
     """The rebalancer's last decision per guest, with its reasons."""
-    from .units import human_size
     rb = doc.get("rebalancer") or {}
     title = ("rebalancer: off (static settings)" if not rb.get("enabled") else
              f"rebalancer: host memory {rb.get('host_state')}, budget "

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .sched.cgroup import CgroupLayout, detect
-from .vm.accel import KvmFacts, KvmKind, choose_accel, probe_kvm
+from ..sched.cgroup import CgroupLayout, detect
+from ..vm.accel import KvmFacts, KvmKind, choose_accel, probe_kvm
+from ..vm.image import describe_kernel_source, is_static_elf
 
 
 @dataclass(frozen=True)
@@ -32,24 +33,6 @@ def _version(argv: list[str], pattern: str = r"version ([\w.+~:-]+)") -> str | N
         return None
     m = re.search(pattern, out.stdout + out.stderr)
     return m[1] if m else (out.stdout.strip().splitlines() or ["?"])[0]
-
-
-def _is_static_elf(path: str) -> bool:
-    """True when the ELF has no PT_INTERP program header (statically linked)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-            if head[:4] != b"\x7fELF" or head[4] != 2:
-                return False
-            phoff = int.from_bytes(head[32:40], "little")
-            phentsize = int.from_bytes(head[54:56], "little")
-            phnum = int.from_bytes(head[56:58], "little")
-            f.seek(phoff)
-            table = f.read(phentsize * phnum)
-        return not any(int.from_bytes(table[i:i + 4], "little") == 3
-                       for i in range(0, len(table), phentsize))
-    except OSError:
-        return False
 
 
 def kvm_facts(kvm: KvmFacts) -> list[Fact]:
@@ -93,7 +76,6 @@ def cgroup_facts(layout: CgroupLayout, instance: str) -> list[Fact]:
 
 
 def kernel_source_fact(images_dir: Path | None) -> Fact:
-    from .vm.image import describe_kernel_source
     desc, ok, fix = describe_kernel_source(images_dir)
     return Fact("builtin image kernel", desc, ok, True, fix)
 
@@ -132,7 +114,7 @@ def gather(instance: str = "cns", images_dir: Path | None = None) -> dict[str, A
             if path else None
         value = f"{ver} ({path})" if path else "not found"
         ok = path is not None
-        if ok and binary == "busybox" and not _is_static_elf(path):
+        if ok and binary == "busybox" and not is_static_elf(path):
             value += ", dynamically linked"
             ok = False
         facts.append(Fact(binary, value, ok, required,

@@ -19,14 +19,27 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
+from rich.text import Text
 
-from . import __version__
-from . import log as logmod
-from .errors import ConsolidatorError, ExitCode, InventoryError, PlanExit
-from .state import DEFAULT_STATE_DIR
+from .. import __version__
+from .. import log as logmod
+from ..errors import (ConflictError, ConsolidatorError, ExitCode, InventoryError, PlanExit,
+                      SupervisorUnreachable, UsageError)
+from ..state import DEFAULT_STATE_DIR
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def show(console: Console, renderable: Any) -> None:
+    """Print a table whole: at the terminal's width on a terminal; elsewhere (a pipe, a
+    file) at its natural width, so no value is cut to fit 80 columns."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    width = Console(width=1 << 14).measure(renderable).maximum
+    Console(file=console.file, width=max(width, 20), highlight=False, soft_wrap=True,
+            no_color=True).print(renderable)
 
 
 class Ctx:
@@ -39,12 +52,12 @@ class Ctx:
         self.verbose: bool = False
 
     def state(self):
-        from .state import StateDir
+        from ..state import StateDir
         return StateDir(self.state_dir)
 
     def fleet(self):
-        from .inventory import load_inventory
-        return load_inventory(self.file)
+        from ..model import load_fleet
+        return load_fleet(self.file)
 
 
 def _set(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
@@ -101,9 +114,10 @@ def handled(f: Callable) -> Callable:
                 err.print(traceback.format_exc(), markup=False)
             sys.exit(_code(ctx, e))
         except ConsolidatorError as e:
-            err.print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
+            # messages quote paths and system text: never read them as markup
+            err.print(Text("error: ", style="bold red") + Text(e.message))
             if e.hint:
-                err.print(f"[yellow]hint:[/] {e.hint}")
+                err.print(Text("hint: ", style="yellow") + Text(e.hint))
             if c.verbose:
                 err.print(traceback.format_exc(), markup=False)
             sys.exit(_code(ctx, e))
@@ -113,7 +127,8 @@ def handled(f: Callable) -> Callable:
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - the last line of defence for users
-            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}")
+            err.print(Text("internal error: ", style="bold red") +
+                      Text(f"{type(e).__name__}: {e}"))
             if c.verbose:
                 err.print(traceback.format_exc(), markup=False)
             else:
@@ -170,7 +185,7 @@ def validate(c: Ctx) -> None:
 @handled
 def schema(c: Ctx) -> None:
     """Print the inventory's JSON Schema (for editor completion and checks)."""
-    from .inventory import json_schema
+    from ..inventory import json_schema
     out.print_json(json.dumps(json_schema()))
 
 
@@ -194,7 +209,7 @@ def plan(c: Ctx, as_json: bool, detailed_exitcode: bool, prune: bool, purge: boo
     Each action is labelled live (no disruption), restart or replace. Changes that
     need a running guest restarted are listed as pending unless --allow-restart.
     """
-    from .plan import plan as make_plan
+    from ..plan import plan as make_plan
     from .render import render_plan
     ctx = click.get_current_context()
     ctx.meta["detailed_exitcode"] = detailed_exitcode
@@ -234,11 +249,12 @@ def doctor(c: Ctx, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(report))
     else:
-        out.print(doctor_table(report))
-        out.print(f"[bold]Guests will run under {report['accel']['name'].upper()}[/]: "
-                  f"{report['accel']['reason']}")
+        show(out, doctor_table(report))
+        out.print(Text(f"Guests will run under {report['accel']['name'].upper()}: ",
+                       style="bold") + Text(report["accel"]["reason"]))
         if not report["ok"]:
-            out.print(f"[bold red]missing:[/] {', '.join(report['missing'])}")
+            out.print(Text("missing: ", style="bold red") +
+                      Text(", ".join(report["missing"])))
     if not report["ok"]:
         sys.exit(ExitCode.HOST)
 
@@ -251,7 +267,7 @@ def image() -> None:
 
 
 def _image_cache(c: Ctx) -> Path:
-    from .vm.launch import image_cache_dir
+    from ..vm.launch import image_cache_dir
     return image_cache_dir(Path(c.state_dir) / "images")
 
 
@@ -265,7 +281,7 @@ def _image_cache(c: Ctx) -> Path:
 def image_build(c: Ctx, kernel: str | None, force: bool, refresh: bool) -> None:
     """Build the tiny image (kernel + busybox initramfs). Same inputs give the same bytes."""
     import time as _t
-    from .vm.image import build_tiny
+    from ..vm.image import build_tiny
     t0 = _t.monotonic()
     built = build_tiny(_image_cache(c), kernel, force=force, refresh=refresh,
                        progress=lambda s: err.print(f"[dim]{s}[/]"))
@@ -282,8 +298,8 @@ def image_build(c: Ctx, kernel: str | None, force: bool, refresh: bool) -> None:
 def image_list(c: Ctx, as_json: bool) -> None:
     """List built images with their sources and checksums."""
     from rich.table import Table
-    from .units import human_size
-    from .vm.image import list_images
+    from ..units import human_size
+    from ..vm.image import list_images
     images = list_images(_image_cache(c))
     if as_json:
         out.print_json(json.dumps([{"dir": str(i.dir), **i.manifest} for i in images]))
@@ -295,7 +311,7 @@ def image_list(c: Ctx, as_json: bool) -> None:
         o = i.manifest["outputs"]
         t.add_row(i.dir.name, i.manifest["kernel"]["source"], o["initrd.cpio"]["sha256"][:16],
                   human_size(o["vmlinuz"]["size"] + o["initrd.cpio"]["size"]))
-    out.print(t)
+    show(out, t)
 
 
 @image.command("rm")
@@ -306,8 +322,7 @@ def image_list(c: Ctx, as_json: bool) -> None:
 def image_rm(c: Ctx, names: tuple[str, ...], all_: bool) -> None:
     """Remove built images (by name from `image list`). Running guests keep their copy open."""
     import shutil
-    from .errors import UsageError
-    from .vm.image import cache_lock, list_images
+    from ..vm.image import cache_lock, list_images
     cache = _image_cache(c)
     if not names and not all_:
         raise UsageError("name an image (see `consolidator image list`) or pass --all")
@@ -332,47 +347,75 @@ def image_rm(c: Ctx, names: tuple[str, ...], all_: bool) -> None:
 @common_options
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing")
 @click.option("--instance", default=None,
-              help="Instance prefix to collect [default: the inventory's]")
+              help="Instance prefix to collect [default: the one the state dir records]")
+@click.option("--fabric-netns", default=None,
+              help="With --instance: the netns holding its bridges, if not the root netns")
 @handled
-def gc(c: Ctx, dry_run: bool, instance: str | None) -> None:
+def gc(c: Ctx, dry_run: bool, instance: str | None, fabric_netns: str | None) -> None:
     """Find leftovers of an instance by name prefix and remove them.
 
-    Works after a crash and with an empty state dir: network namespaces, bridges and
-    guest ports, nftables tables, cgroups, and any process still inside them.
+    Works after a crash and with an empty state dir (name the instance with --instance):
+    network namespaces, bridges and guest ports, nftables tables, cgroups, and any
+    process still inside them. Refused while a supervisor runs the same instance: use
+    destroy for a live fleet.
     """
-    from . import gc as gcmod
-    from .errors import UsageError
-    fabric = parent = None
-    if instance is None:
-        try:
-            fleet = c.fleet()
-        except ConsolidatorError:
-            raise UsageError("no usable inventory to take the instance from: pass --instance")
-        instance, fabric, parent = (fleet.instance, fleet.host.fabric_netns,
-                                    fleet.host.cgroup_parent)
-    found = gcmod.scan(instance, fabric, parent)
+    from ..daemon import teardown
+    scope = _scope(c, instance, fabric_netns)
+    if scope is None:
+        raise UsageError(f"the state dir {c.state_dir} records no fleet: name the instance",
+                         hint="consolidator gc --instance NAME")
+    if not dry_run:
+        _refuse_if_supervised(c, scope.instance)
     if dry_run:
+        found = teardown.scan(scope)
         for item in found:
             out.print(item.describe(), markup=False)
         out.print(f"{len(found)} leftover{'s' if len(found) != 1 else ''} of instance "
-                  f"{instance}" + (" (dry run: nothing removed)" if found else ""))
+                  f"{scope.instance}" + (" (dry run: nothing removed)" if found else ""),
+                  markup=False)
         return
-    gone = gcmod.collect(instance, fabric, parent)
+    gone = teardown.collect(scope)
     for g in gone:
         out.print(f"removed {g}", markup=False)
-    out.print(f"instance {instance}: {len(gone)} removed")
+    out.print(f"instance {scope.instance}: {len(gone)} removed", markup=False)
+
+
+def _scope(c: Ctx, instance: str | None, fabric_netns: str | None = None):
+    """Whose objects destroy and gc act on: the instance the state dir records, or the
+    one named with --instance (both given: they must agree). Never the inventory's."""
+    from ..daemon.teardown import Scope
+    recorded = Scope.recorded(c.state())
+    if instance is None:
+        return recorded
+    if recorded is not None and recorded.instance != instance:
+        raise ConflictError(f"the state dir {c.state_dir} records instance "
+                            f"{recorded.instance!r}, not {instance!r}",
+                            hint="pass the state dir of that instance with --state-dir")
+    return recorded or Scope(instance, fabric_netns)
+
+
+def _refuse_if_supervised(c: Ctx, instance: str) -> None:
+    from ..daemon import protocol
+    try:
+        with protocol.connect(Path(c.state_dir), start=False) as client:
+            running = client.call("status").get("instance")
+    except SupervisorUnreachable:
+        return
+    if running == instance:
+        raise ConflictError(f"a supervisor runs instance {instance} from {c.state_dir}",
+                            hint="consolidator destroy removes a live fleet")
 
 
 # ----------------------------------------------------------------------- apply
 
 def _observed(c: Ctx):
     """The observed state: the supervisor's if one runs, else the state dir's records."""
-    from . import api
-    from .plan import Observed
+    from ..daemon import protocol
+    from ..plan import Observed
     try:
-        with api.connect(Path(c.state_dir), start=False) as client:
+        with protocol.connect(Path(c.state_dir), start=False) as client:
             return Observed.from_json(client.call("observe"))
-    except ConsolidatorError:
+    except SupervisorUnreachable:
         return c.state().observe()
 
 
@@ -437,9 +480,9 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
     still applied; the next apply converges), 2 for an invalid inventory (nothing is
     touched), 5 when the plan went stale.
     """
-    from . import api
-    from .plan import plan as make_plan
-    from .plan import Observed
+    from ..daemon import protocol
+    from ..plan import plan as make_plan
+    from ..plan import Observed
     from .render import render_plan, status_table
     fleet = c.fleet()
     text = Path(c.file).read_text()
@@ -449,7 +492,7 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
                       allow_restart=allow_restart)
         render_plan(out, p, header=f"Plan for instance {fleet.instance} (dry run)")
         return
-    with api.connect(Path(c.state_dir), start=True) as client:
+    with protocol.connect(Path(c.state_dir), start=True) as client:
         begin = client.call("apply-begin", check_index=check_index)
         p = make_plan(fleet, Observed.from_json(begin["observed"]), prune=prune, purge=purge,
                       allow_restart=allow_restart)
@@ -462,10 +505,11 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
             client.call("apply-abort")
             out.print("Nothing to do until pending changes are allowed (--allow-restart).")
             return
-        args = dict(index=begin["index"], fleet=fleet.model_dump(mode="json"),
-                    inventory=text, prune=prune, purge=purge, allow_restart=allow_restart)
+        args = dict(index=begin["index"], plan_digest=p.digest(),
+                    fleet=fleet.model_dump(mode="json"), inventory=text, prune=prune,
+                    purge=purge, allow_restart=allow_restart)
         if not wait:
-            client.sock.sendall(api.encode({"id": 999, "op": "apply-commit", "args": args}))
+            client.send("apply-commit", **args)
             out.print("apply started; follow it with: consolidator status --watch")
             return
         progress = Progress(live=not plain)
@@ -473,14 +517,15 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
             result = client.call("apply-commit", on_event=progress, **args)
         finally:
             progress.stop()
-    out.print(status_table(result["status"]))
+    show(out, status_table(result["status"]))
     for pd in result["pending"]:
         out.print(f"[yellow]pending[/] {pd['target']} {pd['name']}: needs a restart "
                   f"({', '.join(ch['field'] for ch in pd['changes'])}); "
                   "apply --allow-restart performs it")
     if result["failures"]:
         for f in result["failures"]:
-            err.print(f"[bold red]failed:[/] {f['action']} {f['target']}: {f['error']}")
+            err.print(Text("failed: ", style="bold red") +
+                      Text(f"{f['action']} {f['target']}: {f['error']}"))
         err.print(f"[red]{len(result['failures'])} failed[/]; the rest applied. Fix the "
                   "cause and apply again: it converges from here.")
         sys.exit(ExitCode.FAILURE)
@@ -499,17 +544,17 @@ def status(c: Ctx, as_json: bool, watch: bool, explain: bool) -> None:
     """One row per guest: state, uptime, vCPUs, CPU %, memory (balloon / max), IPs,
     restarts and last event."""
     import time as _t
-    from . import api
+    from ..daemon import protocol
     from .render import explain_table, status_table
-    with api.connect(Path(c.state_dir), start=True) as client:
+    with protocol.connect(Path(c.state_dir), start=True) as client:
         if as_json:
             out.print_json(json.dumps(client.call("status", explain=explain)))
             return
         if not watch:
             doc = client.call("status", explain=explain)
-            out.print(status_table(doc))
+            show(out, status_table(doc))
             if explain:
-                out.print(explain_table(doc))
+                show(out, explain_table(doc))
             return
         from rich.live import Live
         with Live(status_table(client.call("status")), console=out, refresh_per_second=2) \
@@ -522,12 +567,12 @@ def status(c: Ctx, as_json: bool, watch: bool, explain: bool) -> None:
 # ------------------------------------------------------------- guest commands
 
 def _guest_call(c: Ctx, op: str, name: str) -> None:
-    from . import api
+    from ..daemon import protocol
     from .render import status_table
-    with api.connect(Path(c.state_dir), start=True) as client:
+    with protocol.connect(Path(c.state_dir), start=True) as client:
         row = client.call(op, name=name, on_event=lambda ev: err.print(
             f"{ev.get('guest')}: {ev.get('phase')}", markup=False))
-    out.print(status_table({"guests": [row], "instance": None, "index": None}))
+    show(out, status_table({"guests": [row], "instance": None, "index": None}))
 
 
 @cli.command()
@@ -573,8 +618,8 @@ def agent(c: Ctx, timeout: float, name: str, command: tuple[str, ...]) -> None:
     consolidator agent web mem 64        hold 64 MiB (0 releases)
     consolidator agent web cpu 50        burn half of every vCPU (0 stops)
     """
-    from . import api
-    with api.connect(Path(c.state_dir), start=True) as client:
+    from ..daemon import protocol
+    with protocol.connect(Path(c.state_dir), start=True) as client:
         res = client.call("agent", name=name, command=command[0], arg=" ".join(command[1:]),
                           timeout=timeout)
     out.print(res["reply"], markup=False)
@@ -589,7 +634,6 @@ def console(c: Ctx, name: str) -> None:
 
     Without a terminal, copies stdin to the console and the console to stdout."""
     from .console import attach
-    from .errors import UsageError
     sock = c.state().guest_dir(name) / "run" / "console.sock"
     if not sock.exists():
         raise UsageError(f"guest {name} has no console socket (is it running?)")
@@ -606,7 +650,6 @@ def console(c: Ctx, name: str) -> None:
 def logs(c: Ctx, name: str, follow: bool, lines: int) -> None:
     """A guest's serial log interleaved with its supervisor events."""
     from .console import print_logs
-    from .errors import UsageError
     gdir = c.state().guest_dir(name)
     if not gdir.exists():
         raise UsageError(f"no guest {name} in {c.state_dir}")
@@ -619,54 +662,45 @@ def logs(c: Ctx, name: str, follow: bool, lines: int) -> None:
 @common_options
 @click.option("--purge", is_flag=True, help="Also delete the guests' disk overlays")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
+@click.option("--instance", default=None,
+              help="The instance to destroy when the state dir records none (its objects "
+                   "are found by name prefix); with a recorded one, they must agree")
 @handled
-def destroy(c: Ctx, purge: bool, yes: bool) -> None:
-    """Stop every guest and remove all networks, cgroups and netns of the instance; the
-    supervisor stops. Base images and the image cache stay; overlays stay unless --purge."""
-    from . import api
+def destroy(c: Ctx, purge: bool, yes: bool, instance: str | None) -> None:
+    """Stop every guest and remove all networks, cgroups and netns of the fleet the state
+    dir records; the supervisor stops. Base images and the image cache stay; overlays
+    stay unless --purge. Never acts on an inventory: only on what was applied here, or on
+    an instance named with --instance."""
+    from ..daemon import protocol
+    scope = _scope(c, instance)
+    if scope is None:
+        raise UsageError(f"the state dir {c.state_dir} records no fleet: nothing to destroy",
+                         hint="to remove an instance's leftovers by name, pass "
+                              "--instance NAME")
     if not yes and sys.stdin.isatty():
-        click.confirm(f"Destroy every guest and network of state dir {c.state_dir}?",
-                      abort=True)
+        click.confirm(f"Destroy every guest and network of instance {scope.instance} "
+                      f"(state dir {c.state_dir})?", abort=True)
     try:
-        with api.connect(Path(c.state_dir), start=False) as client:
-            removed = client.call("destroy", purge=purge)["removed"]
-    except ConsolidatorError as e:
-        if "no supervisor" not in e.message:
-            raise
-        removed = _destroy_offline(c, purge)
-    for r in removed:
+        with protocol.connect(Path(c.state_dir), start=False) as client:
+            res = client.call("destroy", purge=purge)
+    except SupervisorUnreachable:
+        res = _destroy_offline(c, scope, purge)
+    for r in res["removed"]:
         out.print(f"removed {r}", markup=False)
-    out.print(f"destroyed ({len(removed)} objects); the supervisor has stopped")
+    for f in res["failures"]:
+        err.print(Text(f"failed: {f['action']} {f['target']}: {f['error']}", style="bold red"))
+    out.print(f"destroyed ({len(res['removed'])} objects); the supervisor has stopped",
+              markup=False)
+    if res["failures"]:
+        sys.exit(ExitCode.FAILURE)
 
 
-def _destroy_offline(c: Ctx, purge: bool) -> list[str]:
-    """No supervisor runs: remove by records and by prefix, then clear the records."""
-    import shutil
-    from . import gc as gcmod
-    st = c.state()
-    applied = st.read_applied()
-    if applied:
-        inst = applied["fleet"]["instance"]
-        host = applied["fleet"]["host"]
-    else:
-        try:
-            f = c.fleet()
-            inst, host = f.instance, f.host.model_dump(mode="json")
-        except ConsolidatorError:
-            return []
-    gone = gcmod.collect(inst, host.get("fabric_netns"), host.get("cgroup_parent"))
-    for g in st.guest_names():
-        d = st.guest_dir(g)
-        for p in d.iterdir():
-            if purge or p.suffix != ".qcow2":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if purge:
-            d.rmdir()
-    for n in st.network_names():
-        st.network_record_path(n).unlink()
-    if st.applied_path.exists():
-        st.applied_path.unlink()
-    return gone
+def _destroy_offline(c: Ctx, scope: Any, purge: bool) -> dict[str, Any]:
+    """No supervisor runs: the same teardown, then the records go."""
+    from ..daemon import teardown
+    gone = teardown.collect(scope)
+    c.state().clear(purge=purge)
+    return {"removed": gone, "failures": []}
 
 
 # ------------------------------------------------------------------- supervise
@@ -678,7 +712,7 @@ def supervise(c: Ctx) -> None:
     """Run the supervisor in the foreground (for systemd: tools/consolidator.service).
 
     apply, status and the other commands start it detached when it is not running."""
-    from .supervisor import main as run_supervisor
+    from ..daemon.supervisor import main as run_supervisor
     if c.log_format == "console" and os.environ.get("CONSOLIDATOR_DETACHED") == "1":
         c.log_format = "json"
     logmod.configure(c.log_format)  # type: ignore[arg-type]
@@ -709,16 +743,17 @@ def report(c: Ctx, window: str, fmt: str, shapes: tuple[str, ...], tiered: bool,
 
     JSON format: docs/REPORT.md. HTML: one self-contained file with inline SVG charts.
     """
-    from . import report as rep
+    from ..report import document as rep
+    from ..report import text as rtext
     doc = rep.build(Path(c.state_dir), window, [rep.parse_shape(s) for s in shapes],
                     tiered=tiered, headroom=headroom)
     text: str | None = None
     if fmt == "json":
         text = rep.to_json(doc)
     elif fmt == "prom":
-        text = rep.to_prom(doc)
+        text = rtext.to_prom(doc)
     elif fmt == "html":
-        from .report_html import render
+        from ..report.html import render
         text = render(doc)
     if text is None:
         from rich.console import Console
@@ -726,7 +761,7 @@ def report(c: Ctx, window: str, fmt: str, shapes: tuple[str, ...], tiered: bool,
             # a terminal's own width; files and pipes get 120 columns, not rich's 80
             con = Console(file=f, highlight=False,
                           width=None if not output and out.is_terminal else 120)
-            for r in rep.tables(doc):
+            for r in rtext.tables(doc):
                 con.print(r)
     elif output:
         Path(output).write_text(text)

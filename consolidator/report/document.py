@@ -1,8 +1,9 @@
-"""The capacity report: one document (format 1, docs/REPORT.md), four renderings.
+"""The capacity report as one document (format 1, docs/REPORT.md).
 
 Built from the state dir alone (the applied fleet, guest records, the history database),
 so it works with or without a running supervisor, and with little or no history: then
 it says how little there is, and still reports allocations and guarantee-based fits.
+Its renderings: JSON here, tables and Prometheus text in :mod:`.text`, HTML in :mod:`.html`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import StateError, UsageError
-from .hostfacts import HostFacts
-from .model import Fleet
-from .sched import capacity as cap
-from .sched.history import (choose_source, covered_since, guest_table, host_table, open_db,
-                            percentile, thin)
-from .state import StateDir
-from .units import human_duration, human_size, parse_duration, parse_size
+from ..errors import StateError, UsageError
+from ..hostfacts import HostFacts
+from ..model import Fleet
+from ..state import StateDir
+from ..units import human_duration, parse_duration, parse_size
+from . import capacity as cap
+from .history import (choose_source, covered_since, guest_table, host_table, open_db,
+                      percentile, thin)
 
 FORMAT = 1
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
@@ -51,8 +52,9 @@ def _p(values: list[float], q: float) -> float | None:
 
 
 def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = None,
-          tiered: bool = False, headroom: float = 0.15, now: float | None = None
-          ) -> dict[str, Any]:
+          tiered: bool = False, headroom: float = 0.15, now: float | None = None,
+          facts: HostFacts | None = None) -> dict[str, Any]:
+    """The report of ``state_dir`` over ``window``. ``facts``: this host's (probed if None)."""
     if window not in WINDOWS:
         try:
             seconds = parse_duration(window)
@@ -67,7 +69,7 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
         raise StateError(f"nothing has been applied in {state_dir}",
                          hint="consolidator apply first; the report describes a fleet")
     fleet = Fleet.model_validate(applied["fleet"])
-    facts = HostFacts.probe()
+    facts = facts or HostFacts.probe()
     since = now - seconds
     hist_path = st.history_path
     series: dict[str, Any] = {}
@@ -240,150 +242,3 @@ def _chart_data(series: dict[str, Any], fleet: Fleet) -> dict[str, Any]:
 
 def to_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, default=str)
-
-
-def to_prom(doc: dict[str, Any]) -> str:
-    """Prometheus text exposition of the report's current figures."""
-    lines: list[str] = []
-
-    def metric(name: str, help_: str, kind: str, samples: list[tuple[dict[str, str], Any]]
-               ) -> None:
-        samples = [(l, v) for l, v in samples if v is not None]
-        if not samples:
-            return
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, v in samples:
-            lab = ",".join(f'{k}="{val}"' for k, val in labels.items())
-            lines.append(f"{name}{{{lab}}} {float(v):g}" if lab else f"{name} {float(v):g}")
-
-    h = doc["host"]
-    inst = {"fleet": doc["instance"]}   # "instance" is Prometheus' own target label
-    metric("consolidator_host_budget_bytes", "Guest memory budget.", "gauge",
-           [(inst, h["budget"])])
-    metric("consolidator_host_usable_cpus", "Host cores minus the host reserve.", "gauge",
-           [(inst, h["usable_cpus"])])
-    metric("consolidator_host_committed_vcpus", "Sum of guests' vCPUs.", "gauge",
-           [(inst, h["committed"]["vcpus"])])
-    metric("consolidator_host_committed_memory_max_bytes", "Sum of guests' memory.max.",
-           "gauge", [(inst, h["committed"]["memory_max"])])
-    metric("consolidator_host_committed_memory_min_bytes", "Sum of guests' memory.min.",
-           "gauge", [(inst, h["committed"]["memory_min"])])
-    metric("consolidator_host_cpu_busy_cores_p95", "Host CPU busy, p95 over the window.",
-           "gauge", [(inst, h["usage"]["cpu_p95"])])
-    for key, name in (("vcpus", "vcpus"), ("memory_max", "memory_max_bytes"),
-                      ("memory_min", "memory_min_bytes")):
-        metric(f"consolidator_guest_{name}", f"Guest {key} from the inventory.", "gauge",
-               [({**inst, "guest": g["name"]}, g[key]) for g in doc["guests"]])
-    metric("consolidator_guest_cpu_cores_p95", "Guest CPU use, p95 over the window.",
-           "gauge", [({**inst, "guest": g["name"]}, g["cpu"]["p95"]) for g in doc["guests"]])
-    metric("consolidator_guest_memory_working_set_bytes_p95",
-           "Guest working set, p95 over the window.", "gauge",
-           [({**inst, "guest": g["name"]}, g["working_set"]["p95"]) for g in doc["guests"]])
-    metric("consolidator_guest_restarts_total", "Automatic restarts.", "counter",
-           [({**inst, "guest": g["name"]}, g["restarts"]) for g in doc["guests"]])
-    metric("consolidator_fits_guests", "More guests of this shape that fit.", "gauge",
-           [({**inst, "shape": f["shape"], "by": "guarantees",
-              "binding": f["by_guarantees"]["binding"]}, f["by_guarantees"]["count"])
-            for f in doc["fits"]] +
-           [({**inst, "shape": f["shape"], "by": "observed",
-              "binding": f["by_observed"]["binding"]}, f["by_observed"]["count"])
-            for f in doc["fits"] if f.get("by_observed")])
-    return "\n".join(lines) + "\n"
-
-
-def _cores(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def _size(v: float | None) -> str:
-    return "-" if v is None else human_size(v)
-
-
-def tables(doc: dict[str, Any]) -> list[Any]:
-    """rich renderables for the terminal."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-    out: list[Any] = []
-    w = doc["window"]
-    h = doc["host"]
-    head = Text(f"capacity report, instance {doc['instance']}, window {w['name']} "
-                f"({human_duration(w['history_seconds'])} of history, source {w['source']})",
-                style="bold")
-    out.append(head)
-    if w["note"]:
-        out.append(Text(f"note: {w['note']}", style="yellow"))
-    t = Table(title="host", title_justify="left", show_header=False, box=box.SIMPLE,
-              pad_edge=False)
-    t.add_column("what", style="bold")
-    t.add_column("value")
-    c, o, u, hr = h["committed"], h["overcommit"], h["usage"], h["headroom"]
-    t.add_row("CPUs", f"{h['cpus']} ({h['usable_cpus']:g} usable, {h['reserve']['cpus']:g} "
-                      "reserved)")
-    t.add_row("RAM", f"{human_size(h['memory_total'])} (budget {human_size(h['budget'])}, "
-                     f"{human_size(h['reserve']['memory'])} reserved)")
-    t.add_row("committed", f"{c['vcpus']} vCPUs, {c['cpu_reserve']:g} cores reserved, "
-                           f"max {human_size(c['memory_max'])}, min "
-                           f"{human_size(c['memory_min'])}")
-    t.add_row("overcommit", f"{o['vcpus_per_usable_core']:.2f} vCPUs per core (limit "
-                            f"{o['limit_cpus']:g}), {o['memory_max_per_budget']:.2f} x budget "
-                            f"(limit {o['limit_memory']:g})")
-    t.add_row("CPU use", f"now {_cores(u['cpu_now'])} cores, p95 {_cores(u['cpu_p95'])} "
-                         f"(guests p95 {_cores(u['guests_cpu_p95'])})")
-    t.add_row("guest memory held", f"now {_size(u['guest_memory_now'])}, p95 "
-                              f"{_size(u['guest_memory_p95'])}")
-    t.add_row("headroom", f"{_cores(hr['cpu'])} cores, {_size(hr['memory'])}")
-    out.append(t)
-    g = Table(title="guests: use over the window, p50 / p95 / max", title_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False)
-    for col, just in (("guest", "left"), ("state", "left"), ("vCPUs", "right"),
-                      ("CPU cores", "right"), ("mem max/min", "right"),
-                      ("working set", "right"), ("balloon seen", "right"),
-                      ("restarts", "right")):
-        g.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
-    for x in doc["guests"]:
-        cp, ws, b = x["cpu"], x["working_set"], x["balloon"]
-        g.add_row(x["name"], x["state"], str(x["vcpus"]) + (
-            f" r{x['cpu_reserve']:g}" if x["cpu_reserve"] else ""),
-            " ".join(_cores(v) for v in (cp["p50"], cp["p95"], cp["max"])),
-            _mib(x["memory_max"], x["memory_min"]),
-            _mib(ws["p50"], ws["p95"], ws["max"]), _mib(b["min"], b["max"], sep="-"),
-            str(x["restarts"]))
-    out.append(g)
-    r = Table(title="right-sizing", title_justify="left", box=None, show_header=False,
-              pad_edge=False)
-    r.add_column("guest", style="bold")
-    r.add_column("recommendation", overflow="fold")
-    for x in doc["guests"]:
-        r.add_row(x["name"], f"memory: {x['recommendation']['memory']}")
-        r.add_row("", f"CPU: {x['recommendation']['cpu']}")
-    out.append(r)
-    tiered = any(x.get("tiers") for x in doc["fits"])
-    f = Table(title="how many more fit", title_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False)
-    f.add_column("shape", no_wrap=True)
-    for col in ("by guarantees", "by observed p95") + (("tiers",) if tiered else ()):
-        f.add_column(col, overflow="fold", max_width=36)
-    for x in doc["fits"]:
-        bg = x["by_guarantees"]
-        bo = x.get("by_observed")
-        row = [x["shape"], f"[bold]{bg['count']}[/] {bg['binding']}\n{bg['detail']}",
-               f"[bold]{bo['count']}[/] {bo['binding']}\n{bo['detail']}" if bo
-               else "no history"]
-        if tiered:
-            row.append("\n".join(f"{t['count']} x {t['shape']} ({t['binding']})"
-                                  for t in x.get("tiers", [])) or "-")
-        f.add_row(*row)
-    out.append(f)
-    return out
-
-
-def _mib(*values: float | None, sep: str = "/") -> str:
-    """Compact sizes for table cells: ``41/41/41 MiB``, ``1/1.5 GiB``."""
-    known = [v for v in values if v is not None]
-    if not known:
-        return "-"
-    unit, mult = ("GiB", 1 << 30) if min(known) >= (1 << 30) else ("MiB", MiB)
-    return sep.join("-" if v is None else f"{v / mult:.1f}".rstrip("0").rstrip(".")
-                    for v in values) + f" {unit}"

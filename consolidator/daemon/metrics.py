@@ -1,35 +1,72 @@
 """The supervisor's Prometheus endpoint: live figures, names after Prometheus' conventions.
 
-Served by prometheus-client on ``host.metrics.listen`` (loopback by default). The fleet's
-instance goes in a ``fleet`` label: ``instance`` is the label Prometheus attaches to every
-scrape target. A port already taken is logged and the supervisor runs on without it.
+Served by prometheus-client on ``host.metrics.listen`` (loopback by default), from its own
+thread. The collector is handed a reader of plain figures (:class:`Reading`, made by
+:func:`reading` at scrape time) and nothing else. The fleet's instance goes in a
+``fleet`` label: ``instance`` is the label Prometheus attaches to every scrape target. A
+port already taken is logged and the supervisor runs on without it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import structlog
+from prometheus_client import start_http_server
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily)
 
-if TYPE_CHECKING:
-    from .supervisor import Supervisor
+from ..inventory.schema import Metrics
+from ..model import GuestIntent, GuestState
+from ..sched.observe import Snapshot
+from ..sched.rebalancer import Rebalancer
+from .runtime import Runtime
 
 log = structlog.get_logger("metrics")
-STATES = ("defined", "starting", "running", "stopping", "stopped", "crashed", "failed",
-          "orphaned")
+STATES = tuple(s.value for s in GuestState)
+
+
+@dataclass(frozen=True)
+class GuestReading:
+    name: str
+    state: str
+    intent: GuestIntent
+    restarts: int
+    balloon: int | None
+
+
+@dataclass(frozen=True)
+class Reading:
+    instance: str
+    budget: int | None
+    guests: tuple[GuestReading, ...]
+    snapshot: Snapshot | None
+    weights: dict[str, int]
+    host_state: str | None             # None: no rebalancer
+    ticks: int
+
+
+def reading(runtime: Runtime, rb: Rebalancer | None) -> Reading:
+    """The figures of this instant, copied out of the runtime and the rebalancer."""
+    fleet = runtime.fleet
+    return Reading(
+        instance=fleet.instance if fleet else "", budget=fleet.budget if fleet else None,
+        guests=tuple(GuestReading(n, g.state.value, g.intent, g.restart_count,
+                                  g.guest.balloon_actual if g.guest else None)
+                     for n, g in sorted(runtime.guests.items())),
+        snapshot=rb.last if rb else None, weights=dict(rb.weights) if rb else {},
+        host_state=rb.host_state.value if rb else None, ticks=rb.ticks if rb else 0)
 
 
 class FleetCollector:
-    def __init__(self, sup: "Supervisor") -> None:
-        self.sup = sup
+    def __init__(self, read: Callable[[], Reading]) -> None:
+        self.read = read
 
     def collect(self) -> Iterator[Any]:
-        sup = self.sup
-        fleet = sup.fleet.instance if sup.fleet else ""
-        rb = sup.rebalancer
-        snap = rb.last if rb else None
+        r = self.read()
+        fleet = r.instance
+        snap = r.snapshot
         L = ["fleet", "guest"]
 
         def g(name: str, help_: str, labels: list[str] = L) -> GaugeMetricFamily:
@@ -51,17 +88,18 @@ class FleetCollector:
         cg = g("consolidator_guest_cgroup_memory_bytes", "Memory charged to the guest's cgroup.")
         restarts = CounterMetricFamily("consolidator_guest_restarts",
                                        "Automatic restarts by the restart policy.", labels=L)
-        for name, rt in sorted(sup.guests.items()):
+        for gr in r.guests:
+            name = gr.name
             lab = [fleet, name]
-            running = rt.state.value == "running"
+            running = gr.state == "running"
             up.add_metric(lab, 1.0 if running else 0.0)
             for s in STATES:
-                state.add_metric(lab + [s], 1.0 if rt.state.value == s else 0.0)
-            mmax.add_metric(lab, rt.intent.memory.max)
-            mmin.add_metric(lab, rt.intent.memory_min)
-            restarts.add_metric(lab, rt.restart_count)
-            if rt.guest is not None and rt.guest.balloon_actual and running:
-                balloon.add_metric(lab, rt.guest.balloon_actual)
+                state.add_metric(lab + [s], 1.0 if gr.state == s else 0.0)
+            mmax.add_metric(lab, gr.intent.memory.max)
+            mmin.add_metric(lab, gr.intent.memory_min)
+            restarts.add_metric(lab, gr.restarts)
+            if gr.balloon and running:
+                balloon.add_metric(lab, gr.balloon)
             o = snap.guests.get(name) if snap else None
             if o is not None and running:
                 if o.cpu_rate is not None:
@@ -72,11 +110,11 @@ class FleetCollector:
                     avail.add_metric(lab, o.available)
                 if o.cgroup_memory is not None:
                     cg.add_metric(lab, o.cgroup_memory)
-                w = o.working_set(rt.intent.memory.max)
+                w = o.working_set(gr.intent.memory.max)
                 if w is not None:
                     ws.add_metric(lab, w)
-            if rb and name in rb.weights and running:
-                weight.add_metric(lab, rb.weights[name])
+            if name in r.weights and running:
+                weight.add_metric(lab, r.weights[name])
         yield from (up, state, cpu, demand, weight, ws, avail, balloon, mmax, mmin, cg,
                     restarts)
         if snap is not None:
@@ -93,44 +131,42 @@ class FleetCollector:
                     m = GaugeMetricFamily(name, help_, labels=["fleet"])
                     m.add_metric([fleet], v)
                     yield m
-        if sup.fleet is not None:
+        if r.budget is not None:
             m = GaugeMetricFamily("consolidator_host_budget_bytes", "Guest memory budget.",
                                   labels=["fleet"])
-            m.add_metric([fleet], sup.fleet.budget)
+            m.add_metric([fleet], r.budget)
             yield m
-        if rb is not None:
+        if r.host_state is not None:
             m = GaugeMetricFamily("consolidator_host_memory_state",
                                   "Host memory state (1 for the current one).",
                                   labels=["fleet", "state"])
             for s in ("normal", "soft", "hard"):
-                m.add_metric([fleet, s], 1.0 if rb.host_state.value == s else 0.0)
+                m.add_metric([fleet, s], 1.0 if r.host_state == s else 0.0)
             yield m
             t = CounterMetricFamily("consolidator_rebalancer_ticks",
                                     "Rebalancer iterations.", labels=["fleet"])
-            t.add_metric([fleet], rb.ticks)
+            t.add_metric([fleet], r.ticks)
             yield t
 
 
 class MetricsServer:
-    def __init__(self, sup: "Supervisor") -> None:
-        self.sup = sup
+    def __init__(self, read: Callable[[], Reading]) -> None:
+        self.read = read
         self.listen: str | None = None
         self._server: Any = None
-        self._thread: Any = None
 
-    def sync(self) -> None:
-        """Serve on the fleet's host.metrics.listen; follow changes; stop when disabled."""
-        f = self.sup.fleet
-        want = f.host.metrics.listen if f and f.host.metrics.enabled else None
+    def sync(self, settings: Metrics | None) -> None:
+        """Serve as ``settings`` say (the fleet's host.metrics); follow changes; stop
+        when disabled or when there is no fleet."""
+        want = settings.listen if settings is not None and settings.enabled else None
         if want == self.listen:
             return
         self.stop()
         if want is None:
             return
         host, _, port = want.rpartition(":")
-        from prometheus_client import start_http_server
         registry = CollectorRegistry()
-        registry.register(FleetCollector(self.sup))
+        registry.register(FleetCollector(self.read))
         try:
             res = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
                                     registry=registry)
@@ -139,7 +175,7 @@ class MetricsServer:
             self.listen = want          # do not retry every apply; a change retries
             return
         if isinstance(res, tuple):
-            self._server, self._thread = res
+            self._server = res[0]
         self.listen = want
         log.info("metrics.serving", listen=want)
 
@@ -148,5 +184,5 @@ class MetricsServer:
             with contextlib.suppress(Exception):
                 self._server.shutdown()
                 self._server.server_close()
-        self._server = self._thread = None
+        self._server = None
         self.listen = None

@@ -80,7 +80,7 @@ def _format(entry: dict) -> Text:
         line = Text(f"{t} ", style="dim")
         line.append(entry.get("line", ""))
         return line
-    fields = {k: v for k, v in entry.items() if k not in ("t", "kind", "event")}
+    fields = {k: v for k, v in entry.items() if k not in ("t", "kind", "event", "o")}
     line = Text(f"{t} ", style="dim")
     line.append(f"[{entry.get('event')}]", style="bold cyan")
     for k, v in fields.items():
@@ -104,9 +104,11 @@ def _read(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     entries = []
     for raw in data[:cut].splitlines():
         try:
-            entries.append(json.loads(raw))
+            e = json.loads(raw)
         except ValueError:
             continue
+        if isinstance(e, dict) and e.get("kind") in ("serial", "event"):
+            entries.append(e)
     return entries, offset + cut
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ..units import format_size, human_size
+
 MiB = 1 << 20
 INF = 10 ** 9
 
@@ -33,7 +35,6 @@ class Shape:
     reserve: float = 0.0   # cores
 
     def label(self) -> str:
-        from ..units import format_size
         s = f"vcpus={self.vcpus},memory={format_size(self.memory)}"
         if self.min != self.memory:
             s += f",min={format_size(self.min)}"
@@ -178,7 +179,6 @@ def recommend_memory(max_bytes: int, min_bytes: int, ws_p95: float | None,
     rec_max = max(128 * MiB, math.ceil(need * 2 / (128 * MiB)) * 128 * MiB)
     rec_min = max(64 * MiB, math.ceil(need * 1.1 / (64 * MiB)) * 64 * MiB)
     rec_min = min(rec_min, rec_max)
-    from ..units import human_size
     reason = (f"p95 working set {human_size(ws_p95)} of {human_size(max_bytes)}")
     if rec_max < max_bytes * 0.75 or rec_min < min_bytes * 0.75:
         reason += f": set max {human_size(rec_max)}, min {human_size(rec_min)}"

@@ -1,9 +1,11 @@
 """The executor: the only code that turns decisions into kernel objects and processes.
 
-It works per network and per guest, in the order the planner gives, and records in
-the state dir every object it is about to create *before* creating it, so that after
-a crash ``destroy`` and ``gc`` know what may exist. Its calls are synchronous (netlink,
-cgroupfs, nft); the supervisor runs them off its event loop.
+It works per network and per guest, in the order the planner gives. Every object it is
+about to create is noted *before* it is created (networks in their record, guests
+through the ``note`` callback the runtime persists), so that after a crash ``destroy``
+and ``gc`` know what may exist. Its calls are synchronous (netlink, cgroupfs, nft); the
+supervisor runs them off its event loop. Removing a whole instance is
+:mod:`.teardown`'s, the one teardown path.
 """
 
 from __future__ import annotations
@@ -11,36 +13,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import structlog
 
-from .errors import ConsolidatorError, HostError
-from .inventory.schema import NetworkSpec
-from .model import Fleet, GuestIntent
-from .net import names
-from .net import netns as ns
-from .net.fabric import Fabric, GuestWiring, NicWiring
-from .sched.cgroup import (PIDS_MAX, CgroupDriver, CgroupSettings, detect, memory_limit,
-                           memory_protection)
-from .state import StateDir
-from .vm.guest import Guest
-from .vm.launch import VirtHost, image_cache_dir, launch_spec, prepare_boot
-from .vm.placement import GuestPlacement
-from .vm.qemu import DEFAULT_TB_SIZE_MIB, RunPaths
+from ..errors import ConsolidatorError, HostError
+from ..inventory.schema import NetworkSpec
+from ..model import Fleet, GuestIntent
+from ..net import names
+from ..net import netns as ns
+from ..net.fabric import Fabric, GuestWiring, NicWiring
+from ..sched.cgroup import (PIDS_MAX, CgroupDriver, CgroupSettings, detect, memory_limit,
+                            memory_protection)
+from ..state import StateDir
+from ..vm.guest import Guest
+from ..vm.launch import VirtHost, image_cache_dir, launch_spec, prepare_boot
+from ..vm.placement import GuestPlacement
+from ..vm.qemu import DEFAULT_TB_SIZE_MIB, RunPaths
+from . import teardown
+
+Note = Callable[..., None]
 
 log = structlog.get_logger("executor")
 
 
-def cgroup_settings(intent: GuestIntent, tb_size_mib: int = DEFAULT_TB_SIZE_MIB) -> CgroupSettings:
-    """Pure: the static cgroup settings for a guest (the rebalancer adjusts shares later)."""
+def cgroup_settings(intent: GuestIntent, tb_size_mib: int = DEFAULT_TB_SIZE_MIB, *,
+                    weight: bool = True) -> CgroupSettings:
+    """Pure: the static cgroup settings for a guest. ``weight`` false leaves the CPU
+    weight out: the rebalancer owns it while it runs the guest."""
     return CgroupSettings(
-        cpu_shares=intent.cpu.shares, cpu_quota_cores=intent.cpu.limit, cpus=intent.cpu.pin,
+        cpu_shares=intent.cpu.shares if weight else None, cpu_quota_cores=intent.cpu.limit,
+        cpus=intent.cpu.pin,
         memory_limit=memory_limit(intent.memory.max, tb_size_mib),
         memory_low=memory_protection(intent.memory_min), pids_max=PIDS_MAX)
 
@@ -106,35 +111,23 @@ class Executor:
 
     def remove_network(self, name: str) -> None:
         self.fabric.remove_network(name)
-        with contextlib.suppress(FileNotFoundError):
-            self.state.network_record_path(name).unlink()
+        self.state.remove_network_record(name)
         log.info("network.removed", network=name)
 
     # ------------------------------------------------------------------ guests
     def guest_dir(self, name: str) -> Path:
         return self.state.guest_dir(name)
 
-    def define_guest(self, intent: GuestIntent, state: str = "defined") -> None:
-        rec = self.state.read_guest_record(intent.name) or {}
-        rec.update({"name": intent.name, "instance": self.instance,
-                    "intent": intent.model_dump(mode="json"), "spec_hash": intent.spec_hash(),
-                    "state": state})
-        self.state.write_guest_record(intent.name, rec)
-
-    def update_record(self, name: str, **fields: Any) -> None:
-        rec = self.state.read_guest_record(name) or {"name": name, "instance": self.instance}
-        rec.update(fields)
-        self.state.write_guest_record(name, rec)
-
-    def prepare_guest(self, intent: GuestIntent, progress: Callable[[str], None] | None = None
-                      ) -> tuple[GuestWiring, Guest]:
-        """Everything but the launch: record, wiring, cgroup, boot files, the Guest object."""
+    def prepare_guest(self, intent: GuestIntent, progress: Callable[[str], None] | None = None,
+                      note: Note | None = None) -> tuple[GuestWiring, Guest]:
+        """Everything but the launch: wiring, cgroup, boot files, the Guest object.
+        ``note`` hears the objects it is about to make, before it makes them."""
         assert self.cgroups is not None
         gdir = self.guest_dir(intent.name)
         gdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cg_dirs = self.cgroups.unique_dirs("guests", intent.name)
-        self.update_record(intent.name, objects=planned_objects(
-            self.instance, self.fabric.netns, intent, cg_dirs), phase="wiring")
+        if note is not None:
+            note(objects=planned_objects(self.instance, self.fabric.netns, intent, cg_dirs))
         wiring = self.fabric.wire_guest(intent.name, nic_wiring(intent))
         if progress is not None:
             progress("cgroup")
@@ -154,7 +147,8 @@ class Executor:
 
     async def start_guest(self, intent: GuestIntent, guest: Guest | None = None, *,
                           progress: Callable[[str], None] | None = None,
-                          gate: asyncio.Semaphore | None = None) -> Guest:
+                          gate: asyncio.Semaphore | None = None,
+                          note: Note | None = None) -> Guest:
         """Wire, place and launch ``intent``; on failure leave nothing of it running.
 
         The blocking parts (netlink, cgroupfs, nft, image build) run in a worker thread:
@@ -162,7 +156,7 @@ class Executor:
         setup must not stall the others. ``gate`` bounds how many guests are in their
         host-side start work at once (wiring to QMP greeting); it is released when the
         guest starts booting, since a boot is QEMU's own CPU, not ours.
-        ``progress`` hears network, cgroup, launch, boot."""
+        ``progress`` hears network, cgroup, launch, boot; ``note`` the objects made."""
         assert self.cgroups is not None
         say = progress or (lambda phase: None)
         held = False
@@ -183,29 +177,24 @@ class Executor:
 
         try:
             say("network")
-            wiring, g = await asyncio.to_thread(self.prepare_guest, intent, say)
+            wiring, g = await asyncio.to_thread(self.prepare_guest, intent, say, note)
             if guest is not None:            # a restart keeps the object (and its history)
                 guest.spec = g.spec
                 g = guest
             placement = GuestPlacement(self.cgroups.procs_files(intent.name),
                                        ns.path(wiring.netns))
-            self.update_record(intent.name, phase="launching", netns=wiring.netns,
-                               cgroups=[str(p) for p in self.cgroups.unique_dirs(
-                                   "guests", intent.name)])
+            if note is not None:
+                note(netns=wiring.netns, cgroups=[
+                    str(p) for p in self.cgroups.unique_dirs("guests", intent.name)])
             try:
                 await g.launch(placement, on_phase=on_phase)
             except BaseException:
                 await asyncio.to_thread(self.teardown_guest, intent, g)
-                self.update_record(intent.name, phase="failed", state="crashed", pid=None)
                 raise
             finally:
                 placement.close()
         finally:
             release()
-        self.update_record(intent.name, phase="running", state="running", pid=g.pid,
-                           pid_start=psutil.Process(g.pid).create_time(),
-                           qmp=str(g.paths.qmp), machine=g.spec.machine.name,
-                           accel=g.spec.accel.name, started_at=time.time())
         return g
 
     def teardown_guest(self, intent: GuestIntent, g: Guest | None = None) -> None:
@@ -220,44 +209,25 @@ class Executor:
     async def stop_guest(self, intent: GuestIntent, g: Guest, timeout: float = 10.0) -> None:
         await g.shutdown(timeout=timeout)
         await asyncio.to_thread(self.teardown_guest, intent, g)
-        self.update_record(intent.name, state="stopped", phase="stopped", pid=None)
 
-    def remove_guest(self, name: str, *, purge: bool = False, nics: int | None = None) -> None:
+    def remove_guest(self, name: str, nics: int | None = None) -> None:
+        """The kernel objects of a guest that goes (its files are the state dir's)."""
         assert self.cgroups is not None
         self.cgroups.kill(name)
         self.fabric.unwire_guest(name, nics)
         self.cgroups.remove_guest(name)
-        gdir = self.guest_dir(name)
-        if purge:
-            shutil.rmtree(gdir, ignore_errors=True)
-        else:
-            for p in gdir.iterdir() if gdir.exists() else []:
-                if p.suffix != ".qcow2":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-            with contextlib.suppress(OSError):
-                gdir.rmdir()
-        log.info("guest.removed", guest=name, purge=purge)
 
-    def apply_live(self, intent: GuestIntent) -> list[str]:
+    def apply_live(self, intent: GuestIntent, *, weight: bool = True) -> list[str]:
+        """The cgroup knobs of a running guest; ``weight`` false leaves its CPU weight to
+        the rebalancer. Returns the files written."""
         assert self.cgroups is not None
-        return self.cgroups.apply(intent.name, cgroup_settings(intent))
+        return self.cgroups.apply(intent.name, cgroup_settings(intent, weight=weight))
 
-    # --------------------------------------------------------------- teardown
+    @property
+    def scope(self) -> teardown.Scope:
+        return teardown.Scope(self.instance, self.fleet.host.fabric_netns,
+                              self.fleet.host.cgroup_parent)
+
     def destroy(self) -> list[str]:
-        """Remove every kernel object of the instance: processes, netns, links, rules,
-        cgroups. Works from the instance prefix, so it also cleans up after a crash."""
-        assert self.cgroups is not None
-        gone = []
-        for name in self.cgroups.guests_present():
-            self.cgroups.kill(name)
-            gone.append(f"processes of guest {name}")
-        gone += self.fabric.destroy(remove_fabric_netns=self._owns_fabric())
-        for d in self.cgroups.leftovers():
-            gone.append(f"cgroup {d}")
-        self.cgroups.remove_instance()
-        return gone
-
-    def _owns_fabric(self) -> bool:
-        """We remove a named fabric netns only when it carries our instance prefix."""
-        return bool(self.fabric.netns) and names.netns_is_ours(self.instance,
-                                                               self.fabric.netns or "")
+        """Every kernel object of the instance: see :func:`.teardown.collect`."""
+        return teardown.collect(self.scope)

@@ -1,0 +1,66 @@
+"""The status document (format 1; docs/API.md): what runs, how it is doing, and why.
+
+Built from the runtime and the rebalancer's last snapshot, never from a fresh read:
+``status`` costs the daemon nothing but this.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ..model import GuestState
+from ..sched.rebalancer import Rebalancer
+from .runtime import GuestRuntime, Runtime
+
+
+def _cpu_percent(g: GuestRuntime, rb: Rebalancer | None) -> float | None:
+    """From the rebalancer's last snapshot (it observes every running guest each
+    interval, also when it only observes), if taken since this run of the guest began."""
+    snap = rb.last if rb else None
+    o = snap.guests.get(g.name) if snap is not None else None
+    if o is None or o.cpu_rate is None or (g.started_at or 0) > snap.t:  # type: ignore[union-attr]
+        return None
+    return round(o.cpu_rate * 100, 1)
+
+
+def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
+             explain: bool = False) -> dict[str, Any]:
+    now = time.time()
+    snap = rb.last if rb else None
+    guests = []
+    for n, g in sorted(runtime.guests.items()):
+        q = g.guest
+        running = g.state in (GuestState.RUNNING, GuestState.ORPHANED)
+        o = snap.guests.get(n) if snap is not None and running else None
+        row: dict[str, Any] = {
+            "name": n, "state": g.state.value,
+            "pid": q.pid if q and running else None,
+            "uptime_s": round(now - g.started_at, 1) if running and g.started_at else None,
+            "vcpus": g.intent.vcpus,
+            "cpu_percent": _cpu_percent(g, rb) if running else None,
+            "balloon_bytes": (q.balloon_actual if q else None) if running else None,
+            "memory_max_bytes": g.intent.memory.max,
+            "memory_min_bytes": g.intent.memory_min,
+            "ips": [nic.ip for nic in g.intent.nics if nic.ip],
+            "restarts": g.restart_count,
+            "last_event": g.last_event,
+            "image": g.intent.image,
+            "machine": q.spec.machine.name if q and running else None,
+            "accel": q.spec.accel.name if q and running else None,
+            "errors": list(o.errors) if o is not None else [],
+        }
+        if explain:
+            row["explain"] = rb.explain.get(n) if rb else None
+        guests.append(row)
+    fleet = runtime.fleet
+    return {"format": 1, "instance": runtime.instance, "index": runtime.index,
+            "supervisor": {"pid": os.getpid(), "uptime_s": round(now - started, 1)},
+            "networks": [{"name": n, "subnet": str(s.subnet), "gateway": s.gateway,
+                          "nat": s.nat} for n, s in sorted(runtime.networks.items())],
+            "rebalancer": ({"enabled": rb.active, "ticks": rb.ticks,
+                            "host_state": rb.host_state.value,
+                            "budget_bytes": fleet.budget if fleet else None}
+                           if rb else {"enabled": False}),
+            "guests": guests}

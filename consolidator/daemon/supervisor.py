@@ -1,0 +1,235 @@
+"""The supervisor: one asyncio daemon per state dir, composed of narrow parts.
+
+=============  ===============================================================
+runtime        the one owner of guest state: records, events, the index
+lifecycle      start, stop, watch, restart by policy, reattach; the executor
+applier        executes a plan, phase by phase
+recorder       history samples, downsampling, serial lines into event logs
+rebalancer     (sched) CPU weights and balloons, through :class:`GuestControls`
+server         the API on the unix socket; status is :mod:`.status`
+metrics        the Prometheus endpoint, from a plain reading
+=============  ===============================================================
+
+This module only wires them together, holds the daemon's lock, runs its loops and
+stops it. Stopping the supervisor leaves the guests running (like systemd's
+KillMode=process); the next one adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import time
+from typing import Any, Awaitable
+
+import structlog
+
+from ..errors import CgroupError, ConflictError
+from ..model import GuestState
+from ..sched.observe import Tracked
+from ..sched.rebalancer import LoopSettings, Rebalancer
+from ..state import StateDir, atomic_write
+from . import metrics, protocol, status, teardown
+from .applier import Applier
+from .lifecycle import Lifecycle
+from .recorder import Recorder
+from .runtime import Runtime
+from .server import Api
+
+log = structlog.get_logger("supervisor")
+
+
+class GuestControls:
+    """What the rebalancer may move: a guest's CPU weight (cgroup) and its balloon (QMP)."""
+
+    def __init__(self, runtime: Runtime, lifecycle: Lifecycle) -> None:
+        self.runtime = runtime
+        self.lifecycle = lifecycle
+
+    async def set_weight(self, name: str, weight: int) -> bool:
+        ex = self.lifecycle.executor
+        if ex is None or ex.cgroups is None:
+            return False
+        return await asyncio.to_thread(ex.cgroups.set_shares, name, weight)
+
+    async def set_balloon(self, name: str, target: int) -> None:
+        g = self.runtime.get(name)
+        if g.guest is not None:
+            await g.guest.set_balloon(target)
+
+
+class Supervisor:
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state = StateDir(state_dir).ensure()
+        self.dir = self.state.supervisor_dir
+        self.dir.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        self.started = time.time()
+        self.stopping = asyncio.Event()
+        self.runtime = Runtime(self.state)
+        self.lifecycle = Lifecycle(self.runtime)
+        self.recorder = Recorder(self.runtime)
+        self.rebalancer: Rebalancer | None = None
+        self.applier = Applier(self.runtime, self.lifecycle, lambda: self.rebalancer)
+        self.metrics = metrics.MetricsServer(
+            lambda: metrics.reading(self.runtime, self.rebalancer))
+        self.api = Api(self.runtime, self.lifecycle, self.applier,
+                       status=self.status, destroy=self.destroy,
+                       rebalancer=lambda: self.rebalancer,
+                       record_ms=lambda: self.recorder.record_ms,
+                       after_apply=self._follow_fleet, stopping=self.stopping)
+        self._lock_fd: int | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ================================================================ lifecycle
+    def acquire_lock(self) -> None:
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = (self.dir / "pid").read_text().strip() if (self.dir / "pid").exists() else "?"
+            raise ConflictError(f"a supervisor is already running for {self.state.root} "
+                                f"(pid {pid})", hint="consolidator status talks to it") from None
+        self._lock_fd = fd
+        atomic_write(self.dir / "pid", f"{os.getpid()}\n", 0o600)
+
+    async def run(self) -> None:
+        self.acquire_lock()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            await self._load()
+            sock = protocol.socket_path(self.state.root)
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            old = os.umask(0o177)
+            try:
+                self._server = await asyncio.start_unix_server(self.api.serve, path=str(sock),
+                                                               limit=protocol.MAX_LINE)
+            finally:
+                os.umask(old)
+            os.chmod(sock, 0o600)
+            self._spawn(self.recorder.tail(), "serial-tail")
+            self._spawn(self.recorder.maintain(), "history-maintenance")
+            self._follow_fleet()
+            log.info("supervisor.ready", pid=os.getpid(), state_dir=str(self.state.root),
+                     guests=len(self.runtime.guests), index=self.runtime.index)
+            await self.stopping.wait()
+        finally:
+            await self._shutdown()
+
+    async def _load(self) -> None:
+        active = self.runtime.load()
+        if self.runtime.fleet is not None:
+            await asyncio.to_thread(self.lifecycle.use, self.runtime.fleet)
+        for g, rec in active:
+            await self.lifecycle.reattach(g, rec)
+
+    async def _shutdown(self) -> None:
+        log.info("supervisor.stopping", guests_left_running=sum(
+            1 for g in self.runtime.guests.values() if g.guest and g.guest.alive()))
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self.rebalancer is not None:
+            await self.rebalancer.close()
+        self.recorder.close()
+        self.metrics.stop()
+        for t in list(self._tasks):
+            t.cancel()
+        await self.lifecycle.close()
+        with contextlib.suppress(FileNotFoundError):
+            protocol.socket_path(self.state.root).unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        t = asyncio.ensure_future(coro)
+        t.set_name(name)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # ============================================================= the loop
+    def _follow_fleet(self) -> None:
+        """Once there is a fleet, one rebalancer loop runs: it rebalances when
+        host.rebalance.enabled, and observes and records either way. The metrics
+        endpoint follows the fleet's settings too."""
+        fleet = self.runtime.fleet
+        self.metrics.sync(fleet.host.metrics if fleet else None)
+        if fleet is None or self.rebalancer is not None:
+            return
+        rb = Rebalancer(self._loop_settings, self._tracked, self._usage,
+                        GuestControls(self.runtime, self.lifecycle))
+        rb.on_tick.append(self.recorder.on_tick)
+        self.lifecycle.on_start.append(rb.forget)
+        rb.start()
+        self.rebalancer = rb
+        log.info("rebalancer.started", interval=fleet.host.rebalance.interval,
+                 active=rb.active)
+
+    def _loop_settings(self) -> LoopSettings | None:
+        f = self.runtime.fleet
+        if f is None or self.lifecycle.executor is None:
+            return None
+        return LoopSettings(f.host.rebalance.interval, f.host.rebalance.enabled, f.budget,
+                            f.usable_cpus)
+
+    def _tracked(self) -> list[Tracked]:
+        return [Tracked(g.name, g.intent, g.guest) for g in self.runtime.guests.values()
+                if g.state is GuestState.RUNNING and g.guest is not None
+                and g.guest.qmp is not None]
+
+    def _usage(self, name: str) -> Any:
+        ex = self.lifecycle.executor
+        if ex is None or ex.cgroups is None:
+            raise CgroupError("no cgroup driver: nothing is applied")
+        return ex.cgroups.usage(name)
+
+    def status(self, explain: bool = False) -> dict[str, Any]:
+        return status.document(self.runtime, self.rebalancer, started=self.started,
+                               explain=explain)
+
+    # =============================================================== destroy
+    async def destroy(self, purge: bool) -> dict[str, Any]:
+        """Stop every guest, remove every kernel object of the instance the state dir
+        records, and forget the fleet. Failures are reported, never dropped."""
+        failures: list[dict[str, str]] = []
+        running = [g for g in self.runtime.guests.values()
+                   if g.state.active and self.lifecycle.executor is not None]
+        results = await asyncio.gather(*(self.lifecycle.stop(g, timeout=5) for g in running),
+                                       return_exceptions=True)
+        for g, r in zip(running, results):
+            if isinstance(r, BaseException):
+                msg = f"{type(r).__name__}: {r}"
+                failures.append({"target": f"guest {g.name}", "action": "stop", "error": msg})
+                log.warning("destroy.stop_failed", guest=g.name, error=msg)
+        for g in self.runtime.guests.values():
+            self.lifecycle.forget(g)
+        scope = self.lifecycle.executor.scope if self.lifecycle.executor else \
+            teardown.Scope.recorded(self.state)
+        gone: list[str] = []
+        if scope is not None:
+            try:
+                gone = await asyncio.to_thread(teardown.collect, scope)
+            except Exception as e:  # noqa: BLE001 - reported: the operator must know
+                msg = f"{type(e).__name__}: {e}"
+                failures.append({"target": f"instance {scope.instance}", "action": "remove",
+                                 "error": msg})
+                log.warning("destroy.teardown_failed", error=msg)
+        self.state.clear(purge=purge)
+        self.runtime.clear()
+        self.lifecycle.executor = None
+        return {"removed": gone, "failures": failures}
+
+
+def main(state_dir: str) -> None:
+    sup = Supervisor(state_dir)
+    asyncio.run(sup.run())

@@ -1,0 +1,73 @@
+"""Every rule of the inventory, by its stable code.
+
+A code names one rule and never changes meaning; new rules get new codes. Each problem
+shows its code last (``... [A003]``), so a script or a search can tell rules apart
+without reading messages. ``tests/data/bad/`` holds at least one inventory per code
+(the unit tests check that), and the README's inventory reference lists them.
+
+Letters: **Y** the file and its YAML, **S** structure (the schema), **N** names,
+**I** images, **A** networks and addresses, **G** one guest's resources, **C** capacity
+of the host as a whole.
+"""
+
+from __future__ import annotations
+
+CODES: dict[str, str] = {
+    # the file and its YAML
+    "Y001": "YAML syntax error",
+    "Y002": "duplicate key",
+    "Y003": "the document is not a mapping",
+    "Y004": "the file cannot be read (missing, not a regular file, not UTF-8)",
+    "Y005": "a key is not a string",
+    # structure
+    "S001": "unknown key",
+    "S002": "required field missing",
+    "S003": "wrong type or unparsable value",
+    # names
+    "N001": "instance is not 1-8 of a-z0-9 starting with a letter",
+    "N002": "image, network or guest name is not a DNS label",
+    "N003": "host.fabric_netns is not a usable netns name",
+    "N004": "label key is not 1-63 of letters, digits, '.', '_', '/', '-'",
+    # images
+    "I001": "an image needs builtin, kernel or disk",
+    "I002": "a builtin image takes no initrd",
+    "I003": "initrd without a kernel",
+    "I004": "cmdline without a kernel or builtin",
+    "I005": "format without a disk",
+    "I006": "the disk's format cannot be told from its name",
+    "I007": "no such file",
+    "I008": "not a regular, readable file",
+    "I009": "the guest names an undeclared image",
+    # networks and addresses
+    "A001": "subnet smaller than /30",
+    "A002": "an address's prefix differs from its subnet's",
+    "A003": "an address outside its subnet",
+    "A004": "the subnet's network address",
+    "A005": "the subnet's broadcast address",
+    "A006": "nat without a gateway",
+    "A007": "subnets of two networks with gateways overlap",
+    "A008": "a NIC names an undeclared network",
+    "A009": "a guest address is its network's gateway",
+    "A010": "an address used twice on one network",
+    "A011": "a multicast MAC",
+    "A012": "the all-zero MAC",
+    "A013": "a MAC used twice",
+    # one guest's resources
+    "G001": "memory.max under 32 MiB",
+    "G002": "memory.max not a whole number of MiB",
+    "G003": "memory.min above memory.max",
+    "G004": "more vCPUs than the host has CPUs",
+    "G005": "cpu.reserve above cpu.limit",
+    "G006": "cpu.reserve above vcpus",
+    "G007": "cpu.limit above vcpus",
+    "G008": "cpu.pin names CPUs the host does not have",
+    "G009": "cpu.reserve above the pinned CPUs",
+    # the host as a whole
+    "C001": "host.reserve.cpus leaves no CPU for guests",
+    "C002": "host.reserve.memory is all of the host's RAM",
+    "C003": "host.memory above RAM minus the reserve",
+    "C004": "cpu reserves add up to more than the usable cores",
+    "C005": "memory minimums add up to more than the budget",
+    "C006": "vCPUs beyond the CPU overcommit ratio",
+    "C007": "memory maximums beyond the memory overcommit ratio",
+}

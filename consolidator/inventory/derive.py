@@ -1,0 +1,68 @@
+"""Values the inventory implies, computed one way for its checks and for the model.
+
+Pure: the checks use these to find problems, :func:`consolidator.model.resolve` to
+build the fleet, so what was validated is exactly what runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from ..hostfacts import HostFacts
+from .schema import HostSpec, ImageSpec
+
+DISK_FORMATS = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
+
+
+def derive_mac(instance: str, guest: str, index: int) -> str:
+    """A locally administered unicast MAC (52:54:xx:xx:xx:xx) stable per instance/guest/NIC."""
+    h = hashlib.sha256(f"{instance}/{guest}/{index}".encode()).digest()
+    return "52:54:" + ":".join(f"{b:02x}" for b in h[:4])
+
+
+def disk_format(img: ImageSpec) -> str | None:
+    """The disk's format: given, or told by its extension (None: cannot tell)."""
+    if img.format:
+        return img.format
+    if img.disk:
+        return DISK_FORMATS.get(os.path.splitext(img.disk)[1].lower())
+    return None
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    """A path of the inventory, relative to the inventory's directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def resolved_image(img: ImageSpec, base_dir: Path) -> ImageSpec:
+    """Paths made absolute and the disk format filled in: the supervisor that runs the
+    guests does not share the CLI's working directory."""
+    upd: dict[str, Any] = {}
+    for f in ("kernel", "initrd", "disk"):
+        v = getattr(img, f)
+        if v:
+            upd[f] = str(resolve_path(v, base_dir).resolve())
+    if img.disk:
+        upd["format"] = disk_format(img)
+    return img.model_copy(update=upd) if upd else img
+
+
+def usable_cpus(host: HostSpec, facts: HostFacts) -> float:
+    """Cores left to guests: the host's CPUs minus its reserve (may be <= 0: invalid)."""
+    return facts.ncpus - host.reserve.cpus
+
+
+def memory_room(host: HostSpec, facts: HostFacts) -> int:
+    """RAM minus the host's reserve (may be <= 0: invalid)."""
+    return facts.memory_total - host.reserve.memory
+
+
+def budget(host: HostSpec, facts: HostFacts) -> int:
+    """The guests' memory budget: ``host.memory``, or RAM minus the reserve for auto."""
+    if host.memory == "auto":
+        return max(memory_room(host, facts), 0)
+    return int(host.memory)

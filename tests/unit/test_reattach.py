@@ -1,0 +1,39 @@
+"""Which process may be adopted as a guest's QEMU after a supervisor restart (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from consolidator.daemon.lifecycle import is_guest_qemu
+
+QMP = "/s/guests/web/run/qmp.sock"
+ARGV = ["/usr/bin/qemu-system-x86_64", "-name", "web,debug-threads=on", "-chardev",
+        f"socket,id=qmp,path={QMP},server=on,wait=off"]
+
+
+def ok(**kw) -> bool:
+    args = dict(name="web", qmp_path=QMP, argv=ARGV, started=1000.0, pid=42,
+                recorded_pid=42, recorded_start=1000.2, in_cgroup={42, 43})
+    args.update(kw)
+    return is_guest_qemu(**args)
+
+
+def test_the_guests_own_qemu_is_adopted():
+    assert ok()
+
+
+@pytest.mark.parametrize("change", [
+    {"argv": ["/usr/bin/sleep", "300"]},                       # another program
+    {"argv": ARGV[:2] + ["db,debug-threads=on"] + ARGV[3:]},   # another guest's QEMU
+    {"qmp_path": "/other/state/guests/web/run/qmp.sock"},      # another state dir's
+    {"in_cgroup": {43}},                                       # not in the guest's cgroup
+    {"in_cgroup": set()},                                      # an empty cgroup: no QEMU of ours
+    {"started": 5000.0},                                       # the recorded PID, reused
+    {"argv": []},                                              # a zombie, or unreadable
+])
+def test_anything_else_is_not(change):
+    assert not ok(**change)
+
+
+def test_the_pidfile_pid_needs_no_recorded_start():
+    assert ok(pid=43, recorded_pid=42, started=5000.0)
