@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -9,11 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from consolidator.net import netns as ns
+from consolidator.sched.cgroup import detect
 
 from .env import CliFleet, IMAGE_CACHE, cli_fleet, leftovers
 
@@ -117,8 +121,16 @@ def test_gateway_network_guest_serves_health_to_the_host_side(shipped):
     assert r.stdout == "ok\n"
 
 
+def serial_lines(f: CliFleet, guest: str, text: str) -> int:
+    return sum(1 for e in f.log(guest) if e.get("kind") == "serial" and text in e["line"])
+
+
 def test_reattach_after_supervisor_sigkill_keeps_the_pids(shipped):
-    before = {n: g["pid"] for n, g in shipped.guests().items()}
+    first = shipped.guests()
+    before = {n: g["pid"] for n, g in first.items()}
+    time.sleep(1.5)             # every line the guests printed so far is in their logs
+    ready = {n: serial_lines(shipped, n, "CONSOLIDATOR-READY") for n in before}
+    assert all(ready.values()), ready
     sup = shipped.supervisor_pid()
     os.kill(sup, signal.SIGKILL)
     time.sleep(0.5)
@@ -130,6 +142,13 @@ def test_reattach_after_supervisor_sigkill_keeps_the_pids(shipped):
     assert all(g["state"] == "running" for g in after.values())
     assert "reattached" in shipped.events("web")
     assert shipped.cli("agent", "app", "ping").stdout.startswith("pong")
+    # the adopted guests are described as launched (regression: machine read as pc,
+    # the firmware-boot machine, for microvm guests), and their serial lines are not
+    # logged a second time (regression: the offset in serial.log was not kept)
+    assert {n: (g["machine"], g["accel"]) for n, g in after.items()} == \
+        {n: (g["machine"], g["accel"]) for n, g in first.items()}
+    time.sleep(2.5)                                       # two serial-tail intervals
+    assert {n: serial_lines(shipped, n, "CONSOLIDATOR-READY") for n in before} == ready
 
 
 # ------------------------------------------------------------- faults, one by one
@@ -300,7 +319,6 @@ def test_stale_pidfile_with_a_reused_pid_is_not_adopted(tmp_path):
         impostor = subprocess.Popen(["sleep", "300"])     # and its PID number is "reused"
         try:
             rec = f.state / "guests" / "web" / "record.json"
-            import json
             r = json.loads(rec.read_text())
             r["pid"] = impostor.pid
             rec.write_text(json.dumps(r))
@@ -344,3 +362,105 @@ def test_destroy_leaves_nothing_anywhere(tmp_path):
         time.sleep(0.5)
         assert not Path(f"/proc/{sup}").exists() or \
             "zombie" in Path(f"/proc/{sup}/status").read_text().lower()
+
+
+# ------------------------------------------------------ review defects, one test each
+
+HANGS = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+images:
+  stuck: {{builtin: tiny, cmdline: "rdinit=/bin/sh"}}
+guests:
+  slow: {{image: stuck, restart: always}}
+"""
+
+
+def test_a_start_cancelled_by_a_stopping_supervisor_is_no_crash(tmp_path):
+    """The guest's init is a shell that never prints READY, so its start is still waiting
+    when the supervisor is told to stop. Regression: the start caught BaseException and
+    recorded the cancellation as a crash (and restart: always would then restart it)."""
+    with cli_fleet(tmp_path, HANGS) as f:
+        f.cli("apply", "--no-wait")
+        wait_for(lambda: any(x.startswith("process") for x in leftovers(f.instance)), 30,
+                 "QEMU to run")
+        sup = f.supervisor_pid()
+        os.kill(sup, signal.SIGTERM)
+        wait_for(lambda: f.supervisor_pid() is None, 30, "the supervisor to stop")
+        rec = json.loads((f.state / "guests" / "slow" / "record.json").read_text())
+        assert rec["state"] == "stopped" and rec["last_event"] == "start_cancelled", rec
+        assert "start_failed" not in f.events("slow") and "crashed" not in f.events("slow")
+        assert not [x for x in leftovers(f.instance) if x.startswith("process")]
+        g = f.guests()["slow"]                    # a new supervisor leaves it stopped
+        assert g["state"] == "stopped" and g["restarts"] == 0
+
+
+ONE = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+guests:
+  solo: {{}}
+"""
+
+
+def test_destroy_reports_what_it_could_not_do(tmp_path):
+    """A cgroup that cannot be removed (a child cgroup inside it) makes the guest's stop
+    fail. Regression: destroy gathered the stops with return_exceptions and dropped the
+    results: exit 0, nothing said."""
+    with cli_fleet(tmp_path, ONE) as f:
+        f.cli("apply")
+        hold = detect().subtree(f.instance)["pids"] / "guests" / "solo" / "hold"
+        hold.mkdir()
+        try:
+            res = f.cli("destroy", "--yes", check=False)
+        finally:
+            with contextlib.suppress(OSError):
+                hold.rmdir()
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "failed: stop guest solo" in res.stderr and "hold" not in res.stdout
+        assert "cannot remove cgroup" in res.stderr
+        assert leftovers(f.instance) == []       # the rest was torn down all the same
+
+
+def test_destroy_never_touches_an_instance_it_did_not_create(tmp_path):
+    """Regression: with nothing applied in its state dir, destroy took the instance from
+    ./inventory.yaml and removed all of its objects (a test run in the repository's root
+    tore down the quick-start fleet). Here another fleet's object is a netns with the
+    inventory's instance prefix."""
+    inst = "z" + uuid.uuid4().hex[:7]
+    canary = f"{inst}-canary"
+    (tmp_path / "inventory.yaml").write_text(f"instance: {inst}\nguests:\n  web: {{}}\n")
+    ns.create(canary)
+    try:
+        env = {**os.environ, "CONSOLIDATOR_STATE_DIR": str(tmp_path / "state")}
+        for args in (["destroy", "--yes"], ["destroy", "--yes", "--purge"], ["gc"]):
+            res = subprocess.run([sys.executable, "-m", "consolidator", *args], cwd=tmp_path,
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert res.returncode == 2, res.stdout + res.stderr
+            assert "records no fleet" in res.stderr
+            assert ns.exists(canary), args
+        # named explicitly, it is the operator's call
+        res = subprocess.run([sys.executable, "-m", "consolidator", "destroy", "--yes",
+                              "--instance", inst], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert not ns.exists(canary)
+    finally:
+        if ns.exists(canary):
+            ns.remove(canary)
+
+
+def test_a_commit_whose_plan_would_differ_is_refused(shipped):
+    """apply-commit carries the digest of the plan shown; the supervisor runs only the
+    plan it would make itself, and refuses another with exit 5."""
+    from consolidator.daemon import protocol
+    from consolidator.errors import ConflictError
+    from consolidator.model import load_fleet
+    fleet = load_fleet(shipped.inventory)
+    with protocol.connect(shipped.state, start=False) as client:
+        begin = client.call("apply-begin")
+        with pytest.raises(ConflictError, match="would not do what the plan shown said") as e:
+            client.call("apply-commit", index=begin["index"], plan_digest="0" * 32,
+                        fleet=fleet.model_dump(mode="json"), inventory="")
+        assert e.value.exit_code == 5
+    assert all(g["state"] == "running" for g in shipped.guests().values())
