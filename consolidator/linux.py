@@ -1,8 +1,8 @@
 """Syscalls Python 3.11 lacks, through cffi in ABI mode (no compiler at install time).
 
-``setns``/``unshare`` arrived in Python 3.12's ``os``; ``pidfd_open`` exists in
-``os`` but ``pidfd_send_signal`` does not; KVM needs ``ioctl`` with integer
-returns. Each wrapper raises ``OSError`` with errno set, like ``os`` does.
+``setns``/``unshare`` arrived in Python 3.12's ``os``; ``pidfd_open`` is used from
+``os`` where it exists; KVM needs ``ioctl`` with integer returns; mounts for the netns
+directory. Each wrapper raises ``OSError`` with errno set, like ``os`` does.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ int umount2(const char *target, int flags);
 long syscall(long number, ...);
 """
 
-CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
-CLONE_NEWUTS = 0x04000000
 
 MS_BIND = 4096
 MS_REC = 16384
@@ -30,7 +28,6 @@ MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
 # x86_64 syscall numbers (the same on aarch64 for these "new" syscalls).
-SYS_PIDFD_SEND_SIGNAL = 424
 SYS_PIDFD_OPEN = 434
 
 
@@ -94,9 +91,3 @@ def pidfd_open(pid: int) -> int:
     return _check(lib.syscall(SYS_PIDFD_OPEN, ffi.cast("int", pid),  # type: ignore
                               ffi.cast("unsigned int", 0)), "pidfd_open")
 
-
-def pidfd_send_signal(pidfd: int, sig: int) -> None:
-    ffi, lib = _lib()
-    _check(lib.syscall(SYS_PIDFD_SEND_SIGNAL, ffi.cast("int", pidfd),  # type: ignore
-                       ffi.cast("int", sig), ffi.NULL, ffi.cast("unsigned int", 0)),
-           "pidfd_send_signal")

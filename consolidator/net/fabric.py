@@ -52,10 +52,6 @@ class GuestWiring:
     ports: tuple[str, ...]        # fabric-side veth ends
 
 
-def _attr(link: Any, key: str) -> Any:
-    return link.get_attr(key)
-
-
 def _kind(link: Any) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
     return info.get_attr("IFLA_INFO_KIND") if info else None

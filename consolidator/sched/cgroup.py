@@ -238,9 +238,8 @@ def v2_writes(s: CgroupSettings, parent_cpus: str) -> list[tuple[str, str, str]]
 
 @dataclass(frozen=True)
 class CgroupUsage:
-    """What the rebalancer reads each interval: counters and memory, nothing more."""
+    """What the rebalancer reads each interval: the CPU counter and memory, nothing more."""
     cpu_usage_ns: int
-    throttled_ns: int
     memory_current: int
 
 
@@ -484,21 +483,19 @@ class CgroupDriver:
                 names.update(p.name for p in d.iterdir() if p.is_dir())
         return sorted(names)
 
-    # -- stats
+    # -- usage
     def usage(self, guest: str) -> CgroupUsage:
-        """What the rebalancer reads each interval: CPU and throttling counters, memory.
+        """What the rebalancer reads each interval: the CPU counter and memory, two files.
         (PSI is read once per tick for the host: on v1 a guest's PSI is the host's.)"""
         if self.backend == "v2":
             d = self.base["unified"] / "guests" / guest
             cpu = parse_flat(_read(d / "cpu.stat"))
             mem = int(_read(d / "memory.current")) if (d / "memory.current").exists() else 0
-            return CgroupUsage(cpu.get("usage_usec", 0) * 1000,
-                               cpu.get("throttled_usec", 0) * 1000, mem)
-        cpu = parse_flat(_read(self._dir_for("cpu", guest) / "cpu.stat"))
+            return CgroupUsage(cpu.get("usage_usec", 0) * 1000, mem)
         usage = int(_read(self._dir_for("cpuacct", guest) / "cpuacct.usage")) \
             if "cpuacct" in self.base else 0
         mem = int(_read(self._dir_for("memory", guest) / "memory.usage_in_bytes"))
-        return CgroupUsage(usage, cpu.get("throttled_time", 0), mem)
+        return CgroupUsage(usage, mem)
 
 
 def host_psi() -> dict[str, dict[str, float]]:

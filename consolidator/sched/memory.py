@@ -113,7 +113,6 @@ class MemDecision:
     pressure: bool = False
     ws: int | None = None
     floor: int = 0
-    tax: float | None = None
 
     @property
     def changed(self) -> bool:
@@ -294,12 +293,10 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
         notes.append(f"host memory {state.value}: budget x{factor:g}")
 
     decisions = []
-    by = {g.name: g for g in guests}
     for g in guests:
         r = rows[g.name]
         decisions.append(MemDecision(g.name, int(r["want"]), g.actual, r["reason"],
-                                     r["pressure"], r["ws"], r["floor"],
-                                     _tax(by[g.name], r["ws"] or g.actual, p.tau)))
+                                     r["pressure"], r["ws"], r["floor"]))
     return MemResult(decisions, est_out, hold_out, state, budget, feasible, tuple(notes))
 
 

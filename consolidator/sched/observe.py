@@ -4,14 +4,13 @@ Per guest:
 - CPU as a rate of cores, from its cgroup; *demand* = time on a CPU + time runnable but
   waiting for one (``run_delay`` in /proc/PID/task/*/schedstat). Under contention usage
   alone understates what a guest wants: a guest held to 1 % by weights looks idle;
-- throttled time (CFS quota) as a rate;
-- cgroup memory current, QEMU's RSS, the balloon's actual size (kept current from QMP
+- cgroup memory current, the balloon's actual size (kept current from QMP
   BALLOON_CHANGE events, so no query per tick);
-- guest stats (available, free, total, disk caches; major faults and swap in/out as
-  rates) with their age. Stats older than ``stale_after`` are *unknown*, never idle.
+- guest stats (available, free, total, disk caches; major faults and swap-in as
+  rates). Stats older than ``stale_after`` are *unknown*, never idle.
   With them, the range of sizes the balloon may have had when they were taken.
 
-Host: MemAvailable, PSI for memory and CPU (avg10, and the total's delta), CPU busy in cores.
+Host: MemAvailable, PSI for memory and CPU (avg10), CPU busy in cores.
 
 The observer sees guests only through :class:`Tracked` (a name, its intent and a
 :class:`GuestProbe`) and cgroups only through a usage reader: it never holds the
@@ -68,9 +67,7 @@ class GuestObs:
     name: str
     cpu_rate: float | None = None         # cores used over the interval
     demand: float | None = None           # cores wanted: used + waiting to run
-    throttled_rate: float | None = None   # fraction of the interval throttled by quota
     cgroup_memory: int | None = None
-    rss: int | None = None
     balloon: int | None = None
     total: int | None = None
     available: int | None = None
@@ -78,8 +75,6 @@ class GuestObs:
     disk_caches: int | None = None
     major_fault_rate: float = 0.0
     swap_in_rate: float = 0.0
-    swap_out_rate: float = 0.0
-    stats_age: float | None = None
     stale: bool = True
     # smallest and largest size the balloon may have had when the stats were taken
     stats_balloon: tuple[int, int] | None = None
@@ -100,7 +95,6 @@ class HostObs:
     psi_mem_some10: float
     psi_mem_full10: float
     psi_cpu_some10: float
-    psi_mem_some_delta_us: float
     cpu_busy: float | None                # cores busy over the interval
 
 
@@ -179,11 +173,10 @@ class Observer:
             if dt_ticks > 0:
                 busy = (dt_ticks - (idle - prev["idle"])) / dt_ticks * self.ncpu
         mem = psi.get("memory", {})
-        delta = mem.get("some_total", 0.0) - prev.get("psi_total", mem.get("some_total", 0.0))
-        self._host_prev = {"total": total, "idle": idle, "psi_total": mem.get("some_total", 0.0)}
+        self._host_prev = {"total": total, "idle": idle}
         return HostObs(mi.get("MemAvailable", 0), mi.get("MemTotal", 0),
                        mem.get("some_avg10", 0.0), mem.get("full_avg10", 0.0),
-                       psi.get("cpu", {}).get("some_avg10", 0.0), delta, busy)
+                       psi.get("cpu", {}).get("some_avg10", 0.0), busy)
 
     def _guest(self, name: str, g: GuestProbe, usage: UsageReader | None, st: Any,
                st_error: str | None, now: float, mono: float) -> GuestObs:
@@ -198,12 +191,10 @@ class Observer:
             except (OSError, ValueError, ConsolidatorError) as e:
                 errors.append(f"cgroup usage: {type(e).__name__}: {e}")
             else:
-                cur["cpu_ns"], cur["thr_ns"] = cs.cpu_usage_ns, cs.throttled_ns
+                cur["cpu_ns"] = cs.cpu_usage_ns
                 fields["cgroup_memory"] = cs.memory_current
                 if dt and "cpu_ns" in prev:
                     fields["cpu_rate"] = max(0.0, (cs.cpu_usage_ns - prev["cpu_ns"]) / 1e9 / dt)
-                    fields["throttled_rate"] = max(0.0, (cs.throttled_ns - prev["thr_ns"])
-                                                   / 1e9 / dt)
         if g.pid:
             try:
                 run, wait = schedstat(g.pid)
@@ -211,14 +202,10 @@ class Observer:
                 if dt and "run" in prev:
                     demand = ((run - prev["run"]) + (wait - prev["wait"])) / 1e9 / dt
                     fields["demand"] = max(0.0, demand)
-                with open(f"/proc/{g.pid}/statm") as f:
-                    fields["rss"] = int(f.read().split()[1]) * 4096
             except OSError as e:
                 errors.append(f"/proc/{g.pid}: {e.strerror or e}")
         if st is not None and st.last_update:
-            age = now - st.last_update
-            fields["stats_age"] = age
-            fields["stale"] = age > self.stale_after or st.available is None
+            fields["stale"] = now - st.last_update > self.stale_after or st.available is None
             fields.update(total=st.total, available=st.available, free=st.free,
                           disk_caches=st.disk_caches)
             # QEMU stamps stats in whole seconds and sends BALLOON_CHANGE at most once a
@@ -226,19 +213,17 @@ class Observer:
             # before their stamp until now
             fields["stats_balloon"] = g.balloon_range(st.last_update - 1.0)
             cur["stats_t"] = st.last_update
-            cur["faults"], cur["swin"], cur["swout"] = (st.major_faults or 0, st.swap_in or 0,
-                                                        st.swap_out or 0)
+            cur["faults"], cur["swin"] = st.major_faults or 0, st.swap_in or 0
             if "stats_t" in prev and st.last_update > prev["stats_t"]:
                 sdt = st.last_update - prev["stats_t"]
                 fields["major_fault_rate"] = max(0.0, (cur["faults"] - prev["faults"]) / sdt)
                 fields["swap_in_rate"] = max(0.0, (cur["swin"] - prev["swin"]) / sdt)
-                fields["swap_out_rate"] = max(0.0, (cur["swout"] - prev["swout"]) / sdt)
             elif "stats_t" in prev:      # no new stats this tick: keep the last rates
-                cur.update({k: prev[k] for k in ("stats_t", "faults", "swin", "swout")})
-                for k in ("major_fault_rate", "swap_in_rate", "swap_out_rate"):
+                cur.update({k: prev[k] for k in ("stats_t", "faults", "swin")})
+                for k in ("major_fault_rate", "swap_in_rate"):
                     if k in prev:
                         fields[k] = prev[k]
-            for k in ("major_fault_rate", "swap_in_rate", "swap_out_rate"):
+            for k in ("major_fault_rate", "swap_in_rate"):
                 if k in fields:
                     cur[k] = fields[k]
         self._prev[name] = {**prev, **cur}

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from .. import linux
 
 KVM_GET_API_VERSION = 0xAE00
-KVM_CREATE_VM = 0xAE01
-KVM_API_VERSION = 12
 
 
 class KvmKind(enum.StrEnum):

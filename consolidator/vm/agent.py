@@ -26,7 +26,6 @@ class Agent:
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
-        self.ready_uptime: float | None = None
 
     async def connect(self, path: str, timeout: float = 10.0) -> None:
         """Connect and wait for the guest's ``ready`` greeting."""
@@ -36,7 +35,6 @@ class Agent:
         parts = line.split()
         if parts[:2] != ["0", "ready"]:
             raise AgentError(f"{self.name}: unexpected agent greeting {line!r}")
-        self.ready_uptime = float(parts[2]) if len(parts) > 2 else None
 
     async def _readline(self, timeout: float) -> str:
         assert self._reader is not None
@@ -83,9 +81,6 @@ class Agent:
 
     async def mem(self, mib: int, timeout: float = 60.0) -> int:
         return int(parse_kv(await self.request("mem", str(int(mib)), timeout))["mem_mib"])
-
-    async def stop_load(self) -> None:
-        await self.request("stop")
 
     async def sh(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
         kv = parse_kv(await self.request("sh", command, timeout))

@@ -153,7 +153,6 @@ class Guest:
         self.argv: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None        # set for children and for adopted processes
-        self.adopted = False
         # (wall time, size) of the balloon, from BALLOON_CHANGE events (QEMU sends at most
         # one a second): guest stats taken while it moved cannot be read against it
         self._balloon_log: deque[tuple[float, int | None]] = deque(maxlen=32)
@@ -272,7 +271,6 @@ class Guest:
         finally:
             stderr.close()
         self._pid = self.proc.pid
-        self.adopted = False
         self.log.info("guest.spawned", pid=self.proc.pid,
                       placement=placement.describe() if placement else None)
         self._watch_pid(self.proc.pid)
@@ -346,7 +344,6 @@ class Guest:
         self._to(Runstate.STARTING)
         self.proc = None
         self._pid = pid
-        self.adopted = True
         self._stop_requested = False
         self._watch_pid(pid)
         qmp = QMP(self.name)

@@ -33,9 +33,7 @@ class GuestStats:
     total: int | None
     disk_caches: int | None
     major_faults: int | None
-    minor_faults: int | None
     swap_in: int | None
-    swap_out: int | None
     last_update: int            # guest-stats timestamp (s since the epoch); 0 = never
 
     @classmethod
@@ -47,18 +45,14 @@ class GuestStats:
             return None if v is None or v < 0 else int(v)
 
         return cls(g("stat-available-memory"), g("stat-free-memory"), g("stat-total-memory"),
-                   g("stat-disk-caches"), g("stat-major-faults"), g("stat-minor-faults"),
-                   g("stat-swap-in"), g("stat-swap-out"), int(reply.get("last-update", 0)))
+                   g("stat-disk-caches"), g("stat-major-faults"),
+                   g("stat-swap-in"), int(reply.get("last-update", 0)))
 
 
 class QMP:
     def __init__(self, name: str) -> None:
         self.name = name
         self._client = QMPClient(name)
-
-    @property
-    def connected(self) -> bool:
-        return self._client.runstate.name == "RUNNING"
 
     async def connect(self, path: str, *, timeout: float = 10.0,
                       alive: Callable[[], bool] = lambda: True) -> None:

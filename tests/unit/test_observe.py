@@ -45,7 +45,7 @@ def test_failing_readings_are_named_logged_once_and_cleared():
     def usage(name: str) -> CgroupUsage:
         if broken:
             raise CgroupError(f"cannot read cgroup of {name}")
-        return CgroupUsage(1_000_000, 0, 64 << 20)
+        return CgroupUsage(1_000_000, 64 << 20)
 
     obs = Observer(ncpu=2)
     with capture_logs() as logs:
