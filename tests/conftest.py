@@ -8,9 +8,18 @@ sets it), a skipped integration test fails the run instead of passing quietly.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Properties here run in 0-30 ms an example on an idle 2-core host (see
+# --hypothesis-show-statistics); a busy CI host can stretch one past hypothesis' 200 ms
+# default and fail a correct property. Every property gets a second; the heavy ones
+# (planner, history, memory policy) set deadline=None themselves.
+settings.register_profile("consolidator", deadline=timedelta(seconds=1))
+settings.load_profile("consolidator")
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_INTEGRATION = os.environ.get("CONSOLIDATOR_REQUIRE_INTEGRATION") == "1"

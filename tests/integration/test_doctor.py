@@ -8,9 +8,20 @@ import subprocess
 import sys
 
 
-def host_has_pvm() -> bool:
-    flags = open("/proc/cpuinfo").read()
-    return os.path.isdir("/sys/module/kvm_pvm") and " vmx" not in flags and " svm" not in flags
+def host_kvm() -> tuple[str, str]:
+    """What this host is, read here independently of the code under test: (kind, accel)."""
+    flags = set(next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo")
+                      if ln.startswith("flags")), []))
+    mods = {m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if os.path.isdir(f"/sys/module/{m}")}
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError:
+        return "absent", "tcg"
+    if "kvm_pvm" in mods and not mods & {"kvm_intel", "kvm_amd"}:
+        return "pvm", "tcg"
+    if mods & {"kvm_intel", "kvm_amd"} and flags & {"vmx", "svm"}:
+        return "hardware", "kvm"
+    return ("pvm", "tcg") if "kvm_pvm" in mods else ("unknown", "tcg")
 
 
 def mounts() -> list[tuple[str, str]]:
@@ -23,29 +34,42 @@ def doctor() -> tuple[int, dict]:
     return res.returncode, json.loads(res.stdout)
 
 
-def test_doctor_reports_kvm_kind_and_accel(need_root):
+# what the accelerator's reason must say, by the kind of host
+REASON = {"hardware": ("KVM: hardware KVM",), "pvm": ("PVM", "hang"),
+          "absent": ("TCG: no usable /dev/kvm",), "unknown": ("flavour is unknown",)}
+
+
+def test_doctor_reports_kvm_kind_and_accel(need_root, need_qemu):
     code, rep = doctor()
-    assert rep["kvm"]["opens"] is os.path.exists("/dev/kvm")
-    if host_has_pvm():
-        assert rep["kvm"]["kind"] == "pvm"
-        assert rep["accel"]["name"] == "tcg"
-        assert "PVM" in rep["accel"]["reason"] and "hang" in rep["accel"]["reason"]
-    if os.path.exists("/dev/kvm"):
-        assert rep["kvm"]["api_version"] == 12      # the stable KVM API since 2.6.22
+    assert code == 0, rep["missing"]
+    kind, accel = host_kvm()
+    assert rep["kvm"]["kind"] == kind
+    assert rep["accel"]["name"] == accel
+    assert all(w in rep["accel"]["reason"] for w in REASON[kind]), rep["accel"]["reason"]
+    assert rep["kvm"]["opens"] is (kind != "absent")
+    assert rep["kvm"]["api_version"] == (None if kind == "absent" else 12)  # stable since 2.6.22
 
 
-def test_doctor_reports_cgroup_mode(need_root):
-    _, rep = doctor()
+def test_doctor_reports_cgroup_mode(need_root, need_qemu):
+    code, rep = doctor()
+    assert code == 0, rep["missing"]
     kinds = {fs for _, fs in mounts()}
     v1 = {p.rsplit("/", 1)[-1] for p, fs in mounts() if fs == "cgroup"}
-    if "cgroup" in kinds and "cgroup2" in kinds:
-        assert rep["cgroup"]["mode"] == "hybrid"
+    mode = {frozenset({"cgroup", "cgroup2"}): "hybrid", frozenset({"cgroup"}): "v1",
+            frozenset({"cgroup2"}): "v2"}[frozenset(kinds & {"cgroup", "cgroup2"})]
+    assert rep["cgroup"]["mode"] == mode
     if {"cpu", "memory"} <= v1:
         assert rep["cgroup"]["backend"] == "v1"
         own_mem = [ln.split(":", 2)[2].strip() for ln in open("/proc/self/cgroup")
                    if ln.split(":")[1] == "memory"][0]
         sub = rep["cgroup"]["subtree"]["memory"]
         assert sub == os.path.join("/sys/fs/cgroup/memory", own_mem.lstrip("/"), "cns")
+    else:                            # pure v2: one tree, below our own cgroup
+        own = [ln.split(":", 2)[2].strip() for ln in open("/proc/self/cgroup")
+               if ln.startswith("0::")][0]
+        assert rep["cgroup"]["backend"] == "v2"
+        assert rep["cgroup"]["subtree"]["unified"] == os.path.join("/sys/fs/cgroup",
+                                                                   own.lstrip("/"), "cns")
 
 
 def test_doctor_table_and_exit_code(need_root, need_qemu):

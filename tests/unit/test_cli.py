@@ -114,3 +114,42 @@ def test_relative_image_paths_are_absolute_in_the_fleet(tmp_path):
     fleet = load_fleet(inv)
     assert fleet.guests["web"].image_spec.kernel == str(tmp_path / "k")
     assert fleet.images["direct"].kernel == str(tmp_path / "k")
+
+
+def status_doc(n: int = 3) -> dict:
+    guests = [{"name": f"guest-with-a-long-name-{i}", "state": "running", "uptime_s": u,
+               "vcpus": 2, "cpu_percent": 12.5, "balloon_bytes": 200 << 20,
+               "memory_max_bytes": 256 << 20, "ips": ["10.77.0.10", "10.78.0.20"],
+               "restarts": 0, "last_event": "reattached", "errors": []}
+              for i, u in zip(range(n), (0.1, 0.0, 4000.0))]
+    return {"instance": "cns", "index": 7, "guests": guests}
+
+
+def test_without_a_terminal_status_prints_every_value_whole():
+    """Regression: with no TTY, rich laid tables out in 80 columns and cut 'running' to
+    'runni…' and 'restarts' to 'restar…'."""
+    import io
+
+    from rich.console import Console
+
+    from consolidator.cli.main import show
+    from consolidator.cli.render import status_table
+    buf = io.StringIO()
+    con = Console(file=buf, highlight=False)          # a pipe: not a terminal, 80 columns
+    assert not con.is_terminal and con.width == 80
+    show(con, status_table(status_doc()))
+    text = buf.getvalue()
+    assert "…" not in text
+    for word in ("running", "restarts", "guest-with-a-long-name-2", "10.77.0.10, 10.78.0.20",
+                 "reattached", "200 MiB / 256 MiB"):
+        assert word in text, word
+    # uptimes read the same way in every row: whole seconds, never "100ms" beside "0s"
+    assert "ms" not in text and " 0s " in text and "1h06m" in text
+
+
+def test_status_shows_failing_readings():
+    from consolidator.cli.render import status_table
+    doc = status_doc(1)
+    doc["guests"][0]["errors"] = ["cgroup usage: CgroupError: cannot read"]
+    t = status_table(doc)
+    assert "guest-with-a-long-name-0: cgroup usage: CgroupError: cannot read" in str(t.caption)
