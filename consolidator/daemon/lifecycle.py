@@ -22,7 +22,7 @@ import contextlib
 import os
 import signal
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import psutil
 import structlog
@@ -35,6 +35,7 @@ from ..vm.qemu import Boot, RunPaths
 from .executor import Executor
 from .restartpolicy import decide
 from .runtime import GuestRuntime, Runtime
+from .tasks import Tasks
 
 log = structlog.get_logger("supervisor")
 EmitFn = Callable[[dict[str, Any]], None]
@@ -66,7 +67,7 @@ class Lifecycle:
         self.executor: Executor | None = None
         self.gate = asyncio.Semaphore(os.cpu_count() or 2)   # host-side start work at once
         self.on_start: list[Callable[[str], None]] = []      # hooks: a guest (re)starts
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
 
     # ------------------------------------------------------------------ setup
     def use(self, fleet: Fleet) -> Executor:
@@ -81,17 +82,9 @@ class Lifecycle:
     def set_concurrency(self, limit: int | str) -> None:
         self.gate = asyncio.Semaphore((os.cpu_count() or 2) if limit == "auto" else int(limit))
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
-        t = asyncio.ensure_future(coro)
-        t.set_name(name)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
-
     async def close(self) -> None:
         """The supervisor stops; the guests go on running (their sockets stay)."""
-        for t in list(self._tasks):
-            t.cancel()
+        self._tasks.cancel_all()
         for g in self.runtime.guests.values():
             if g.guest is not None:
                 with contextlib.suppress(Exception):
@@ -141,7 +134,7 @@ class Lifecycle:
 
     def watch(self, g: GuestRuntime) -> None:
         if g.monitor is None or g.monitor.done():
-            g.monitor = self._spawn(self._monitor(g), f"monitor-{g.name}")
+            g.monitor = self._tasks.spawn(self._monitor(g), f"monitor-{g.name}")
 
     # ------------------------------------------------------------------ stop
     async def stop(self, g: GuestRuntime, timeout: float = 10.0, **why: Any) -> None:
@@ -201,8 +194,8 @@ class Lifecycle:
             self.runtime.transition(g, S.FAILED, "failed", reason=d.reason)
         elif d.restart:
             self.runtime.event(g, "restart_scheduled", delay_s=d.delay, reason=d.reason)
-            g.pending_restart = self._spawn(self._restart_later(g, d.delay),
-                                            f"restart-{g.name}")
+            g.pending_restart = self._tasks.spawn(self._restart_later(g, d.delay),
+                                                 f"restart-{g.name}")
         else:
             self.runtime.event(g, "stays_down", reason=d.reason)
 

@@ -23,7 +23,7 @@ import fcntl
 import os
 import signal
 import time
-from typing import Any, Awaitable
+from typing import Any
 
 import structlog
 
@@ -38,6 +38,7 @@ from .lifecycle import Lifecycle
 from .recorder import Recorder
 from .runtime import Runtime
 from .server import Api
+from .tasks import Tasks
 
 log = structlog.get_logger("supervisor")
 
@@ -83,7 +84,7 @@ class Supervisor:
                        after_apply=self._follow_fleet, stopping=self.stopping)
         self._lock_fd: int | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
 
     # ================================================================ lifecycle
     def acquire_lock(self) -> None:
@@ -115,8 +116,8 @@ class Supervisor:
             finally:
                 os.umask(old)
             os.chmod(sock, 0o600)
-            self._spawn(self.recorder.tail(), "serial-tail")
-            self._spawn(self.recorder.maintain(), "history-maintenance")
+            self._tasks.spawn(self.recorder.tail(), "serial-tail")
+            self._tasks.spawn(self.recorder.maintain(), "history-maintenance")
             self._follow_fleet()
             log.info("supervisor.ready", pid=os.getpid(), state_dir=str(self.state.root),
                      guests=len(self.runtime.guests), index=self.runtime.index)
@@ -142,20 +143,12 @@ class Supervisor:
             await self.rebalancer.close()
         self.recorder.close()
         self.metrics.stop()
-        for t in list(self._tasks):
-            t.cancel()
+        self._tasks.cancel_all()
         await self.lifecycle.close()
         with contextlib.suppress(FileNotFoundError):
             protocol.socket_path(self.state.root).unlink()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
-
-    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
-        t = asyncio.ensure_future(coro)
-        t.set_name(name)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
 
     # ============================================================= the loop
     def _follow_fleet(self) -> None:
