@@ -142,9 +142,10 @@ class Lifecycle:
         ``why`` goes into the stopping event."""
         ex = self.executor
         assert ex is not None
-        if g.pending_restart is not None and not g.pending_restart.done():
-            g.pending_restart.cancel()
-        g.pending_restart = None
+        pending, g.pending_restart = g.pending_restart, None
+        if pending is not None and not pending.done():
+            pending.cancel()        # a restart still waiting, or (destroy) one under way:
+            await asyncio.gather(pending, return_exceptions=True)    # it ends first
         guest = g.guest
         if guest is not None and guest.alive() and g.state is not S.ORPHANED:
             self.runtime.transition(g, S.STOPPING, "stopping", **why)
@@ -161,7 +162,7 @@ class Lifecycle:
                                     how="orphan terminated")
             return
         await asyncio.to_thread(ex.teardown_guest, g.intent, None)
-        if g.state in (S.CRASHED, S.FAILED):
+        if g.state not in (S.DEFINED, S.STOPPED):   # its QEMU is gone: it is stopped now
             self.runtime.transition(g, S.STOPPED, "stopped", facts={"pid": None},
                                     how="was not running")
 

@@ -127,8 +127,12 @@ class Supervisor:
 
     async def _load(self) -> None:
         active = self.runtime.load()
-        if self.runtime.fleet is not None:
-            await asyncio.to_thread(self.lifecycle.use, self.runtime.fleet)
+        if self.runtime.fleet is None:
+            if active:       # records without an applied fleet: no instance to look in
+                log.warning("supervisor.cannot_reattach", guests=[g.name for g, _ in active],
+                            reason="the state dir has guest records but no applied.json")
+            return
+        await asyncio.to_thread(self.lifecycle.use, self.runtime.fleet)
         for g, rec in active:
             await self.lifecycle.reattach(g, rec)
 

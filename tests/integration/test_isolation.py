@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -284,33 +283,3 @@ def test_gc_finds_leftovers_by_prefix_with_an_empty_state_dir(tmp_path):
         real = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert real.returncode == 0, real.stderr
         assert leftovers(env.instance) == []
-
-
-# ----------------------------------------------------------------------- weights
-
-WEIGHTS = """
-instance: {inst}
-host: {{fabric_netns: {inst}-fab}}
-guests:
-  light: {{cpu: {{shares: 1024, pin: "0"}}}}
-  heavy: {{cpu: {{shares: 3072, pin: "0"}}}}
-"""
-
-
-def test_cpu_shares_split_a_contended_core_1_to_3(tmp_path):
-    with fleet_env(tmp_path, WEIGHTS) as env:
-        env.start("light", "heavy")
-        for g in ("light", "heavy"):
-            env.run(_burn(env, g))
-        time.sleep(2)
-        cg = env.executor.cgroups
-        u0 = {g: cg.usage(g).cpu_usage_ns for g in ("light", "heavy")}
-        time.sleep(20)
-        used = {g: cg.usage(g).cpu_usage_ns - u0[g] for g in ("light", "heavy")}
-        share = used["heavy"] / (used["light"] + used["heavy"])
-        assert abs(share - 0.75) <= 0.075, \
-            f"heavy share {share:.3f} of {(used['light'] + used['heavy']) / 20e9:.2f} cores"
-
-
-async def _burn(env: Env, guest: str) -> None:
-    await (await env.guests[guest].agent()).cpu(100)

@@ -42,7 +42,7 @@ def loaded(tmp_path_factory):
         time.sleep(5)
         t0 = time.time()
         cg0 = {g: cpuacct(f, g) for g in ("web", "app", "db")}
-        time.sleep(60)
+        time.sleep(40)
         cg1 = {g: cpuacct(f, g) for g in ("web", "app", "db")}
         t1 = time.time()
         st = json.loads(f.cli("status", "--json", "--explain").stdout)
