@@ -26,6 +26,7 @@ that fails half-way removes what it made.
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +167,6 @@ class Fabric:
 
     @staticmethod
     def _same_nat(have: dict[str, Any], want: dict[str, Any]) -> bool:
-        import json
         return json.dumps(have.get("expr"), sort_keys=True) == \
             json.dumps(want.get("expr"), sort_keys=True)
 
