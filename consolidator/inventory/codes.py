@@ -17,8 +17,11 @@ CODES: dict[str, str] = {
     "Y001": "YAML syntax error",
     "Y002": "duplicate key",
     "Y003": "the document is not a mapping",
-    "Y004": "the file cannot be read (missing, not a regular file, not UTF-8)",
+    "Y004": "the file cannot be read: missing, unreadable, not a regular file, over 1 MiB",
     "Y005": "a key is not a string",
+    "Y006": "not UTF-8 text, or a character YAML does not allow (NUL, say)",
+    "Y008": "nested deeper than 64 levels",
+    "Y009": "a tag other than YAML's plain types (!!python/object, say)",
     # structure
     "S001": "unknown key",
     "S002": "required field missing",

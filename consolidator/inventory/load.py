@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -29,9 +30,10 @@ from ..hostfacts import HostFacts
 from . import checks
 from .reporter import Reporter
 from .schema import GuestSpec, HostSpec, ImageSpec, Inventory, NetworkSpec
-from .yamlpos import Mark, load_yaml
+from .yamlpos import Mark, TooDeep, load_yaml
 
 DEFAULT_FILE = "inventory.yaml"
+MAX_BYTES = 1 << 20          # an inventory of a thousand guests is under 200 KiB
 
 
 def _all_field_names() -> set[str]:
@@ -48,26 +50,48 @@ def _all_field_names() -> set[str]:
     return names
 
 
+def _file_problem(shown: str, message: str, hint: str | None = None) -> InventoryError:
+    return InventoryError([Problem(shown, 1, 1, "(file)", message, hint, "Y004")])
+
+
 def read_inventory(path: str | os.PathLike[str]) -> tuple[str, str]:
-    """The file's text and the name problems show it under. Raises Y004 problems."""
+    """The file's text and the name problems show it under. Only a regular file of at
+    most MAX_BYTES is read (a FIFO is never waited on, /dev/zero never read), and it must
+    be UTF-8 text. Raises Y004 and Y006 problems."""
     shown = str(path)
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise InventoryError([Problem(shown, 1, 1, "(file)", "no such file",
-                                      "pass -f FILE or run from the inventory's directory",
-                                      "Y004")]) from None
+        raise _file_problem(shown, "no such file",
+                            "pass -f FILE or run from the inventory's directory") from None
     except OSError as e:
-        raise InventoryError([Problem(shown, 1, 1, "(file)", f"cannot read: {e.strerror}",
-                                      None, "Y004")]) from None
+        raise _file_problem(shown, f"cannot read: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _file_problem(shown, "not a regular file", "an inventory is a file of YAML")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > MAX_BYTES:
+            raise _file_problem(shown, f"{st.st_size} bytes: larger than the "
+                                f"{MAX_BYTES >> 20} MiB an inventory may be")
+        data = f.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:                      # it grew while we looked
+        raise _file_problem(shown, f"larger than the {MAX_BYTES >> 20} MiB an inventory "
+                            "may be")
     try:
         return data.decode("utf-8"), shown
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        line, col = _place(data, e.start)
         raise InventoryError([Problem(shown, line, col, "(file)",
                                       f"byte 0x{data[e.start]:02x} is not UTF-8",
-                                      "save the file as UTF-8", "Y004")]) from None
+                                      "save the file as UTF-8", "Y006")]) from None
+
+
+def _place(data: bytes | str, offset: int) -> tuple[int, int]:
+    """1-based line and column of ``offset``."""
+    nl = b"\n" if isinstance(data, bytes) else "\n"
+    line = data.count(nl, 0, offset) + 1
+    return line, offset - (data.rfind(nl, 0, offset) + 1) + 1  # type: ignore[arg-type]
 
 
 def load_inventory(path: str | os.PathLike[str], facts: HostFacts) -> Inventory:
@@ -81,6 +105,16 @@ def validate(text: str, file: str, facts: HostFacts, base_dir: Path | None = Non
     """Every check, every problem at once: the validated inventory, or InventoryError."""
     try:
         data, source, yproblems = load_yaml(text, file)
+    except TooDeep as e:
+        mark = Mark.of(e.problem_mark)
+        raise InventoryError([Problem(file, mark.line, mark.col, "yaml", str(e.problem),
+                                      None, "Y008")]) from None
+    except yaml.reader.ReaderError as e:
+        line, col = _place(text, e.position)
+        raise InventoryError([Problem(file, line, col, "yaml",
+                                      f"character U+{_codepoint(e.character):04X} is not "
+                                      "allowed in YAML",
+                                      None, "Y006")]) from None
     except yaml.MarkedYAMLError as e:
         mark = Mark.of(e.problem_mark or e.context_mark)
         msg = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
@@ -104,9 +138,21 @@ def validate(text: str, file: str, facts: HostFacts, base_dir: Path | None = Non
 
     checks.run(rep, data, _parse_sections(data), facts, base_dir or Path("."))
     if rep.problems:
-        raise InventoryError(_dedupe(rep.problems))
+        raise InventoryError(_consequences_dropped(_dedupe(rep.problems)))
     assert inventory is not None
     return inventory
+
+
+def _codepoint(c: int | str) -> int:
+    return c if isinstance(c, int) else ord(c)
+
+
+def _consequences_dropped(problems: list[Problem]) -> list[Problem]:
+    """A refused tag leaves its node empty: what the schema then says of it is noise."""
+    refused = [p.path for p in problems if p.code == "Y009"]
+    return [p for p in problems if p.code == "Y009" or not any(
+        p.path == r or p.path.startswith(r + ".") or p.path.startswith(r + "[")
+        for r in refused)]
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:

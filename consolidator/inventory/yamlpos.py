@@ -5,6 +5,13 @@ duplicate keys. :class:`PositionLoader` is a ``SafeLoader`` subclass that builds
 plain Python data from the composed node tree itself, recording for every path
 (``("guests", "web", "memory", "min")``) the line and column of the key and of
 the value, and reporting every duplicate key instead of dropping one.
+
+No input stops it. Each node is built once: an alias yields the object its anchor
+built, so an alias bomb costs what ``safe_load`` pays (positions are recorded where a
+node first appears). Nesting deeper than :data:`MAX_DEPTH` is refused where it starts
+(:class:`TooDeep`), before Python's recursion limit can be reached, and so is any tag
+that is not one of YAML's own plain types (``!!python/object:...`` on a mapping was
+silently ignored before).
 """
 
 from __future__ import annotations
@@ -15,6 +22,15 @@ from typing import Any
 import yaml
 
 Path = tuple[str | int, ...]
+MAX_DEPTH = 64
+_Y = "tag:yaml.org,2002:"
+#: the tags an inventory's nodes may carry; anything else is refused (Y009)
+PLAIN_TAGS = {_Y + t for t in ("map", "seq", "str", "int", "float", "bool", "null",
+                               "timestamp")}
+
+
+class TooDeep(yaml.composer.ComposerError):
+    """Nesting deeper than MAX_DEPTH, raised at the node where it goes too deep."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,18 @@ class PositionLoader(yaml.SafeLoader):
         super().__init__(stream)
         self.source = SourceMap(file)
         self.problems: list[YamlProblem] = []
+        self._depth = 0
+        self._built: dict[int, Any] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise TooDeep(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                              self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def load_document(self) -> Any:
         """Load one document. Raises ``yaml.MarkedYAMLError`` on a syntax error."""
@@ -84,6 +112,19 @@ class PositionLoader(yaml.SafeLoader):
 
     def _build(self, node: yaml.Node, path: Path) -> Any:
         self.source.values.setdefault(path, Mark.of(node.start_mark))
+        if id(node) in self._built:          # an alias: its anchor's object, built once
+            return self._built[id(node)]
+        out = self._build_new(node, path)
+        self._built[id(node)] = out
+        return out
+
+    def _build_new(self, node: yaml.Node, path: Path) -> Any:
+        if node.tag not in PLAIN_TAGS:
+            self.problems.append(YamlProblem(
+                path, Mark.of(node.start_mark),
+                f"tag {node.tag.replace(_Y, '!!')!r} is not allowed: only YAML's plain "
+                "types (mappings, lists, strings, numbers, booleans, null)", "Y009"))
+            return None
         if isinstance(node, yaml.MappingNode):
             n_explicit = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
             # flatten_mapping resolves merge keys (<<): merged pairs first, then the

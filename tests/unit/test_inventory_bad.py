@@ -20,12 +20,19 @@ BAD = Path(__file__).resolve().parent.parent / "data" / "bad"
 FILES = sorted(BAD.glob("*.yaml"))
 # A host like the CI machines: 2 CPUs, and 8 GiB so sizes in the files stay readable.
 FACTS = HostFacts(cpus=(0, 1), memory_total=8 << 30)
-CLI_FILES = [f for f in FILES if b"# host-dependent" not in f.read_bytes()]
+def text_of(path: Path) -> str:
+    """A corpus entry's expectations: in it, or (a link to a device, a FIFO: nothing to
+    read) in the ``.expect`` file beside it."""
+    src = path if path.is_file() else path.with_suffix(".expect")
+    return src.read_bytes().decode("latin-1")     # one file is not UTF-8 on purpose
+
+
+CLI_FILES = [f for f in FILES if "# host-dependent" not in text_of(f)]
 EXPECT = re.compile(r"^# expect: (\d+):(\d+) (\S+) ([A-Z]\d{3})$", re.M)
 
 
 def expected(path: Path) -> list[tuple[int, int, str, str]]:
-    text = path.read_bytes().decode("latin-1")     # one file is not UTF-8 on purpose
+    text = text_of(path)
     return sorted((int(a), int(b), c, code) for a, b, c, code in EXPECT.findall(text))
 
 
@@ -40,6 +47,7 @@ def test_every_rule_has_a_bad_inventory() -> None:
     assert sorted(seen - set(CODES)) == [], "codes in the corpus that name no rule"
 
 
+@pytest.mark.timeout(10)             # an alias bomb or a device must not hold the loader
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
 def test_bad_inventory_errors_at_exact_place(path: Path) -> None:
     with pytest.raises(InventoryError) as ei:
@@ -81,3 +89,9 @@ def test_all_errors_reported_at_once() -> None:
     with pytest.raises(InventoryError) as ei:
         load_fleet(BAD / "all-at-once.yaml", FACTS)
     assert len(ei.value.problems) == 5
+
+
+def test_the_readme_lists_every_rule_as_it_is():
+    readme = (BAD.parents[2] / "README.md").read_text()
+    for code, what in CODES.items():
+        assert f"`{code}` {what}" in readme, code
