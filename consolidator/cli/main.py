@@ -59,6 +59,14 @@ class Ctx:
         from ..model import load_fleet
         return load_fleet(self.file)
 
+    def inventory(self):
+        """The inventory's text, read once, and the fleet it describes."""
+        from ..hostfacts import HostFacts
+        from ..inventory import read_inventory
+        from ..model import parse_fleet
+        text, shown = read_inventory(self.file)
+        return text, parse_fleet(text, shown, HostFacts.probe(), Path(self.file).parent)
+
 
 def _set(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     def cb(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
@@ -484,8 +492,7 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
     from ..plan import plan as make_plan
     from ..plan import Observed
     from .render import render_plan, status_table
-    fleet = c.fleet()
-    text = Path(c.file).read_text()
+    text, fleet = c.inventory()
     plain = c.log_format == "json" or not err.is_terminal
     if dry_run:
         p = make_plan(fleet, _observed(c), prune=prune, purge=purge,
@@ -505,9 +512,10 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
             client.call("apply-abort")
             out.print("Nothing to do until pending changes are allowed (--allow-restart).")
             return
-        args = dict(index=begin["index"], plan_digest=p.digest(),
-                    fleet=fleet.model_dump(mode="json"), inventory=text, prune=prune,
-                    purge=purge, allow_restart=allow_restart)
+        # the inventory itself goes, not the fleet: the supervisor validates it again
+        args = dict(index=begin["index"], plan_digest=p.digest(), inventory=text,
+                    inventory_path=str(Path(c.file).resolve()), prune=prune, purge=purge,
+                    allow_restart=allow_restart)
         if not wait:
             client.send("apply-commit", **args)
             out.print("apply started; follow it with: consolidator status --watch")

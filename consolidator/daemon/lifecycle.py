@@ -31,7 +31,7 @@ from ..errors import ConsolidatorError, QMPError
 from ..model import Fleet, GuestState
 from ..vm.guest import Guest
 from ..vm.launch import launch_spec
-from ..vm.qemu import Boot, RunPaths
+from ..vm.qemu import Boot, RunPaths, name_option, opt_value
 from .executor import Executor
 from .restartpolicy import decide
 from .runtime import GuestRuntime, Runtime
@@ -51,7 +51,9 @@ def is_guest_qemu(name: str, qmp_path: str, argv: list[str], started: float, pid
     recorded PID, it started when recorded (a PID number can be reused)."""
     if not argv or "qemu-system" not in argv[0]:
         return False
-    if f"{name},debug-threads=on" not in argv or not any(qmp_path in a for a in argv):
+    named = (name_option(name), f"{name},debug-threads=on")  # the latter: before 2026-12
+    if not any(n in argv for n in named) or \
+            not any(opt_value(qmp_path) in a for a in argv):
         return False
     if pid not in in_cgroup:
         return False

@@ -6,8 +6,10 @@ until it commits, aborts or closes, so concurrent applies are serialised. Operat
 ``start``, ``stop``, ``restart``, ``agent``, ``destroy``, ``shutdown``, and the test hook
 ``rebalancer``.
 
-``apply-commit`` carries the fleet, the state index the plan was made at, and the plan's
-digest. The server plans again from its own state and executes only a plan with that
+``apply-commit`` carries the inventory's text and path, the state index the plan was made
+at, and the plan's digest. The server validates the inventory itself, as strictly as
+``validate`` does (a fleet made by hand and sent over the socket would otherwise reach
+QEMU's argv unchecked), plans again from its own state and executes only a plan with that
 digest: what the operator was shown is what runs, or the commit is refused (exit 5).
 """
 
@@ -17,12 +19,14 @@ import asyncio
 import contextlib
 import json
 import os
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import structlog
 
 from ..errors import ConflictError, ConsolidatorError, UsageError
-from ..model import Fleet, GuestState
+from ..hostfacts import HostFacts
+from ..model import GuestState, parse_fleet
 from ..plan import plan as make_plan
 from ..sched.rebalancer import Rebalancer
 from . import protocol
@@ -157,7 +161,12 @@ class Api:
         digest = args.get("plan_digest")
         if not digest:
             raise UsageError("apply-commit needs the digest of the plan that was shown")
-        desired = Fleet.model_validate(args["fleet"])
+        path = args.get("inventory_path")
+        if not isinstance(path, str) or not os.path.isabs(path) or \
+                not isinstance(args.get("inventory"), str):
+            raise UsageError("apply-commit needs the inventory's text and absolute path")
+        desired = parse_fleet(args["inventory"], path, HostFacts.probe(),
+                              base_dir=Path(path).parent)
         p = make_plan(desired, rt.observed(), prune=bool(args.get("prune")),
                       purge=bool(args.get("purge")),
                       allow_restart=bool(args.get("allow_restart")))

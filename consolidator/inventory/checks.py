@@ -27,6 +27,7 @@ from .schema import (BUILTIN_IMAGES, DNS_LABEL_RE, INSTANCE_RE, GuestSpec, HostS
 
 EPS = 1e-9
 NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CGROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 MIN_GUEST_MEMORY = 32 << 20
 
@@ -83,9 +84,15 @@ def _names(rep: Reporter, raw: dict[str, Any], p: Parsed) -> None:
                         "characters of a-z, 0-9 and '-', not starting or ending with '-'",
                         f"try {fixed!r}" if fixed and DNS_LABEL_RE.match(fixed) else None)
     if p.host is not None and p.host.fabric_netns is not None \
-            and not NETNS_RE.match(p.host.fabric_netns):
+            and (not NETNS_RE.match(p.host.fabric_netns) or
+                 p.host.fabric_netns in (".", "..")):
         rep.value("N003", ("host", "fabric_netns"), f"{p.host.fabric_netns!r} is not a usable "
-                  "netns name: letters, digits, '_', '.', '-'")
+                  "netns name: letters, digits, '_', '.', '-', and not '.' or '..'")
+    parent = p.host.cgroup_parent if p.host is not None else None
+    if parent is not None and not cgroup_parent_ok(parent):
+        rep.value("N005", ("host", "cgroup_parent"), f"{parent!r} must be a relative path of "
+                  "cgroup names (no '..', '.', empty parts or leading '/')",
+                  "it is taken below the supervisor's own cgroup, e.g. machines/consolidator")
     for gname, g in p.guests.items():
         if g is None:
             continue
@@ -95,7 +102,19 @@ def _names(rep: Reporter, raw: dict[str, Any], p: Parsed) -> None:
                         "1 to 63 characters of letters, digits, '.', '_', '/', '-'")
 
 
+def cgroup_parent_ok(parent: str) -> bool:
+    parts = parent.split("/")
+    return all(CGROUP_NAME_RE.match(x) and x not in (".", "..") for x in parts)
+
+
 # ------------------------------------------------------------------------ images
+
+def reserved_param(token: str, builtin: bool) -> bool:
+    """A kernel parameter the supervisor sets itself: every ``consolidator.*`` one, and on
+    the builtin image ``console=`` (its READY line must reach ttyS0)."""
+    key = token.split("=", 1)[0]
+    return key.startswith("consolidator.") or (builtin and key == "console")
+
 
 def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path) -> None:
     loc = ("images", name)
@@ -108,6 +127,11 @@ def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path) -> None:
         rep.value("I003", loc + ("initrd",), "initrd needs a kernel")
     if img.cmdline and not (img.kernel or img.builtin):
         rep.value("I004", loc + ("cmdline",), "cmdline needs a kernel (or builtin)")
+    owned = [t for t in (img.cmdline or "").split() if reserved_param(t, bool(img.builtin))]
+    if owned:
+        rep.value("I010", loc + ("cmdline",), f"{', '.join(owned)}: set by the supervisor, "
+                  "not the inventory", "consolidator.* parameters come from the guest's "
+                  "entry (name, NICs, disk); the builtin image's console is ttyS0")
     if img.format and not img.disk:
         rep.value("I005", loc + ("format",), "format applies only to a disk")
     if img.disk and disk_format(img) is None:

@@ -31,6 +31,7 @@ CODES: dict[str, str] = {
     "N002": "image, network or guest name is not a DNS label",
     "N003": "host.fabric_netns is not a usable netns name",
     "N004": "label key is not 1-63 of letters, digits, '.', '_', '/', '-'",
+    "N005": "host.cgroup_parent is not a relative path of cgroup names",
     # images
     "I001": "an image needs builtin, kernel or disk",
     "I002": "a builtin image takes no initrd",
@@ -41,6 +42,7 @@ CODES: dict[str, str] = {
     "I007": "no such file",
     "I008": "not a regular, readable file",
     "I009": "the guest names an undeclared image",
+    "I010": "cmdline sets a parameter the supervisor sets (consolidator.*; console= on builtin)",
     # networks and addresses
     "A001": "subnet smaller than /30",
     "A002": "an address's prefix differs from its subnet's",

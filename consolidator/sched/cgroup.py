@@ -300,6 +300,19 @@ class CgroupDriver:
             self.controllers = [c for c in V2_CONTROLLERS if c in avail]
         else:
             self.controllers = [c for c in V1_CONTROLLERS if c in self.base]
+        self._check_below_own()
+
+    def _check_below_own(self) -> None:
+        """Every directory this driver may write is strictly below the supervisor's own
+        cgroup, once resolved: a parent like '../../x' never reaches a write."""
+        own = self.layout.own_dirs() if self.backend == "v1" else {"unified": self.own}
+        for ctrl, base in self.base.items():
+            root = Path(os.path.normpath(own[ctrl]))
+            real = Path(os.path.normpath(base))
+            if real == root or root not in real.parents:
+                raise CgroupError(f"cgroup {base} is not below the supervisor's own cgroup "
+                                  f"{root}", hint="host.cgroup_parent must be a relative path "
+                                  "of names")
 
     # -- paths
     def _dirs(self, *rel: str) -> dict[str, Path]:

@@ -13,6 +13,9 @@ performance section and tools/bench/boot.py):
   guest has kvmclock).
 - **Accelerator.** See :mod:`consolidator.vm.accel`. TCG gets a bounded translation
   cache (``tb-size``), which is most of QEMU's RSS otherwise.
+- **Escaping.** Every value that goes into a ``key=value,...`` option (names, paths,
+  MACs, tap names) passes through :func:`opt_value`, which doubles commas as QEMU's
+  option parser requires; no value, whatever its bytes, can add an option.
 - **Devices.** ``-nodefaults``; virtio-balloon with ``deflate-on-oom`` and
   ``free-page-reporting``; virtio-net per NIC on a pre-made tap; a virtio-serial port
   ``org.consolidator.agent``; pvpanic with ``-action panic=exit-failure`` so a guest
@@ -134,11 +137,23 @@ class LaunchSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
+def opt_value(value: object) -> str:
+    """A value for QEMU's ``key=value,...`` options: a comma is written twice."""
+    return str(value).replace(",", ",,")
+
+
+def name_option(name: str) -> str:
+    """``-name``'s value. The guest's name goes under its key: in the implied first
+    position a name holding '=' would be read as a key of its own."""
+    return f"guest={opt_value(name)},debug-threads=on"
+
+
 def kernel_cmdline(spec: LaunchSpec) -> str:
     """Pure: the guest kernel command line."""
-    parts: list[str] = []
-    if "console=" not in spec.boot.cmdline:
-        parts.append("console=ttyS0")
+    # ttyS0 always: the serial log and console depend on it. A user's own console= comes
+    # later in the line and so becomes /dev/console for their kernel (the inventory
+    # refuses it on the builtin image, whose READY line must reach ttyS0)
+    parts: list[str] = ["console=ttyS0"]
     if spec.boot.builtin:
         parts += ["quiet", "panic=-1", f"consolidator.name={spec.name}"]
         for i, nic in enumerate(spec.nics):
@@ -157,6 +172,7 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
 def build_argv(spec: LaunchSpec, binary: str = "qemu-system-x86_64") -> list[str]:
     """Pure: the full QEMU argv for ``spec``."""
     m, v, p = spec.machine, spec.machine.virtio, spec.paths
+    q = opt_value
     if m.name == "microvm":
         machine = "microvm,acpi=on,auto-kernel-cmdline=off,pit=on,pic=on,rtc=on"
     else:
@@ -165,7 +181,7 @@ def build_argv(spec: LaunchSpec, binary: str = "qemu-system-x86_64") -> list[str
         accel = f"tcg,tb-size={spec.tb_size_mib}"
     else:
         accel = "kvm"
-    argv = [binary, "-name", f"{spec.name},debug-threads=on",
+    argv = [binary, "-name", name_option(spec.name),
             "-machine", machine, "-accel", accel,
             "-nodefaults", "-no-user-config", "-display", "none",
             "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus)]
@@ -176,24 +192,24 @@ def build_argv(spec: LaunchSpec, binary: str = "qemu-system-x86_64") -> list[str
         if spec.boot.initrd:
             argv += ["-initrd", spec.boot.initrd]
     # serial console: a socket for `console`, and everything it prints to the log file
-    argv += ["-chardev", f"socket,id=ser0,path={p.console},server=on,wait=off,"
-                         f"logfile={p.serial_log},logappend=on",
+    argv += ["-chardev", f"socket,id=ser0,path={q(p.console)},server=on,wait=off,"
+                         f"logfile={q(p.serial_log)},logappend=on",
              "-serial", "chardev:ser0"]
-    argv += ["-chardev", f"socket,id=qmp,path={p.qmp},server=on,wait=off",
+    argv += ["-chardev", f"socket,id=qmp,path={q(p.qmp)},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control"]
     argv += ["-device", f"virtio-serial-{v},id=vser0",
-             "-chardev", f"socket,id=agent,path={p.agent},server=on,wait=off",
+             "-chardev", f"socket,id=agent,path={q(p.agent)},server=on,wait=off",
              "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}"]
     argv += ["-device", f"virtio-balloon-{v},id=balloon0,deflate-on-oom=on,"
                         "free-page-reporting=on"]
     for i, nic in enumerate(spec.nics):
         vhost = "on" if spec.vhost else "off"
-        argv += ["-netdev", f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no,"
+        argv += ["-netdev", f"tap,id=net{i},ifname={q(nic.tap)},script=no,downscript=no,"
                             f"vhost={vhost}",
-                 "-device", f"virtio-net-{v},netdev=net{i},mac={nic.mac}"]
+                 "-device", f"virtio-net-{v},netdev=net{i},mac={q(nic.mac)}"]
     if spec.boot.disk:
-        argv += ["-drive", f"file={spec.boot.disk},if=none,id=disk0,format="
-                           f"{spec.boot.disk_format},discard=unmap,cache=writeback",
+        argv += ["-drive", f"file={q(spec.boot.disk)},if=none,id=disk0,format="
+                           f"{q(spec.boot.disk_format)},discard=unmap,cache=writeback",
                  "-device", f"virtio-blk-{v},drive=disk0"]
     argv += ["-device", "pvpanic", "-action", "panic=exit-failure"]
     argv += ["-pidfile", str(p.pidfile)]

@@ -454,13 +454,20 @@ def test_a_commit_whose_plan_would_differ_is_refused(shipped):
     """apply-commit carries the digest of the plan shown; the supervisor runs only the
     plan it would make itself, and refuses another with exit 5."""
     from consolidator.daemon import protocol
-    from consolidator.errors import ConflictError
-    from consolidator.model import load_fleet
-    fleet = load_fleet(shipped.inventory)
+    from consolidator.errors import ConflictError, InventoryError
     with protocol.connect(shipped.state, start=False) as client:
         begin = client.call("apply-begin")
         with pytest.raises(ConflictError, match="would not do what the plan shown said") as e:
             client.call("apply-commit", index=begin["index"], plan_digest="0" * 32,
-                        fleet=fleet.model_dump(mode="json"), inventory="")
+                        inventory=shipped.inventory.read_text(),
+                        inventory_path=str(shipped.inventory))
         assert e.value.exit_code == 5
+        # what comes over the socket is validated as strictly as `validate` does: a guest
+        # name that would smuggle options into QEMU's argv is refused (exit 2)
+        begin = client.call("apply-begin")
+        forged = shipped.inventory.read_text().replace("  web:\n", "  \"x,romfile=/etc/shadow\":\n")
+        with pytest.raises(InventoryError) as e2:
+            client.call("apply-commit", index=begin["index"], plan_digest="0" * 32,
+                        inventory=forged, inventory_path=str(shipped.inventory))
+        assert e2.value.exit_code == 2 and e2.value.problems[0].code == "N002"
     assert all(g["state"] == "running" for g in shipped.guests().values())

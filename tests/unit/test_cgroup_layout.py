@@ -72,3 +72,16 @@ def test_container_mount_root_is_stripped():
     assert v2.path_of("/docker/xyz/sub") == Path("/sys/fs/cgroup/sub")
     with pytest.raises(ValueError):
         v2.path_of("/other")
+
+
+@pytest.mark.parametrize("parent", ["../../escaped", "a/../../..", "../x"])
+def test_a_parent_that_leaves_the_supervisors_cgroup_is_refused_before_any_write(parent):
+    from consolidator.errors import CgroupError
+    from consolidator.sched.cgroup import CgroupDriver, CgroupLayout, CgroupMode
+    v1, _ = parse_mountinfo(HYBRID)
+    own_v1, _ = parse_proc_cgroup(HYBRID_SELF)
+    layout = CgroupLayout(CgroupMode.V1, v1, None, (), own_v1, None)
+    with pytest.raises(CgroupError, match="is not below the supervisor's own cgroup"):
+        CgroupDriver(layout, "cns", parent)
+    assert CgroupDriver(layout, "cns", "machines/consolidator").base["memory"] == \
+        Path("/sys/fs/cgroup/memory/process_api/abc/machines/consolidator/cns")

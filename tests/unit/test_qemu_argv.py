@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consolidator.vm.accel import Accel, KvmFacts, KvmKind, choose_accel
 from consolidator.vm.qemu import (Boot, LaunchSpec, Machine, RunPaths,
@@ -126,13 +128,67 @@ def test_nics_and_their_cmdline():
     assert "consolidator.net1=52:54:00:00:00:02,," in cmd
 
 
-def test_non_builtin_kernel_keeps_its_cmdline():
+def test_non_builtin_kernel_keeps_its_cmdline_after_the_serial_console():
     boot = Boot("/k/bzImage", "/k/initrd", cmdline="console=hvc0 root=/dev/vda")
     cmd = kernel_cmdline(spec(boot=boot, machine=Machine("pc", "t")))
-    assert cmd == "console=hvc0 root=/dev/vda"
+    # the user's console comes last, so it is their /dev/console; ttyS0 still logs
+    assert cmd == "console=ttyS0 console=hvc0 root=/dev/vda"
+
+
+def test_a_parameter_that_only_contains_console_keeps_the_serial_console():
+    """Regression: 'netconsole=...' contains 'console=', and dropped console=ttyS0."""
+    boot = Boot("/k/bzImage", "/k/initrd", cmdline="netconsole=@/,@10.0.0.1/")
+    cmd = kernel_cmdline(spec(boot=boot, machine=Machine("pc", "t")))
+    assert cmd.split()[0] == "console=ttyS0" and cmd.endswith("netconsole=@/,@10.0.0.1/")
 
 
 def test_firmware_boot_has_no_kernel():
     boot = Boot(None, None, disk="/d.qcow2")
     argv = build_argv(spec(boot=boot, machine=Machine("pc", "t")))
     assert "-kernel" not in argv and "-append" not in argv
+
+
+# ------------------------------------------------------------ escaping (property)
+
+def qemu_opts(text: str) -> list[tuple[str, str]]:
+    """QEMU's own reading of an option string: split at single commas, ',,' is a comma;
+    the first part may be an implied value (no '=')."""
+    parts, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    parts.append(cur)
+    return [tuple(p.split("=", 1)) if "=" in p else ("", p) for p in parts]  # type: ignore
+
+
+OPTION_FLAGS = ("-name", "-chardev", "-netdev", "-device", "-drive", "-mon", "-machine")
+anything = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                   min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=anything, state=anything, mac=anything, tap=anything, disk=anything)
+def test_no_value_adds_an_option(name, state, mac, tap, disk):
+    clean = build_argv(spec(name="web", boot=Boot("/k", "/i", disk="/d.qcow2", builtin=True),
+                            nics=(TapNic("tap0", "52:54:00:00:00:01"),)))
+    root = Path("/s") / state
+    dirty = build_argv(spec(name=name, boot=Boot("/k", "/i", disk=disk, builtin=True),
+                            paths=RunPaths(root / "run", root / "serial.log"),
+                            nics=(TapNic(tap, mac),)))
+    assert len(dirty) == len(clean)
+    for flag in OPTION_FLAGS:
+        for a, b in zip(opt(clean, flag), opt(dirty, flag)):
+            assert [k for k, _ in qemu_opts(a)] == [k for k, _ in qemu_opts(b)], (a, b)
+    # and each value comes back whole
+    (named,) = opt(dirty, "-name")
+    assert qemu_opts(named)[0] == ("guest", name)
+    (drive,) = opt(dirty, "-drive")
+    assert dict(qemu_opts(drive))["file"] == disk

@@ -7,7 +7,7 @@ import pytest
 from consolidator.daemon.lifecycle import is_guest_qemu
 
 QMP = "/s/guests/web/run/qmp.sock"
-ARGV = ["/usr/bin/qemu-system-x86_64", "-name", "web,debug-threads=on", "-chardev",
+ARGV = ["/usr/bin/qemu-system-x86_64", "-name", "guest=web,debug-threads=on", "-chardev",
         f"socket,id=qmp,path={QMP},server=on,wait=off"]
 
 
@@ -24,7 +24,7 @@ def test_the_guests_own_qemu_is_adopted():
 
 @pytest.mark.parametrize("change", [
     {"argv": ["/usr/bin/sleep", "300"]},                       # another program
-    {"argv": ARGV[:2] + ["db,debug-threads=on"] + ARGV[3:]},   # another guest's QEMU
+    {"argv": ARGV[:2] + ["guest=db,debug-threads=on"] + ARGV[3:]},  # another guest's QEMU
     {"qmp_path": "/other/state/guests/web/run/qmp.sock"},      # another state dir's
     {"in_cgroup": {43}},                                       # not in the guest's cgroup
     {"in_cgroup": set()},                                      # an empty cgroup: no QEMU of ours
@@ -33,6 +33,10 @@ def test_the_guests_own_qemu_is_adopted():
 ])
 def test_anything_else_is_not(change):
     assert not ok(**change)
+
+
+def test_a_qemu_started_before_names_were_keyed_is_still_ours():
+    assert ok(argv=ARGV[:2] + ["web,debug-threads=on"] + ARGV[3:])
 
 
 def test_the_pidfile_pid_needs_no_recorded_start():
