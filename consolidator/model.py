@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .hostfacts import HostFacts
 from .inventory import Inventory, load_inventory, validate
-from .inventory.derive import budget, derive_mac, resolved_image, usable_cpus
+from .inventory.derive import budget, derive_mac, image_roots, resolved_image, usable_cpus
 from .inventory.schema import (BUILTIN_IMAGES, CpuSpec, HostSpec, ImageSpec, MemorySpec,
                                NetworkSpec, Size)
 from .units import human_size
@@ -111,6 +111,7 @@ class Fleet(_Frozen):
     host: HostSpec
     budget: Size                    # guest memory budget in bytes, resolved for this host
     usable_cpus: float              # host cores minus the reserve
+    image_roots: tuple[str, ...] = ()   # where image files may be (real paths)
     images: dict[str, ImageSpec]
     networks: dict[str, NetworkSpec]
     guests: dict[str, GuestIntent]
@@ -136,7 +137,8 @@ def nic_address(ip: str | None) -> str | None:
     return str(ipaddress.ip_interface(ip).ip) if ip else None
 
 
-def resolve(inv: Inventory, facts: HostFacts, base_dir: Path) -> Fleet:
+def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
+            state_dir: Path | None = None) -> Fleet:
     """The fleet a *validated* inventory describes on this host."""
     images = {n: resolved_image(s, base_dir) for n, s in {**BUILTIN_IMAGES,
                                                           **inv.images}.items()}
@@ -156,16 +158,22 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path) -> Fleet:
                               shares=mem.shares),
             nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels)
     return Fleet(instance=inv.instance, host=inv.host, budget=budget(inv.host, facts),
-                 usable_cpus=max(usable_cpus(inv.host, facts), 0.0), images=images,
+                 usable_cpus=max(usable_cpus(inv.host, facts), 0.0),
+                 image_roots=image_roots(inv.host, base_dir, state_dir), images=images,
                  networks=dict(inv.networks), guests=guests)
 
 
-def parse_fleet(text: str, file: str, facts: HostFacts, base_dir: Path | None = None) -> Fleet:
-    """Validate inventory ``text`` (named ``file`` in errors) and resolve it."""
-    return resolve(validate(text, file, facts, base_dir), facts, base_dir or Path("."))
+def parse_fleet(text: str, file: str, facts: HostFacts, base_dir: Path | None = None,
+                state_dir: Path | None = None) -> Fleet:
+    """Validate inventory ``text`` (named ``file`` in errors) and resolve it. ``state_dir``:
+    whose image cache is an image root by default."""
+    base = base_dir or Path(".")
+    return resolve(validate(text, file, facts, base, state_dir), facts, base, state_dir)
 
 
-def load_fleet(path: str | os.PathLike[str], facts: HostFacts | None = None) -> Fleet:
+def load_fleet(path: str | os.PathLike[str], facts: HostFacts | None = None,
+               state_dir: Path | None = None) -> Fleet:
     """Read, validate and resolve an inventory file. Raises InventoryError."""
     facts = facts or HostFacts.probe()
-    return resolve(load_inventory(path, facts), facts, Path(path).parent)
+    return resolve(load_inventory(path, facts, state_dir), facts, Path(path).parent,
+                   state_dir)

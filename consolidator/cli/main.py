@@ -57,7 +57,7 @@ class Ctx:
 
     def fleet(self):
         from ..model import load_fleet
-        return load_fleet(self.file)
+        return load_fleet(self.file, state_dir=Path(self.state_dir))
 
     def inventory(self):
         """The inventory's text, read once, and the fleet it describes."""
@@ -65,7 +65,8 @@ class Ctx:
         from ..inventory import read_inventory
         from ..model import parse_fleet
         text, shown = read_inventory(self.file)
-        return text, parse_fleet(text, shown, HostFacts.probe(), Path(self.file).parent)
+        return text, parse_fleet(text, shown, HostFacts.probe(), Path(self.file).parent,
+                                 state_dir=Path(self.state_dir))
 
 
 def _set(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:

@@ -134,7 +134,8 @@ class Executor:
         try:
             self.cgroups.create_guest(intent.name)
             self.cgroups.apply(intent.name, cgroup_settings(intent))
-            boot = prepare_boot(intent, self.image_cache, gdir)
+            boot = prepare_boot(intent, self.image_cache, gdir,
+                                roots=self.fleet.image_roots)
         except BaseException:
             self.fabric.unwire_guest(intent.name, len(intent.nics))
             with contextlib.suppress(ConsolidatorError):

@@ -166,7 +166,7 @@ class Api:
                 not isinstance(args.get("inventory"), str):
             raise UsageError("apply-commit needs the inventory's text and absolute path")
         desired = parse_fleet(args["inventory"], path, HostFacts.probe(),
-                              base_dir=Path(path).parent)
+                              base_dir=Path(path).parent, state_dir=rt.state.root)
         p = make_plan(desired, rt.observed(), prune=bool(args.get("prune")),
                       purge=bool(args.get("purge")),
                       allow_restart=bool(args.get("allow_restart")))

@@ -20,7 +20,9 @@ from typing import Any
 from ..hostfacts import HostFacts
 from ..units import human_size
 from .derive import budget as derive_budget
-from .derive import derive_mac, disk_format, memory_room, resolve_path, usable_cpus
+from .derive import (derive_mac, disk_format, image_roots, memory_room, resolve_path,
+                     usable_cpus)
+from .files import disk_problems, inside, regular_file
 from .reporter import Reporter, dotted
 from .schema import (BUILTIN_IMAGES, DNS_LABEL_RE, INSTANCE_RE, GuestSpec, HostSpec, ImageSpec,
                      NetworkSpec, format_cpulist)
@@ -49,11 +51,12 @@ def _suggest(name: str, choices: list[str]) -> str | None:
 
 
 def run(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
-        base_dir: Path) -> None:
+        base_dir: Path, state_dir: Path | None = None) -> None:
     _names(rep, raw, p)
+    roots = image_roots(p.host or HostSpec(), base_dir, state_dir)
     for name, img in p.images.items():
         if img is not None:
-            _image(rep, name, img, base_dir)
+            _image(rep, name, img, base_dir, roots)
     for name, net in p.networks.items():
         if net is not None:
             _network(rep, name, net)
@@ -116,7 +119,8 @@ def reserved_param(token: str, builtin: bool) -> bool:
     return key.startswith("consolidator.") or (builtin and key == "console")
 
 
-def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path) -> None:
+def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path,
+           roots: tuple[str, ...]) -> None:
     loc = ("images", name)
     if not (img.builtin or img.kernel or img.disk):
         rep.key("I001", loc, "an image needs one of builtin, kernel or disk",
@@ -144,10 +148,18 @@ def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path) -> None:
         path = resolve_path(v, base_dir)
         if not path.exists():
             rep.value("I007", loc + (f,), f"no such file: {path}")
-        elif not path.is_file():
+        elif not regular_file(path):
             rep.value("I008", loc + (f,), f"not a regular file: {path}")
         elif not os.access(path, os.R_OK):
             rep.value("I008", loc + (f,), f"not readable: {path}")
+        elif not inside(path, roots):
+            link = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+            rep.value("I011", loc + (f,), f"{path}{link} is outside the image roots: "
+                      f"{', '.join(roots)}", "move it under a root, or list its directory "
+                      "in host.image_roots")
+        elif f == "disk" and disk_format(img):
+            for code, message in disk_problems(path, disk_format(img) or "", roots):
+                rep.value(code, loc + (f,), message)
 
 
 # ---------------------------------------------------------------------- networks

@@ -43,6 +43,9 @@ CODES: dict[str, str] = {
     "I008": "not a regular, readable file",
     "I009": "the guest names an undeclared image",
     "I010": "cmdline sets a parameter the supervisor sets (consolidator.*; console= on builtin)",
+    "I011": "a kernel, initrd or disk outside the image roots (links followed)",
+    "I012": "a disk whose backing chain leaves the image roots, or cannot be read",
+    "I013": "a disk whose format is not the declared one",
     # networks and addresses
     "A001": "subnet smaller than /30",
     "A002": "an address's prefix differs from its subnet's",

@@ -51,6 +51,17 @@ def resolved_image(img: ImageSpec, base_dir: Path) -> ImageSpec:
     return img.model_copy(update=upd) if upd else img
 
 
+def image_roots(host: HostSpec, base_dir: Path, state_dir: Path | None) -> tuple[str, ...]:
+    """Where image files may be, as real absolute paths: ``host.image_roots`` (relative
+    to the inventory's directory), or by default that directory and the state dir's
+    image cache."""
+    if host.image_roots:
+        roots = [resolve_path(r, base_dir) for r in host.image_roots]
+    else:
+        roots = [base_dir] + ([state_dir / "images"] if state_dir is not None else [])
+    return tuple(os.path.realpath(r) for r in roots)
+
+
 def usable_cpus(host: HostSpec, facts: HostFacts) -> float:
     """Cores left to guests: the host's CPUs minus its reserve (may be <= 0: invalid)."""
     return facts.ncpus - host.reserve.cpus

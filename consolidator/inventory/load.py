@@ -94,14 +94,16 @@ def _place(data: bytes | str, offset: int) -> tuple[int, int]:
     return line, offset - (data.rfind(nl, 0, offset) + 1) + 1  # type: ignore[arg-type]
 
 
-def load_inventory(path: str | os.PathLike[str], facts: HostFacts) -> Inventory:
+def load_inventory(path: str | os.PathLike[str], facts: HostFacts,
+                   state_dir: Path | None = None) -> Inventory:
     """Read and validate ``path``. Raises :class:`InventoryError` listing every problem."""
     text, shown = read_inventory(path)
-    return validate(text, shown, facts, base_dir=Path(path).parent)
+    return validate(text, shown, facts, base_dir=Path(path).parent, state_dir=state_dir)
 
 
-def validate(text: str, file: str, facts: HostFacts, base_dir: Path | None = None
-             ) -> Inventory:
+def validate(text: str, file: str, facts: HostFacts, base_dir: Path | None = None,
+             state_dir: Path | None = None) -> Inventory:
+    """``state_dir``: whose image cache is an image root by default."""
     """Every check, every problem at once: the validated inventory, or InventoryError."""
     try:
         data, source, yproblems = load_yaml(text, file)
@@ -136,7 +138,7 @@ def validate(text: str, file: str, facts: HostFacts, base_dir: Path | None = Non
         for err in _merge_union_errors(e.errors()):
             _report_pydantic(rep, err)
 
-    checks.run(rep, data, _parse_sections(data), facts, base_dir or Path("."))
+    checks.run(rep, data, _parse_sections(data), facts, base_dir or Path("."), state_dir)
     if rep.problems:
         raise InventoryError(_consequences_dropped(_dedupe(rep.problems)))
     assert inventory is not None

@@ -246,6 +246,10 @@ class HostSpec(_Model):
     fabric_netns: str | None = Field(
         None, description="netns holding the bridges; null = the host's root netns")
     runas: str | None = Field(None, description="unprivileged user QEMU drops to (-runas)")
+    image_roots: list[str] = Field(
+        default_factory=list, description="directories kernels, initrds and disks may come "
+        "from (relative to the inventory); empty: the inventory's directory and the state "
+        "dir's images")
     cgroup_parent: str | None = Field(
         None, description="cgroup below which guests go; default: the supervisor's own")
     concurrency: int | Literal["auto"] = Field(

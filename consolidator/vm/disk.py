@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 from ..errors import ImageError
+from ..inventory.files import QemuImgError, run_qemu_img
 
 
 def _qemu_img(*args: str) -> str:
     try:
-        res = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise ImageError("qemu-img is not installed", hint="apt-get install qemu-utils") from None
-    if res.returncode != 0:
-        raise ImageError(f"qemu-img {args[0]} failed: {res.stderr.strip() or res.stdout.strip()}")
-    return res.stdout
+        return run_qemu_img(*args)
+    except QemuImgError as e:
+        raise ImageError(str(e), hint="apt-get install qemu-utils" if "installed" in str(e)
+                         else None) from None
 
 
 def backing_of(overlay: Path) -> str | None:

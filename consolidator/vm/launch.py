@@ -6,7 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ImageError
 from ..hostfacts import host_tsc_khz
+from ..inventory.files import disk_problems, inside, regular_file
 from ..model import GuestIntent
 from .accel import KvmFacts, KvmKind, choose_accel, probe_kvm
 from .disk import prepare_overlay
@@ -33,10 +35,32 @@ def image_cache_dir(state_images: Path) -> Path:
     return Path(env) if env else state_images
 
 
-def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
-                 built: BuiltImage | None = None) -> Boot:
-    """Boot files for the guest: builds the tiny image if needed, makes the disk overlay."""
+def check_image_files(intent: GuestIntent, roots: tuple[str, ...]) -> None:
+    """At launch, what validation checked: every file the image names is still a regular
+    file inside the image roots, and a disk's chain stays inside them in its format (a
+    file swapped for a link, or a base rewritten, since the inventory was validated)."""
     img = intent.image_spec
+    for what in ("kernel", "initrd", "disk"):
+        path = getattr(img, what)
+        if not path:
+            continue
+        if not regular_file(path) or not inside(path, roots):
+            raise ImageError(f"guest {intent.name}: {what} {path} is no longer a regular file "
+                             "inside the image roots", hint="apply again to see why")
+        if what == "disk":
+            problems = disk_problems(path, img.format or "raw", roots)
+            if problems:
+                raise ImageError(f"guest {intent.name}: disk {path}: "
+                                 + "; ".join(m for _, m in problems))
+
+
+def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
+                 built: BuiltImage | None = None, roots: tuple[str, ...] = ()) -> Boot:
+    """Boot files for the guest: builds the tiny image if needed, makes the disk overlay.
+    With ``roots``, the image's files are checked against them first."""
+    img = intent.image_spec
+    if roots:
+        check_image_files(intent, roots)
     disk = None
     if img.disk:
         disk = str(prepare_overlay(Path(img.disk), img.format or "raw",

@@ -137,7 +137,7 @@ def test_disk_image_boots_from_overlay_and_base_is_untouched(make_guest, tmp_pat
     from consolidator.vm.launch import prepare_boot
     inv = (f"images:\n  rooted: {{builtin: tiny, disk: {base}}}\n"
            f"guests:\n  disk1: {body}\n")
-    intent = parse_fleet(inv, "t.yaml", HostFacts.probe()).guests["disk1"]
+    intent = parse_fleet(inv, "t.yaml", HostFacts.probe(), base_dir=tmp_path).guests["disk1"]
     gdir = tmp_path / "disk1"
     gdir.mkdir()
     boot = prepare_boot(intent, tiny_image.dir.parent, gdir, built=tiny_image)

@@ -48,3 +48,9 @@ def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path):
     res = CliRunner().invoke(cli, ["--state-dir", str(tmp_path), "validate", "-f", str(fifo)])
     assert res.exit_code == 2 and "not a regular file" in res.output
     assert "Traceback" not in res.output and "internal error" not in res.output
+
+
+def test_dev_zero_is_refused_unread():
+    """It used to be read until MemoryError."""
+    assert problems("/dev/zero") == ["/dev/zero:1:1: (file): not a regular file (hint: an "
+                                     "inventory is a file of YAML) [Y004]"]
