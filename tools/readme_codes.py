@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from consolidator.inventory.codes import CODES  # noqa: E402
 
-GROUPS = {"Y": "file and YAML", "S": "structure", "N": "names", "I": "images",
+GROUPS = {"Y": "file and YAML", "S": "structure", "N": "names", "H": "host settings",
+          "I": "images",
           "A": "networks and addresses", "G": "one guest", "C": "the host as a whole"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import sys
@@ -74,22 +75,36 @@ def _pipe(s: socket.socket, idle: float = 1.5) -> None:
             last = time.monotonic()
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def shown(text: object) -> str:
+    """Guest output made safe for a terminal: every control character (escape sequences
+    that clear the screen, or OSC 52 that writes the clipboard) as visible text, ``^[``
+    for ESC. Only the interactive ``console`` passes a guest's bytes through."""
+    def one(m: re.Match[str]) -> str:
+        c = ord(m.group())
+        return f"^{chr(c + 64)}" if c < 0x20 else "^?" if c == 0x7f else f"<{c:02x}>"
+    return _CONTROL.sub(one, str(text))
+
+
 def _format(entry: dict) -> Text:
     t = datetime.fromtimestamp(entry.get("t", 0)).strftime("%H:%M:%S.%f")[:-3]
     if entry.get("kind") == "serial":
         line = Text(f"{t} ", style="dim")
-        line.append(entry.get("line", ""))
+        line.append(shown(entry.get("line", "")))
         return line
     fields = {k: v for k, v in entry.items() if k not in ("t", "kind", "event", "o")}
     line = Text(f"{t} ", style="dim")
-    line.append(f"[{entry.get('event')}]", style="bold cyan")
+    line.append(f"[{shown(entry.get('event'))}]", style="bold cyan")
     for k, v in fields.items():
         if v is None:
             continue
-        if isinstance(v, str) and "\n" in v:
-            line.append(f" {k}:\n    " + v.replace("\n", "\n    "), style="yellow")
+        if isinstance(v, str) and "\n" in v:       # a serial tail: guest output again
+            line.append(f" {shown(k)}:\n    " + "\n    ".join(
+                shown(x) for x in v.split("\n")), style="yellow")
         else:
-            line.append(f" {k}={v}", style="cyan")
+            line.append(f" {shown(k)}={shown(v)}", style="cyan")
     return line
 
 

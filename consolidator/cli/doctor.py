@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -12,6 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from ..inventory.schema import HostSpec
 from ..sched.cgroup import CgroupLayout, detect
 from ..vm.accel import KvmFacts, KvmKind, choose_accel, probe_kvm
 from ..vm.image import describe_kernel_source, is_static_elf
@@ -80,7 +84,33 @@ def kernel_source_fact(images_dir: Path | None) -> Fact:
     return Fact("builtin image kernel", desc, ok, True, fix)
 
 
-def gather(instance: str = "cns", images_dir: Path | None = None) -> dict[str, Any]:
+def metrics_fact(listen: str) -> Fact:
+    """Who holds the metrics port: free, our supervisor, or someone else (then the
+    supervisor cannot serve there, and whatever answers is not us)."""
+    host, _, port = listen.rpartition(":")
+    holder = None
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and \
+                    conn.laddr.port == int(port) and conn.pid:
+                holder = psutil.Process(conn.pid)
+                break
+    if holder is None:
+        return Fact("metrics port", f"{listen}: free", True, False)
+    with contextlib.suppress(psutil.Error):
+        argv = holder.cmdline()
+        if "supervise" in argv and any("consolidator" in a for a in argv):
+            return Fact("metrics port", f"{listen}: served by the supervisor (pid "
+                        f"{holder.pid})", True, False)
+        return Fact("metrics port", f"{listen}: held by {holder.name()} (pid {holder.pid})",
+                    False, False, "free the port or set host.metrics.listen elsewhere: "
+                    "the supervisor cannot serve there")
+    return Fact("metrics port", f"{listen}: held by pid {holder.pid}", False, False,
+                "free the port or set host.metrics.listen elsewhere")
+
+
+def gather(instance: str = "cns", images_dir: Path | None = None,
+           host: HostSpec | None = None) -> dict[str, Any]:
     kvm = probe_kvm()
     layout = detect()
     facts: list[Fact] = []
@@ -120,6 +150,12 @@ def gather(instance: str = "cns", images_dir: Path | None = None) -> dict[str, A
         facts.append(Fact(binary, value, ok, required,
                           None if ok else f"apt-get install {pkg}"))
     facts.append(kernel_source_fact(images_dir))
+    host = host or HostSpec()
+    if host.metrics.enabled:
+        facts.append(metrics_fact(host.metrics.listen))
+    if host.runas == "root":
+        facts.append(Fact("QEMU user", "root (host.runas: root)", False, False,
+                          "a guest that escapes QEMU owns the host: remove host.runas"))
     missing = [f.name for f in facts if f.required and not f.ok]
     accel = choose_accel(kvm)
     return {

@@ -249,12 +249,14 @@ def doctor(c: Ctx, as_json: bool) -> None:
     """
     from .doctor import gather
     from .render import doctor_table
-    instance = "cns"
+    from ..inventory.schema import HostSpec
+    instance, host = "cns", HostSpec()
     try:
-        instance = c.fleet().instance
+        fleet = c.fleet()
+        instance, host = fleet.instance, fleet.host
     except ConsolidatorError:
         pass
-    report = gather(instance, Path(c.state_dir) / "images")
+    report = gather(instance, Path(c.state_dir) / "images", host)
     if as_json:
         out.print_json(json.dumps(report))
     else:

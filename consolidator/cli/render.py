@@ -141,9 +141,12 @@ def status_table(doc: dict) -> Table:
                   human_uptime(g.get("uptime_s")), str(g["vcpus"]), cpu, mem,
                   ", ".join(g.get("ips") or []) or "-", str(g.get("restarts", 0)),
                   Text(g.get("last_event") or "-"))
-    failing = [f"{g['name']}: {e}" for g in doc.get("guests", []) for e in g.get("errors") or []]
-    if failing:
-        t.caption = Text("readings failing: " + "; ".join(failing), style="yellow")
+    notes = [f"{g['name']}: {e}" for g in doc.get("guests", []) for e in g.get("errors") or []]
+    notes = ["readings failing: " + "; ".join(notes)] if notes else []
+    if (doc.get("metrics") or {}).get("error"):
+        notes.append(f"metrics: {doc['metrics']['error']} (retried every 10 s)")
+    if notes:
+        t.caption = Text("\n".join(notes), style="yellow")
         t.caption_justify = "left"
     return t
 

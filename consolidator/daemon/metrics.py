@@ -150,19 +150,27 @@ class FleetCollector:
 
 
 class MetricsServer:
+    """Serves where the fleet says. A port another process holds is not given up on: the
+    supervisor calls :meth:`sync` again every few seconds, and ``status`` shows the
+    conflict meanwhile (otherwise another local user could serve fake figures there)."""
+
     def __init__(self, read: Callable[[], Reading]) -> None:
         self.read = read
-        self.listen: str | None = None
+        self.listen: str | None = None        # where it serves now
+        self.want: str | None = None          # where it should serve
+        self.error: str | None = None         # why it does not, said once per cause
         self._server: Any = None
 
     def sync(self, settings: Metrics | None) -> None:
         """Serve as ``settings`` say (the fleet's host.metrics); follow changes; stop
-        when disabled or when there is no fleet."""
+        when disabled or when there is no fleet; try again while the port is taken."""
         want = settings.listen if settings is not None and settings.enabled else None
+        self.want = want
         if want == self.listen:
             return
         self.stop()
         if want is None:
+            self.error = None
             return
         host, _, port = want.rpartition(":")
         registry = CollectorRegistry()
@@ -171,13 +179,20 @@ class MetricsServer:
             res = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
                                     registry=registry)
         except OSError as e:
-            log.warning("metrics.disabled", listen=want, error=e.strerror)
-            self.listen = want          # do not retry every apply; a change retries
+            error = f"cannot listen on {want}: {e.strerror}"
+            if error != self.error:
+                log.warning("metrics.not_serving", listen=want, error=e.strerror,
+                            note="tried again every 10 s")
+            self.error = error
             return
         if isinstance(res, tuple):
             self._server = res[0]
-        self.listen = want
+        self.listen, self.error = want, None
         log.info("metrics.serving", listen=want)
+
+    def state(self) -> dict[str, Any]:
+        return {"listen": self.want, "serving": self.listen is not None,
+                "error": self.error}
 
     def stop(self) -> None:
         if self._server is not None:

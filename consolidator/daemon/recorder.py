@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from ..errors import StateError
 from ..report.history import History, Retention, maintain_file
 from ..sched.observe import Snapshot
 from . import guestlog
@@ -32,13 +33,26 @@ class Recorder:
         self.runtime = runtime
         self.history: History | None = None
         self.record_ms: list[float] = []
+        self.error: str | None = None         # why nothing is recorded, said once
+        self._retry_at = 0.0
 
     def _history(self) -> History | None:
         fleet = self.runtime.fleet
-        if self.history is None and fleet is not None:
+        if self.history is None and fleet is not None and time.monotonic() >= self._retry_at:
             h = fleet.host.history
-            self.history = History(self.runtime.state.history_path,
-                                   Retention(h.raw, h.minute, h.hour))
+            try:
+                self.history = History(self.runtime.state.history_path,
+                                       Retention(h.raw, h.minute, h.hour))
+            except StateError as e:
+                if e.message != self.error:
+                    log.error("history.unusable", error=e.message, hint=e.hint,
+                              note="nothing is recorded; tried again every minute")
+                self.error = e.message
+                self._retry_at = time.monotonic() + 60
+                return None
+            if self.error:
+                log.info("history.recording_again")
+            self.error = None
         return self.history
 
     def close(self) -> None:

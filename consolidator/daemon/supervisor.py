@@ -118,6 +118,7 @@ class Supervisor:
             os.chmod(sock, 0o600)
             self._tasks.spawn(self.recorder.tail(), "serial-tail")
             self._tasks.spawn(self.recorder.maintain(), "history-maintenance")
+            self._tasks.spawn(self._housekeeping(), "housekeeping")
             self._follow_fleet()
             log.info("supervisor.ready", pid=os.getpid(), state_dir=str(self.state.root),
                      guests=len(self.runtime.guests), index=self.runtime.index)
@@ -172,6 +173,14 @@ class Supervisor:
         log.info("rebalancer.started", interval=fleet.host.rebalance.interval,
                  active=rb.active)
 
+    async def _housekeeping(self) -> None:
+        """Every 10 s: the metrics endpoint again, if another process held its port."""
+        while True:
+            await asyncio.sleep(10)
+            fleet = self.runtime.fleet
+            if self.metrics.error is not None:
+                self.metrics.sync(fleet.host.metrics if fleet else None)
+
     def _loop_settings(self) -> LoopSettings | None:
         f = self.runtime.fleet
         if f is None or self.lifecycle.executor is None:
@@ -192,7 +201,7 @@ class Supervisor:
 
     def status(self, explain: bool = False) -> dict[str, Any]:
         return status.document(self.runtime, self.rebalancer, started=self.started,
-                               explain=explain)
+                               explain=explain, metrics=self.metrics.state())
 
     # =============================================================== destroy
     async def destroy(self, purge: bool) -> dict[str, Any]:

@@ -91,6 +91,11 @@ def _names(rep: Reporter, raw: dict[str, Any], p: Parsed) -> None:
                  p.host.fabric_netns in (".", "..")):
         rep.value("N003", ("host", "fabric_netns"), f"{p.host.fabric_netns!r} is not a usable "
                   "netns name: letters, digits, '_', '.', '-', and not '.' or '..'")
+    metrics = p.host.metrics if p.host is not None else None
+    if metrics is not None and metrics.enabled and not metrics.public and \
+            not ipaddress.ip_address(metrics.listen.rpartition(":")[0].strip("[]")).is_loopback:
+        rep.value("H001", ("host", "metrics", "listen"), f"{metrics.listen} is not a loopback "
+                  "address", "say host.metrics.public: true to serve the figures there")
     parent = p.host.cgroup_parent if p.host is not None else None
     if parent is not None and not cgroup_parent_ok(parent):
         rep.value("N005", ("host", "cgroup_parent"), f"{parent!r} must be a relative path of "

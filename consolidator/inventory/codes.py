@@ -6,7 +6,7 @@ without reading messages. ``tests/data/bad/`` holds at least one inventory per c
 (the unit tests check that), and the README's inventory reference lists them.
 
 Letters: **Y** the file and its YAML, **S** structure (the schema), **N** names,
-**I** images, **A** networks and addresses, **G** one guest's resources, **C** capacity
+**H** host settings, **I** images, **A** networks and addresses, **G** one guest's resources, **C** capacity
 of the host as a whole.
 """
 
@@ -32,6 +32,8 @@ CODES: dict[str, str] = {
     "N003": "host.fabric_netns is not a usable netns name",
     "N004": "label key is not 1-63 of letters, digits, '.', '_', '/', '-'",
     "N005": "host.cgroup_parent is not a relative path of cgroup names",
+    # host settings
+    "H001": "host.metrics.listen off loopback without host.metrics.public: true",
     # images
     "I001": "an image needs builtin, kernel or disk",
     "I002": "a builtin image takes no initrd",

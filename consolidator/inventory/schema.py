@@ -234,7 +234,9 @@ class Metrics(_Model):
     enabled: bool = True
     listen: Listen = Field("127.0.0.1:9477",
                            description="Prometheus endpoint, IP:port (a bare port: on "
-                                       "127.0.0.1); loopback unless you mean otherwise")
+                                       "127.0.0.1); loopback unless public is true")
+    public: bool = Field(False, description="allow a listen address off loopback: the "
+                                            "figures name every guest and its load")
 
 
 class HostSpec(_Model):

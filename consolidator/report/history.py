@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -61,20 +62,32 @@ def _schema() -> list[str]:
 
 
 def open_db(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open (and create or migrate) the history database."""
+    """Open (and create or migrate) the history database. A file that is not a SQLite
+    database, or of another schema, is a StateError that says so, for writers and readers
+    alike. New files (and their WAL) are created 0600."""
+    try:
+        return _open(Path(path), readonly)
+    except sqlite3.DatabaseError as e:
+        raise StateError(f"{path}: not a usable history database ({e})",
+                         hint="move it aside: the supervisor starts a new one, and the "
+                              "report has no history until then") from None
+
+
+def _open(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        _check_version(db, path, readonly=True)
         return db
-    db = sqlite3.connect(str(path), timeout=5, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
+    old = os.umask(0o077)
+    try:
+        db = sqlite3.connect(str(path), timeout=5, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+    finally:
+        os.umask(old)
     db.execute("PRAGMA synchronous=NORMAL")
     # no checkpoint (and its fsync) inside a commit of the loop: maintain() checkpoints
     db.execute("PRAGMA wal_autocheckpoint=0")
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise StateError(f"{path}: history schema {version} is newer than this "
-                         f"consolidator's {SCHEMA_VERSION}",
-                         hint="use the consolidator that wrote it, or move the file away")
+    version = _check_version(db, path, readonly=False)
     if version < SCHEMA_VERSION:
         db.execute("BEGIN")
         for stmt in _schema():
@@ -83,6 +96,16 @@ def open_db(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
     return db
+
+
+def _check_version(db: sqlite3.Connection, path: Path, *, readonly: bool) -> int:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION or (readonly and version != SCHEMA_VERSION):
+        db.close()
+        raise StateError(f"{path}: history schema {version}, this consolidator reads "
+                         f"{SCHEMA_VERSION}",
+                         hint="use the consolidator that wrote it, or move the file away")
+    return version
 
 
 def percentile(values: Sequence[float], q: float) -> float:

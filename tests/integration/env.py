@@ -182,7 +182,7 @@ class CliFleet:
         env = {**os.environ, "CONSOLIDATOR_STATE_DIR": str(self.state),
                "CONSOLIDATOR_IMAGE_CACHE": str(IMAGE_CACHE), "COLUMNS": "200"}
         cmd = [_sys.executable, "-m", "consolidator", *args]
-        if args and args[0] in ("apply", "plan", "validate"):
+        if args and args[0] in ("apply", "plan", "validate", "doctor"):
             cmd += ["-f", str(inventory or self.inventory)]
         res = _sp.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                       input=input, cwd=ROOT)

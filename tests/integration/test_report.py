@@ -157,3 +157,43 @@ def test_report_right_after_start_says_how_little_history(tmp_path):
             assert fit["limits"]["cpu_reserve"] == by_cpu
             assert fit["limits"]["vcpu_overcommit"] == by_vcpu
             assert fit["count"] == min(fit["limits"].values())
+
+
+HELD = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, metrics: {{enabled: true, listen: "127.0.0.1:PORT"}}}}
+networks:
+  n: {{subnet: 10.95.0.0/24}}
+"""
+
+
+def test_a_metrics_port_held_by_another_process_is_shown_and_retried(tmp_path):
+    """It used to be logged once and never tried again: another local user could serve
+    fake consolidator_* figures there for good."""
+    port = free_port()
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    try:
+        with cli_fleet(tmp_path, HELD.replace("PORT", str(port))) as f:
+            f.cli("apply")
+            m = f.status()["metrics"]
+            assert m["listen"] == f"127.0.0.1:{port}" and not m["serving"]
+            assert "Address already in use" in m["error"]
+            assert "metrics: cannot listen" in f.cli("status").stdout
+            doctor = f.cli("doctor", "--json", inventory=f.inventory)
+            fact = next(x for x in json.loads(doctor.stdout)["facts"]
+                        if x["name"] == "metrics port")
+            assert not fact["ok"] and f"(pid {os.getpid()})" in fact["value"]
+            squatter.close()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not f.status()["metrics"]["serving"]:
+                time.sleep(0.5)
+            assert f.status()["metrics"] == {"listen": f"127.0.0.1:{port}", "serving": True,
+                                            "error": None}
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+            assert f'consolidator_host_budget_bytes{{fleet="{f.instance}"}}' in \
+                body.read().decode()
+    finally:
+        squatter.close()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -94,8 +95,8 @@ def test_schema_version_and_wal(tmp_path):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.close()
-    import pytest
-    with pytest.raises(StateError, match="newer"):
+    with pytest.raises(StateError, match=f"history schema {SCHEMA_VERSION + 1}, this "
+                                         f"consolidator reads {SCHEMA_VERSION}"):
         open_db(tmp_path / "v.sqlite")
 
 
@@ -153,3 +154,31 @@ def test_thin_keeps_at_most_limit_points_and_every_value_once(values, limit):
         assert all(a[0] < b[0] for a, b in zip(out, out[1:]))
     else:
         assert out == known
+
+
+def test_a_corrupt_database_is_a_clear_error_for_writer_and_reader(tmp_path):
+    """It used to surface as 'internal error: DatabaseError'."""
+    from consolidator.report.history import open_db
+    bad = tmp_path / "history.sqlite"
+    bad.write_bytes(b"this is not a database, it only has the name of one" * 100)
+    for readonly in (False, True):
+        with pytest.raises(StateError, match="not a usable history database") as ei:
+            open_db(bad, readonly=readonly)
+        assert "move it aside" in ei.value.hint
+
+
+def test_the_reader_checks_the_schema_version(tmp_path):
+    from consolidator.report.history import open_db
+    path = tmp_path / "history.sqlite"
+    open_db(path).execute("PRAGMA user_version=7")
+    with pytest.raises(StateError, match="history schema 7, this consolidator reads 1"):
+        open_db(path, readonly=True)
+
+
+def test_the_database_and_its_wal_are_for_root_only(tmp_path):
+    from consolidator.report.history import History
+    h = History(tmp_path / "history.sqlite")
+    h.record(1.0, {"cpu": 1.0}, {"g": {"cpu": 1.0}})
+    for f in ("history.sqlite", "history.sqlite-wal"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o600, f
+    h.close()
