@@ -153,3 +153,14 @@ def test_status_shows_failing_readings():
     doc["guests"][0]["errors"] = ["cgroup usage: CgroupError: cannot read"]
     t = status_table(doc)
     assert "guest-with-a-long-name-0: cgroup usage: CgroupError: cannot read" in str(t.caption)
+
+
+def test_an_error_holding_a_bracket_is_printed_as_text(tmp_path):
+    """Regression: --state-dir '/tmp/m[/x]' gave a rich MarkupError traceback."""
+    state = tmp_path / "m[/x]"
+    state.mkdir(parents=True)
+    (state / "FORMAT").write_text("consolidator-state 99\n")
+    res = CliRunner().invoke(cli, ["--state-dir", str(state), "plan", "-f", str(SHIPPED)])
+    assert res.exit_code == ExitCode.FAILURE, res.output
+    assert f"error: {state}: state format" in res.output
+    assert "Traceback" not in res.output and "MarkupError" not in res.output
