@@ -21,6 +21,7 @@ structured fields (``FIELDS``); code that handles them branches on those fields.
     ├── RunstateError                     exit 1             .state, .required, .op
     ├── CgroupError                       exit 1
     ├── NetError                          exit 1
+    ├── AccessDenied                      exit 1             the API's peer may not do that
     └── SupervisorError                   exit 6 (SUPERVISOR) the daemon refused or went away
         └── SupervisorUnreachable         exit 6             no daemon runs for the state dir
 
@@ -229,6 +230,10 @@ class CgroupError(ConsolidatorError):
 
 class NetError(ConsolidatorError):
     pass
+
+
+class AccessDenied(ConsolidatorError):
+    """The supervisor's peer may not do what it asked (by its uid and groups)."""
 
 
 class SupervisorError(ConsolidatorError):

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -70,9 +71,14 @@ def write_json(path: Path, obj: Any, mode: int = 0o600) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
 
 
+def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
+    """An fd on ``path`` that is never a symlink's target, created 0600."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
 def read_json(path: Path) -> Any:
     try:
-        with open(path) as f:
+        with os.fdopen(open_private(path, os.O_RDONLY)) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise StateError(f"{path}: corrupt JSON ({e})",
@@ -125,8 +131,46 @@ class StateDir:
     def exists(self) -> bool:
         return (self.root / "FORMAT").exists()
 
+    def check_owner(self) -> None:
+        """Refuse a state dir root cannot trust, as ssh's StrictModes refuses a loose home:
+        the dir and its own subdirectories must be real directories (no links) owned by
+        this user and writable by no one else; every ancestor must be owned by root or
+        this user, and writable by others only with the sticky bit (/tmp)."""
+        me = os.geteuid()
+        for d in (self.root, self.networks_dir, self.guests_dir, self.images_dir,
+                  self.supervisor_dir):
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                continue
+            what = "the state dir" if d == self.root else str(d)
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+                raise StateError(f"{what} {d}: not a directory (a link, say)",
+                                 hint="move it aside; consolidator makes it anew")
+            if st.st_uid != me:
+                raise StateError(f"{what} {d} is owned by uid {st.st_uid}, not {me}",
+                                 hint="a state dir another user controls can make root "
+                                      "write where they choose: use one root owns")
+            if st.st_mode & 0o022:
+                raise StateError(f"{what} {d} is writable by group or others "
+                                 f"(mode {stat.S_IMODE(st.st_mode):o})",
+                                 hint=f"chmod go-w {d}")
+        for p in Path(os.path.abspath(self.root)).parents:
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            if st.st_uid not in (0, me) or \
+                    (st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX):
+                raise StateError(f"{p}, above the state dir, may be changed by others",
+                                 hint="put the state dir below directories only root "
+                                      "can change")
+
     def ensure(self) -> "StateDir":
-        """Create the dir (0700) with its format tag, or check an existing one."""
+        """Create the dir (0700) with its format tag, or check an existing one. Either
+        way it must be ours alone (check_owner)."""
+        if self.root.exists() or self.root.is_symlink():
+            self.check_owner()
         if self.exists():
             self.check_format()
             return self
@@ -139,7 +183,15 @@ class StateDir:
         except PermissionError as e:
             raise StateError(f"cannot create state dir {self.root}: {e.strerror}",
                              hint="run as root, or set --state-dir / CONSOLIDATOR_STATE_DIR") from None
+        self.check_owner()
         return self
+
+    def share_with(self, gid: int | None) -> None:
+        """Let a group reach the supervisor's socket (and only that: the dirs on the way
+        get group search permission, nothing to list or read); None takes it back."""
+        for d in (self.root, self.supervisor_dir):
+            os.chown(d, -1, gid if gid is not None else os.getegid(), follow_symlinks=False)
+            os.chmod(d, 0o710 if gid is not None else 0o700)
 
     def check_format(self) -> None:
         try:

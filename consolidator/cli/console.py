@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
@@ -14,8 +13,12 @@ import tty
 from datetime import datetime
 from pathlib import Path
 
+from typing import Any, Callable
+
 from rich.console import Console
 from rich.text import Text
+
+from ..daemon.guestlog import last_entries, read_entries
 
 DETACH = b"\x1d"   # Ctrl-]
 
@@ -108,29 +111,10 @@ def _format(entry: dict) -> Text:
     return line
 
 
-def _read(path: Path, offset: int = 0) -> tuple[list[dict], int]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return [], 0
-    cut = data.rfind(b"\n") + 1
-    entries = []
-    for raw in data[:cut].splitlines():
-        try:
-            e = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(e, dict) and e.get("kind") in ("serial", "event"):
-            entries.append(e)
-    return entries, offset + cut
-
-
 def print_logs(path: Path, console: Console, *, follow: bool, lines: int) -> None:
-    old, _ = _read(path.with_name(path.name + ".1"))
-    cur, offset = _read(path)
-    for e in (old + cur)[-lines:]:
+    """From the state dir (root), following by polling the file."""
+    entries, offset = last_entries(path, lines)
+    for e in entries:
         console.print(_format(e))
     while follow:
         time.sleep(0.2)
@@ -140,6 +124,19 @@ def print_logs(path: Path, console: Console, *, follow: bool, lines: int) -> Non
             continue
         if size < offset:          # rotated
             offset = 0
-        new, offset = _read(path, offset)
+        new, offset = read_entries(path, offset)
         for e in new:
+            console.print(_format(e))
+
+
+def print_logs_remote(fetch: Callable[[int, int | None], dict[str, Any]], console: Console, *,
+                      follow: bool, lines: int) -> None:
+    """Through the supervisor (a member of host.api_group): the same, a call at a time."""
+    res = fetch(lines, None)
+    for e in res["entries"]:
+        console.print(_format(e))
+    while follow:
+        time.sleep(0.5)
+        res = fetch(0, res["offset"])
+        for e in res["entries"]:
             console.print(_format(e))

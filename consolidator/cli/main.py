@@ -659,8 +659,17 @@ def console(c: Ctx, name: str) -> None:
               help="How many lines to show first")
 @handled
 def logs(c: Ctx, name: str, follow: bool, lines: int) -> None:
-    """A guest's serial log interleaved with its supervisor events."""
-    from .console import print_logs
+    """A guest's serial log interleaved with its supervisor events.
+
+    Root reads the state dir; a member of host.api_group gets them from the supervisor."""
+    from .console import print_logs, print_logs_remote
+    if not os.access(c.state_dir, os.X_OK):
+        from ..daemon import protocol
+        with protocol.connect(Path(c.state_dir), start=False) as client:
+            print_logs_remote(lambda n, off: client.call("logs", name=name, lines=n,
+                                                         **({"offset": off} if off else {})),
+                              out, follow=follow, lines=lines)
+        return
     gdir = c.state().guest_dir(name)
     if not gdir.exists():
         raise UsageError(f"no guest {name} in {c.state_dir}")
@@ -756,8 +765,14 @@ def report(c: Ctx, window: str, fmt: str, shapes: tuple[str, ...], tiered: bool,
     """
     from ..report import document as rep
     from ..report import text as rtext
-    doc = rep.build(Path(c.state_dir), window, [rep.parse_shape(s) for s in shapes],
-                    tiered=tiered, headroom=headroom)
+    parsed = [rep.parse_shape(s) for s in shapes]
+    if os.access(c.state_dir, os.X_OK):
+        doc = rep.build(Path(c.state_dir), window, parsed, tiered=tiered, headroom=headroom)
+    else:                     # a member of host.api_group: the supervisor builds it
+        from ..daemon import protocol
+        with protocol.connect(Path(c.state_dir), start=False) as client:
+            doc = client.call("report", window=window, shapes=list(shapes), tiered=tiered,
+                              headroom=headroom)
     text: str | None = None
     if fmt == "json":
         text = rep.to_json(doc)

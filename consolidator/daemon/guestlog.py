@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from ..state import open_private
 from ..vm.guest import rotate_log
 
 log = structlog.get_logger("guestlog")
@@ -34,7 +35,7 @@ def append(path: Path, entries: list[dict[str, Any]]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         rotate_log(path, GUEST_LOG_CAP)
-        with open(path, "a") as f:
+        with os.fdopen(open_private(path), "a") as f:
             f.write(text)
     except OSError as e:
         log.warning("guest.log_failed", path=str(path), error=str(e))
@@ -72,6 +73,33 @@ def tail_serial(serial: Path, glog: Path, offset: int) -> int:
     entries[-1]["o"] = end
     append(glog, entries)
     return end
+
+
+def read_entries(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The serial lines and events written from ``offset`` on, and where they end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], 0
+    cut = data.rfind(b"\n") + 1
+    entries = []
+    for raw in data[:cut].splitlines():
+        try:
+            e = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and e.get("kind") in ("serial", "event"):
+            entries.append(e)
+    return entries, offset + cut
+
+
+def last_entries(glog: Path, lines: int) -> tuple[list[dict[str, Any]], int]:
+    """The last ``lines`` entries (from the rotated log too), and the offset to follow from."""
+    old, _ = read_entries(glog.with_name(glog.name + ".1"))
+    cur, offset = read_entries(glog)
+    return (old + cur)[-lines:] if lines > 0 else [], offset
 
 
 def last_serial_offset(glog: Path, window: int = 256 << 10) -> int:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConsolidatorError, SupervisorError, SupervisorUnreachable, from_wire
+from ..state import StateDir
 
 PROTOCOL = 2
 MAX_LINE = 64 << 20
@@ -121,7 +122,8 @@ def connect(state_root: Path, *, start: bool = True, wait: float = 15.0) -> Clie
         if not start:
             raise SupervisorUnreachable(f"no supervisor is running for {state_root}",
                                         hint="consolidator apply (or supervise) starts one")
-    start_detached(state_root)
+    StateDir(state_root).ensure()          # a state dir it would refuse: say so here
+    child = start_detached(state_root)
     deadline = time.monotonic() + wait
     last: OSError | None = None
     while time.monotonic() < deadline:
@@ -129,16 +131,29 @@ def connect(state_root: Path, *, start: bool = True, wait: float = 15.0) -> Clie
             return Client(path)
         except OSError as e:
             last = e
-            time.sleep(0.05)
+        if child.poll() is not None:       # it died: its last words, not a timeout
+            raise SupervisorError(f"the supervisor exited at once (status {child.returncode})"
+                                  f": {_last_error(state_root)}",
+                                  hint=f"see {Path(state_root) / 'supervisor' / 'log.jsonl'}")
+        time.sleep(0.05)
     raise SupervisorError(f"the supervisor did not come up within {wait:g}s ({last})",
                           hint=f"see {Path(state_root) / 'supervisor' / 'log.jsonl'}")
 
 
-def start_detached(state_root: Path) -> int:
+def _last_error(state_root: Path) -> str:
+    try:
+        lines = (Path(state_root) / "supervisor" / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1][-300:] if lines else "no log"
+
+
+def start_detached(state_root: Path) -> subprocess.Popen[bytes]:
     """Start ``consolidator supervise`` in its own session, logging JSON to the state dir."""
     sup = Path(state_root) / "supervisor"
     sup.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log = open(sup / "log.jsonl", "ab")
+    log = os.fdopen(os.open(sup / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                            os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "ab")
     try:
         p = subprocess.Popen(
             [sys.executable, "-m", "consolidator", "--state-dir", str(state_root),
@@ -147,4 +162,4 @@ def start_detached(state_root: Path) -> int:
             close_fds=True, env={**os.environ, "CONSOLIDATOR_DETACHED": "1"})
     finally:
         log.close()
-    return p.pid
+    return p

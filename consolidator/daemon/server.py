@@ -1,7 +1,8 @@
 """The API server: JSON lines on the state dir's unix socket (wire format: :mod:`.protocol`).
 
 A connection is a session: ``apply-begin`` takes the apply lock for that connection
-until it commits, aborts or closes, so concurrent applies are serialised. Operations:
+until it commits, aborts or closes; a second ``apply-begin`` meanwhile is refused at once
+(exit 5, "apply in progress since ..."). Operations:
 ``ping``, ``status``, ``observe``, ``apply-begin``, ``apply-commit``, ``apply-abort``,
 ``start``, ``stop``, ``restart``, ``agent``, ``destroy``, ``shutdown``, and the test hook
 ``rebalancer``.
@@ -11,20 +12,31 @@ at, and the plan's digest. The server validates the inventory itself, as strictl
 ``validate`` does (a fleet made by hand and sent over the socket would otherwise reach
 QEMU's argv unchecked), plans again from its own state and executes only a plan with that
 digest: what the operator was shown is what runs, or the commit is refused (exit 5).
+
+What comes in is checked before it is used. The peer's credentials (SO_PEERCRED): root may
+do everything; a member of ``host.api_group`` may only read (``ping``, ``status``,
+``logs``, ``report``); anyone else is refused. A message over 1 MiB, malformed JSON, a
+non-object, an unknown operation or arguments of the wrong shape get an error and the
+connection is closed; at most 32 connections at once, and one idle for two minutes is
+closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
+import socket
+import struct
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import structlog
 
-from ..errors import ConflictError, ConsolidatorError, UsageError
+from ..errors import AccessDenied, ConflictError, ConsolidatorError, UsageError
 from ..hostfacts import HostFacts
 from ..model import GuestState, parse_fleet
 from ..plan import plan as make_plan
@@ -35,11 +47,84 @@ from .lifecycle import EmitFn, Lifecycle
 from .runtime import Runtime
 
 log = structlog.get_logger("supervisor")
+MAX_MESSAGE = 1 << 20
+MAX_CONNECTIONS = 32
+IDLE_TIMEOUT = 120.0
+READ_OPS = {"ping", "status", "logs", "report"}
+_OPT, _REQ = False, True
+#: every operation's arguments: name -> (types, required)
+ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "ping": {}, "observe": {}, "apply-abort": {}, "shutdown": {},
+    "status": {"explain": ((bool,), _OPT)},
+    "rebalancer": {"action": ((str,), _OPT)},
+    "apply-begin": {"check_index": ((int, type(None)), _OPT)},
+    "apply-commit": {"index": ((int,), _REQ), "plan_digest": ((str,), _REQ),
+                     "inventory": ((str,), _REQ), "inventory_path": ((str,), _REQ),
+                     "prune": ((bool,), _OPT), "purge": ((bool,), _OPT),
+                     "allow_restart": ((bool,), _OPT)},
+    "start": {"name": ((str,), _REQ)}, "stop": {"name": ((str,), _REQ)},
+    "restart": {"name": ((str,), _REQ)},
+    "agent": {"name": ((str,), _REQ), "command": ((str,), _REQ), "arg": ((str,), _OPT),
+              "timeout": ((int, float), _OPT)},
+    "destroy": {"purge": ((bool,), _OPT)},
+    "logs": {"name": ((str,), _REQ), "lines": ((int,), _OPT), "offset": ((int,), _OPT)},
+    "report": {"window": ((str,), _OPT), "shapes": ((list,), _OPT), "tiered": ((bool,), _OPT),
+               "headroom": ((int, float), _OPT)},
+}
+
+
+def check_message(line: bytes) -> tuple[int, str, dict[str, Any]]:
+    """(id, op, args) of a request line, or a UsageError saying what is wrong with it
+    (the server answers it, then hangs up)."""
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        raise UsageError("malformed request: not JSON") from None
+    if not isinstance(msg, dict):
+        raise UsageError("malformed request: not a JSON object")
+    rid, op, args = msg.get("id", 0), msg.get("op"), msg.get("args", {})
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise UsageError("malformed request: id is not an integer")
+    if op not in ARGS:
+        raise UsageError(f"unknown operation {op!r}")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise UsageError(f"{op}: args is not an object")
+    spec = ARGS[op]
+    for k, v in args.items():
+        if k not in spec:
+            raise UsageError(f"{op}: unknown argument {k!r}")
+        types, _ = spec[k]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            raise UsageError(f"{op}: {k} has the wrong type")
+    missing = [k for k, (_, req) in spec.items() if req and k not in args]
+    if missing:
+        raise UsageError(f"{op}: missing {', '.join(missing)}")
+    return rid, op, args
+
+
+def peer(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of the unix socket."""
+    sock = writer.get_extra_info("socket")
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def peer_groups(pid: int, gid: int) -> set[int]:
+    groups = {gid}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                groups.update(int(g) for g in line.split()[1:])
+    return groups
 
 
 class Api:
     def __init__(self, runtime: Runtime, lifecycle: Lifecycle, applier: Applier, *,
                  status: Callable[[bool], dict[str, Any]],
+                 logs: Callable[[str, int, int | None], Awaitable[dict[str, Any]]],
+                 report: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
                  destroy: Callable[[bool], Awaitable[dict[str, Any]]],
                  rebalancer: Callable[[], Rebalancer | None],
                  record_ms: Callable[[], list[float]],
@@ -53,46 +138,91 @@ class Api:
         self.rebalancer = rebalancer
         self.record_ms = record_ms
         self.after_apply = after_apply
+        self.logs = logs
+        self.report = report
         self.stopping = stopping
         self.apply_lock = asyncio.Lock()
+        self.apply_by = "?"                    # who holds the apply lock, and since when
+        self.connections = 0
+
+    def _reader_group(self) -> int | None:
+        name = self.runtime.fleet.host.api_group if self.runtime.fleet else None
+        if not name:
+            return None
+        with contextlib.suppress(KeyError):
+            return grp.getgrnam(name).gr_gid
+        return None
+
+    def _may(self, op: str, pid: int, uid: int, gid: int) -> bool:
+        if uid == 0 or uid == os.geteuid():
+            return True
+        group = self._reader_group()
+        return op in READ_OPS and group is not None and group in peer_groups(pid, gid)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session: dict[str, Any] = {"locked": False}
+        self.connections += 1
         try:
+            pid, uid, gid = peer(writer)
+            session["peer"] = f"pid {pid}, uid {uid}"
+            if self.connections > MAX_CONNECTIONS:
+                await self._refuse(writer, 0, ConflictError(
+                    f"{MAX_CONNECTIONS} connections are open: try again"))
+                return
             while True:
-                line = await reader.readline()
+                try:
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                except asyncio.TimeoutError:
+                    return
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._refuse(writer, 0, UsageError(
+                        f"message larger than {MAX_MESSAGE >> 20} MiB"))
+                    return
                 if not line:
                     return
                 try:
-                    msg = json.loads(line)
-                    rid = int(msg.get("id", 0))
-                except (ValueError, TypeError, AttributeError):
-                    writer.write(protocol.encode(protocol.error_message(
-                        0, UsageError("malformed request"))))
-                    continue
+                    rid, op, args = check_message(line)
+                except UsageError as e:
+                    await self._refuse(writer, 0, e)
+                    return
+                if not self._may(op, pid, uid, gid):
+                    await self._refuse(writer, rid, AccessDenied(
+                        f"{op}: not for uid {uid}", hint="root may do everything; members "
+                        "of host.api_group may read status, logs and report"))
+                    return
 
                 def emit(ev: dict[str, Any], rid: int = rid) -> None:
                     with contextlib.suppress(Exception):
                         writer.write(protocol.encode({"id": rid, "event": ev}))
 
                 try:
-                    result = await self.dispatch(msg.get("op"), msg.get("args") or {},
-                                                 session, emit)
+                    result = await self.dispatch(op, args, session, emit)
                     writer.write(protocol.encode({"id": rid, "result": result}))
                 except Exception as e:  # noqa: BLE001 - every error goes back to the caller
                     if not isinstance(e, ConsolidatorError):
-                        log.exception("api.internal_error", op=msg.get("op"))
+                        log.exception("api.internal_error", op=op)
                     writer.write(protocol.encode(protocol.error_message(rid, e)))
                 await writer.drain()
-                if msg.get("op") in ("shutdown", "destroy"):
+                if op in ("shutdown", "destroy"):
                     self.stopping.set()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
+            self.connections -= 1
             if session["locked"]:
-                self.apply_lock.release()
+                self._release()
             with contextlib.suppress(Exception):
                 writer.close()
+
+    @staticmethod
+    async def _refuse(writer: asyncio.StreamWriter, rid: int, e: ConsolidatorError) -> None:
+        log.warning("api.refused", error=e.message)
+        with contextlib.suppress(Exception):
+            writer.write(protocol.encode(protocol.error_message(rid, e)))
+            await writer.drain()
+
+    def _release(self) -> None:
+        self.apply_lock.release()
 
     async def dispatch(self, op: str | None, args: dict[str, Any], session: dict[str, Any],
                        emit: EmitFn) -> Any:
@@ -101,6 +231,11 @@ class Api:
             return {"pid": os.getpid(), "protocol": protocol.PROTOCOL, "index": rt.index}
         if op == "status":
             return self.status(bool(args.get("explain")))
+        if op == "logs":
+            return await self.logs(args["name"], int(args.get("lines", 200)),
+                                   args.get("offset"))
+        if op == "report":
+            return await self.report(args)
         if op == "rebalancer":            # test hook: stop the loop, the watchdog stays
             rb = self.rebalancer()
             if rb is None:
@@ -115,8 +250,13 @@ class Api:
             return rt.observed().to_json()
         if op == "apply-begin":
             if not session["locked"]:
-                await self.apply_lock.acquire()       # concurrent applies queue here
+                if self.apply_lock.locked():
+                    raise ConflictError(f"an apply, destroy or guest operation is in "
+                                        f"progress since {self.apply_by}",
+                                        hint="wait for it, then apply again")
+                await self.apply_lock.acquire()
                 session["locked"] = True
+                self.apply_by = (time.strftime("%H:%M:%S") + f" ({session['peer']})")
             ci = args.get("check_index")
             if ci is not None and int(ci) != rt.index:
                 raise ConflictError(f"the plan is stale: it was made at state index {ci}, "
@@ -129,17 +269,17 @@ class Api:
             try:
                 return await self._commit(args, emit)
             finally:
-                self.apply_lock.release()
+                self._release()
                 session["locked"] = False
         if op == "apply-abort":
             if session["locked"]:
-                self.apply_lock.release()
+                self._release()
                 session["locked"] = False
             return {"aborted": True}
         if op in ("start", "stop", "restart"):
-            return await self._guest_op(op, str(args.get("name")), emit)
+            return await self._guest_op(op, args["name"], emit, session)
         if op == "agent":
-            g = rt.get(str(args.get("name")))
+            g = rt.get(args["name"])
             if g.guest is None or g.state is not GuestState.RUNNING:
                 raise ConflictError(f"guest {g.name} is {g.state.value}, not running")
             agent = await g.guest.agent()
@@ -147,6 +287,7 @@ class Api:
                                                  float(args.get("timeout", 30)))}
         if op == "destroy":
             async with self.apply_lock:
+                self.apply_by = time.strftime("%H:%M:%S") + f" ({session['peer']}, destroy)"
                 return await self.destroy(bool(args.get("purge")))
         if op == "shutdown":
             return {"stopping": True}
@@ -158,13 +299,10 @@ class Api:
             raise ConflictError(f"the fleet changed while the plan was shown (state index "
                                 f"{args['index']} -> {rt.index})",
                                 hint="run apply again to see the new plan")
-        digest = args.get("plan_digest")
-        if not digest:
-            raise UsageError("apply-commit needs the digest of the plan that was shown")
-        path = args.get("inventory_path")
-        if not isinstance(path, str) or not os.path.isabs(path) or \
-                not isinstance(args.get("inventory"), str):
-            raise UsageError("apply-commit needs the inventory's text and absolute path")
+        digest = args["plan_digest"]
+        path = args["inventory_path"]
+        if not os.path.isabs(path):
+            raise UsageError("apply-commit: inventory_path must be absolute")
         desired = parse_fleet(args["inventory"], path, HostFacts.probe(),
                               base_dir=Path(path).parent, state_dir=rt.state.root)
         p = make_plan(desired, rt.observed(), prune=bool(args.get("prune")),
@@ -179,9 +317,11 @@ class Api:
         self.after_apply()
         return {**result, "status": self.status(False)}
 
-    async def _guest_op(self, op: str, name: str, emit: EmitFn) -> dict[str, Any]:
+    async def _guest_op(self, op: str, name: str, emit: EmitFn,
+                        session: dict[str, Any]) -> dict[str, Any]:
         g = self.runtime.get(name)
         async with self.apply_lock, g.busy:
+            self.apply_by = time.strftime("%H:%M:%S") + f" ({session['peer']}, {op} {name})"
             if op in ("stop", "restart"):
                 await self.lifecycle.stop(g)
             if op in ("start", "restart"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import grp
 import os
 import signal
 import time
@@ -32,12 +33,13 @@ from ..model import GuestState
 from ..sched.observe import Tracked
 from ..sched.rebalancer import LoopSettings, Rebalancer
 from ..state import StateDir, atomic_write
-from . import metrics, protocol, status, teardown
+from ..report import document
+from . import guestlog, metrics, protocol, status, teardown
 from .applier import Applier
 from .lifecycle import Lifecycle
 from .recorder import Recorder
 from .runtime import Runtime
-from .server import Api
+from .server import MAX_MESSAGE, Api
 from .tasks import Tasks
 
 log = structlog.get_logger("supervisor")
@@ -78,7 +80,8 @@ class Supervisor:
         self.metrics = metrics.MetricsServer(
             lambda: metrics.reading(self.runtime, self.rebalancer))
         self.api = Api(self.runtime, self.lifecycle, self.applier,
-                       status=self.status, destroy=self.destroy,
+                       status=self.status, logs=self.logs, report=self.report,
+                       destroy=self.destroy,
                        rebalancer=lambda: self.rebalancer,
                        record_ms=lambda: self.recorder.record_ms,
                        after_apply=self._follow_fleet, stopping=self.stopping)
@@ -112,10 +115,10 @@ class Supervisor:
             old = os.umask(0o177)
             try:
                 self._server = await asyncio.start_unix_server(self.api.serve, path=str(sock),
-                                                               limit=protocol.MAX_LINE)
+                                                               limit=MAX_MESSAGE)
             finally:
                 os.umask(old)
-            os.chmod(sock, 0o600)
+            self._share()
             self._tasks.spawn(self.recorder.tail(), "serial-tail")
             self._tasks.spawn(self.recorder.maintain(), "history-maintenance")
             self._tasks.spawn(self._housekeeping(), "housekeeping")
@@ -156,12 +159,30 @@ class Supervisor:
             os.close(self._lock_fd)
 
     # ============================================================= the loop
+    def _share(self) -> None:
+        """The socket for root alone (0600), or also for host.api_group's members (0660,
+        the dirs on the way 0710)."""
+        fleet = self.runtime.fleet
+        name = fleet.host.api_group if fleet else None
+        gid = None
+        if name:
+            try:
+                gid = grp.getgrnam(name).gr_gid
+            except KeyError:
+                log.warning("api.no_such_group", group=name, note="the socket stays root's")
+        self.state.share_with(gid)
+        sock = protocol.socket_path(self.state.root)
+        os.chown(sock, -1, gid if gid is not None else os.getegid(), follow_symlinks=False)
+        os.chmod(sock, 0o660 if gid is not None else 0o600)    # made by us, just now
+
     def _follow_fleet(self) -> None:
         """Once there is a fleet, one rebalancer loop runs: it rebalances when
         host.rebalance.enabled, and observes and records either way. The metrics
-        endpoint follows the fleet's settings too."""
+        endpoint and the socket's group follow the fleet's settings too."""
         fleet = self.runtime.fleet
         self.metrics.sync(fleet.host.metrics if fleet else None)
+        if self._server is not None:
+            self._share()
         if fleet is None or self.rebalancer is not None:
             return
         rb = Rebalancer(self._loop_settings, self._tracked, self._usage,
@@ -198,6 +219,24 @@ class Supervisor:
         if ex is None or ex.cgroups is None:
             raise CgroupError("no cgroup driver: nothing is applied")
         return ex.cgroups.usage(name)
+
+    async def logs(self, name: str, lines: int, offset: int | None) -> dict[str, Any]:
+        self.runtime.get(name)
+        path = self.state.guest_log_path(name)
+        if offset is None:
+            entries, end = await asyncio.to_thread(guestlog.last_entries, path, lines)
+        else:
+            if offset > (path.stat().st_size if path.exists() else 0):
+                offset = 0                                      # rotated meanwhile
+            entries, end = await asyncio.to_thread(guestlog.read_entries, path, offset)
+        return {"entries": entries, "offset": end}
+
+    async def report(self, args: dict[str, Any]) -> dict[str, Any]:
+        shapes = [document.parse_shape(s) for s in args.get("shapes") or []
+                  if isinstance(s, str)]
+        return await asyncio.to_thread(
+            document.build, self.state.root, args.get("window", "1h"), shapes,
+            tiered=bool(args.get("tiered")), headroom=float(args.get("headroom", 0.15)))
 
     def status(self, explain: bool = False) -> dict[str, Any]:
         return status.document(self.runtime, self.rebalancer, started=self.started,

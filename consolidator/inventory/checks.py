@@ -10,6 +10,7 @@ they checked by :func:`consolidator.model.resolve`, with the same helpers (:mod:
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import os
 import re
@@ -96,6 +97,13 @@ def _names(rep: Reporter, raw: dict[str, Any], p: Parsed) -> None:
             not ipaddress.ip_address(metrics.listen.rpartition(":")[0].strip("[]")).is_loopback:
         rep.value("H001", ("host", "metrics", "listen"), f"{metrics.listen} is not a loopback "
                   "address", "say host.metrics.public: true to serve the figures there")
+    group = p.host.api_group if p.host is not None else None
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            rep.value("H002", ("host", "api_group"), f"no group {group!r} on this host",
+                      f"groupadd {group}, or leave api_group out (root only)")
     parent = p.host.cgroup_parent if p.host is not None else None
     if parent is not None and not cgroup_parent_ok(parent):
         rep.value("N005", ("host", "cgroup_parent"), f"{parent!r} must be a relative path of "

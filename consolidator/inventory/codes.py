@@ -17,7 +17,7 @@ CODES: dict[str, str] = {
     "Y001": "YAML syntax error",
     "Y002": "duplicate key",
     "Y003": "the document is not a mapping",
-    "Y004": "the file cannot be read: missing, unreadable, not a regular file, over 1 MiB",
+    "Y004": "the file cannot be read: missing, unreadable, not a regular file, over 512 KiB",
     "Y005": "a key is not a string",
     "Y006": "not UTF-8 text, or a character YAML does not allow (NUL, say)",
     "Y008": "nested deeper than 64 levels",
@@ -34,6 +34,7 @@ CODES: dict[str, str] = {
     "N005": "host.cgroup_parent is not a relative path of cgroup names",
     # host settings
     "H001": "host.metrics.listen off loopback without host.metrics.public: true",
+    "H002": "host.api_group names no group on this host",
     # images
     "I001": "an image needs builtin, kernel or disk",
     "I002": "a builtin image takes no initrd",

@@ -248,6 +248,9 @@ class HostSpec(_Model):
     fabric_netns: str | None = Field(
         None, description="netns holding the bridges; null = the host's root netns")
     runas: str | None = Field(None, description="unprivileged user QEMU drops to (-runas)")
+    api_group: str | None = Field(
+        None, description="a group whose members may read status, logs and report through "
+                          "the supervisor's socket; null: root only")
     image_roots: list[str] = Field(
         default_factory=list, description="directories kernels, initrds and disks may come "
         "from (relative to the inventory); empty: the inventory's directory and the state "

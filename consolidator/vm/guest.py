@@ -24,6 +24,7 @@ import enum
 import fcntl
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections import deque
@@ -106,15 +107,20 @@ def rotate_log(path: Path, cap: int = SERIAL_LOG_CAP) -> bool:
     """Copy-truncate ``path`` to ``path.1`` when over ``cap``. QEMU appends (O_APPEND), so
     truncating under it is safe. Returns whether it rotated."""
     try:
-        if path.stat().st_size <= cap:
-            return False
+        st = os.lstat(path)
     except FileNotFoundError:
         return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size <= cap:
+        return False                          # a link is never followed, nor truncated
     tmp = path.with_name(path.name + ".1.tmp")
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
+    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, os.O_RDWR | nofollow)
+    with os.fdopen(fd, "r+b") as src, \
+            os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | nofollow, 0o600),
+                      "wb") as dst:
         dst.write(src.read())
-    os.replace(tmp, path.with_name(path.name + ".1"))
-    os.truncate(path, 0)
+        os.replace(tmp, path.with_name(path.name + ".1"))
+        src.truncate(0)
     return True
 
 
@@ -257,7 +263,8 @@ class Guest:
         self.argv = build_argv(self.spec, self.binary)
         assert self._lock_fd is not None
         os.set_inheritable(self._lock_fd, True)
-        stderr = open(self.paths.stderr, "wb")
+        stderr = os.fdopen(os.open(self.paths.stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                                   os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb")
         placement = self.placement
         try:
             # QEMU holds the lock fd for its whole life: a second launch finds it taken.

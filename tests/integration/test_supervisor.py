@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -333,19 +334,24 @@ def test_stale_pidfile_with_a_reused_pid_is_not_adopted(tmp_path):
             impostor.kill()
 
 
-def test_two_applies_at_once_are_serialised(tmp_path):
+def test_a_second_apply_while_one_runs_is_refused_at_once(tmp_path):
+    """Two applies at once: one runs, the other gets exit 5 at once, saying since when
+    (it used to wait silently until the CLI's 600 s timeout)."""
     with cli_fleet(tmp_path) as f:
         results = []
 
         def run():
-            results.append(f.cli("apply", check=False))
+            t0 = time.monotonic()
+            results.append((f.cli("apply", check=False), time.monotonic() - t0))
         threads = [threading.Thread(target=run) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
-        assert sum("No changes" in r.stdout for r in results) == 1
+        codes = sorted(r.returncode for r, _ in results)
+        assert codes == [0, 5], [r.stderr for r, _ in results]
+        refused = next(r for r, _ in results if r.returncode == 5)
+        assert "in progress since" in refused.stderr
         qemus = [x for x in leftovers(f.instance) if x.startswith("process")]
         assert len(qemus) == 3
 
@@ -471,3 +477,106 @@ def test_a_commit_whose_plan_would_differ_is_refused(shipped):
                         inventory=forged, inventory_path=str(shipped.inventory))
         assert e2.value.exit_code == 2 and e2.value.problems[0].code == "N002"
     assert all(g["state"] == "running" for g in shipped.guests().values())
+
+
+NETWORK_ONLY = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, metrics: {{enabled: false}}API_GROUP}}
+networks:
+  n: {{subnet: 10.96.0.0/24}}
+"""
+
+
+def raw_api(state: Path, payload: bytes, replies: int | None = None) -> list[dict]:
+    """Send raw bytes to the supervisor's socket; the replies until it hangs up (or, with
+    ``replies``, until that many came)."""
+    import socket as _socket
+    s = _socket.socket(_socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(str(state / "supervisor" / "api.sock"))
+    s.sendall(payload)
+    data = b""
+    while replies is None or data.count(b"\n") < replies:
+        try:
+            chunk = s.recv(1 << 16)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return [json.loads(x) for x in data.splitlines()]
+
+
+def test_the_api_answers_bad_messages_and_hangs_up(tmp_path):
+    with cli_fleet(tmp_path, NETWORK_ONLY.replace("API_GROUP", "")) as f:
+        f.cli("apply")
+        cases = [
+            (b"{not json\n", "not JSON"),
+            (b"[1, 2]\n", "not a JSON object"),
+            (b'{"id": 3, "op": "apply-commit", "args": {"index": 1}}\n', "missing"),
+            (b'{"id": 4, "op": "status", "args": {"explain": "yes"}}\n', "wrong type"),
+            (b'{"id": 5, "op": "format-disk"}\n', "unknown operation"),
+            (b'{"id": 6, "op": "ping", "args": ' + b'"' + b"x" * (1 << 20) + b'"}\n',
+             "larger than 1 MiB"),
+        ]
+        for payload, said in cases:
+            replies = raw_api(f.state, payload + b'{"id": 9, "op": "ping"}\n')
+            assert len(replies) == 1, (said, replies)     # answered, then hung up
+            err = replies[0]["error"]
+            assert said in err["message"] and err["type"] == "UsageError", (said, err)
+        assert raw_api(f.state, b'{"id": 1, "op": "ping"}\n', replies=1)[0]["result"]["pid"]
+        log = (f.state / "supervisor" / "log.jsonl").read_text()
+        assert "api.internal_error" not in log and "Traceback" not in log
+
+
+def test_a_group_may_read_status_and_nothing_else(tmp_path):
+    """host.api_group: its members reach the socket (0660; the dirs on the way 0710)
+    and may ping and read status; anything else is refused. Others cannot connect."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    base = Path("/var/tmp") / f"cns-api-{uuid.uuid4().hex[:8]}"   # reachable by nobody
+    base.mkdir(mode=0o755)
+    try:
+        inventory = NETWORK_ONLY.replace("API_GROUP", ", api_group: nogroup")
+        with cli_fleet(base, inventory) as f:
+            f.cli("apply")
+            assert oct((f.state / "supervisor" / "api.sock").stat().st_mode & 0o777) == "0o660"
+
+            def as_nobody(op: str, groups: bool = True, **args) -> dict:
+                """A request from a process of uid nobody (a forked child: the project's
+                Python lives under /root, which nobody cannot enter)."""
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:                                   # the child
+                    try:
+                        os.close(r)
+                        os.setgroups([nobody.pw_gid] if groups else [])
+                        os.setgid(nobody.pw_gid if groups else 54321)
+                        os.setuid(nobody.pw_uid)
+                        try:
+                            out = raw_api(f.state, json.dumps(
+                                {"id": 1, "op": op, "args": args}).encode() + b"\n", 1)
+                        except OSError as e:
+                            out = [{"oserror": e.strerror}]
+                        os.write(w, json.dumps(out).encode())
+                    finally:
+                        os._exit(0)
+                os.close(w)
+                data = b""
+                while chunk := os.read(r, 1 << 16):
+                    data += chunk
+                os.close(r)
+                os.waitpid(pid, 0)
+                return json.loads(data)[0]
+
+            assert as_nobody("status")["result"]["instance"] == f.instance
+            assert as_nobody("ping")["result"]["pid"]
+            for op, args in (("stop", {"name": "web"}), ("apply-begin", {}),
+                             ("shutdown", {})):
+                err = as_nobody(op, **args)["error"]
+                assert err["type"] == "AccessDenied" and "not for uid" in err["message"], op
+            assert as_nobody("status", groups=False) == {"oserror": "Permission denied"}
+            assert f.supervisor_pid() is not None                  # shutdown was refused
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

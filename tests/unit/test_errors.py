@@ -29,6 +29,7 @@ SAMPLES: list[E.ConsolidatorError] = [
     E.RunstateError("web", "stopped", ("running", "starting"), "shut down"),
     E.CgroupError("cannot write"),
     E.NetError("no bridge"),
+    E.AccessDenied("status: not for uid 1000"),
     E.SupervisorError("went away"),
     E.SupervisorUnreachable("none runs"),
 ]
@@ -62,7 +63,8 @@ def test_exit_codes_are_the_documented_ones():
         "ConsolidatorError": 1, "InventoryError": 2, "UsageError": 2, "NotYetImplemented": 3,
         "HostError": 4, "ConflictError": 5, "StateError": 1, "PlanError": 1, "ImageError": 1,
         "LaunchError": 1, "ReadyTimeout": 1, "QMPError": 1, "AgentError": 1, "RunstateError": 1,
-        "CgroupError": 1, "NetError": 1, "SupervisorError": 6, "SupervisorUnreachable": 6}
+        "CgroupError": 1, "NetError": 1, "AccessDenied": 1, "SupervisorError": 6,
+        "SupervisorUnreachable": 6}
 
 
 def test_an_unknown_class_from_a_newer_daemon_keeps_its_exit_code():

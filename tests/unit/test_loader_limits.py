@@ -34,7 +34,7 @@ def test_a_file_over_the_limit_is_refused_unread(tmp_path):
     big.write_bytes(b"# padding\n" * (MAX_BYTES // 10 + 1))
     (p,) = problems(big)
     assert p.startswith(f"{big}:1:1: (file): {big.stat().st_size} bytes: larger than the "
-                        "1 MiB") and p.endswith("[Y004]")
+                        "512 KiB") and p.endswith("[Y004]")
 
 
 def test_a_directory_is_refused(tmp_path):
