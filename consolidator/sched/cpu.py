@@ -108,7 +108,7 @@ def cpu_policy(guests: list[CpuInput], *, host_cpus: tuple[int, ...], usable: fl
             if abs(new - weight[g.name]) > 0.5:
                 weight[g.name] = new
                 moved = True
-                why[g.name] = (f"reserve {g.reserve:g} cores: demand {g.demand:.2f}, got "
+                why[g.name] = (f"shares {g.shares}, raised for reserve {g.reserve:g} cores: demand {g.demand:.2f}, got "
                                f"{g.usage:.2f} of a contended pool of {cap:g} cores, against "
                                f"competitors' weight {others:.0f}")
         if not moved:

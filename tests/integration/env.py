@@ -191,8 +191,9 @@ class CliFleet:
                                  f"{res.stdout}\n{res.stderr}")
         return res
 
-    def status(self) -> dict:
-        return _json.loads(self.cli("status", "--json").stdout)
+    def status(self, explain: bool = False) -> dict:
+        return _json.loads(self.cli("status", "--json", *(["--explain"] if explain else []))
+                           .stdout)
 
     def guests(self) -> dict[str, dict]:
         return {g["name"]: g for g in self.status()["guests"]}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from consolidator.net import names, nft
 from consolidator.net import netns as ns
 from consolidator.sched.cgroup import detect
 
@@ -75,13 +76,28 @@ def test_live_shares_change_keeps_the_qemu(shipped):
                                        "cpu: {shares: 4096, reserve: 0.25, limit: 1.0}"))
         res = shipped.cli("apply")
         assert "cpu.shares: 2048 → 4096" in res.stdout
-        cg = Path(f"/sys/fs/cgroup/cpu/{shipped.instance}/guests/app/cpu.shares")
-        assert cg.read_text().strip() == "4096"
+        # the rebalancer may raise app above its shares for its reserve when the host is
+        # busy; what must hold is that the new shares are its basis, and the file says so
+        assert weight_on_shares(shipped, "app", 4096)
         assert shipped.guests()["app"]["pid"] == pid
     finally:
         shipped.write(original)
         shipped.cli("apply")
-    assert cg.read_text().strip() == "2048"
+    assert weight_on_shares(shipped, "app", 2048)
+
+
+def weight_on_shares(f, guest: str, shares: int) -> bool:
+    """The guest's cpu.shares file holds the rebalancer's decision, and that decision is
+    based on ``shares``: exactly it, or above it with the reserve as the reason."""
+    cg = Path(f"/sys/fs/cgroup/cpu/{f.instance}/guests/{guest}/cpu.shares")
+    for _ in range(5):                           # a tick may land between the two reads
+        cpu = next(g for g in f.status(explain=True)["guests"]
+                   if g["name"] == guest)["explain"]["cpu"]
+        if int(cg.read_text()) == cpu["weight"]:
+            break
+    assert int(cg.read_text()) == cpu["weight"], cpu
+    assert cpu["reason"].startswith(f"shares {shares}"), cpu
+    return cpu["weight"] == shares or (cpu["weight"] > shares and "reserve" in cpu["reason"])
 
 
 def test_memory_max_change_is_pending_until_allowed(shipped):
@@ -126,7 +142,12 @@ def serial_lines(f: CliFleet, guest: str, text: str) -> int:
     return sum(1 for e in f.log(guest) if e.get("kind") == "serial" and text in e["line"])
 
 
+def our_tables(f: CliFleet) -> dict[str, list[str]]:
+    return nft.normalise(nft.list_ruleset(f.fabric), nft.our_tables(f.instance))
+
+
 def test_reattach_after_supervisor_sigkill_keeps_the_pids(shipped):
+    tables = our_tables(shipped)
     first = shipped.guests()
     before = {n: g["pid"] for n, g in first.items()}
     time.sleep(1.5)             # every line the guests printed so far is in their logs
@@ -150,6 +171,43 @@ def test_reattach_after_supervisor_sigkill_keeps_the_pids(shipped):
         {n: (g["machine"], g["accel"]) for n, g in first.items()}
     time.sleep(2.5)                                       # two serial-tail intervals
     assert {n: serial_lines(shipped, n, "CONSOLIDATOR-READY") for n in before} == ready
+    # the new supervisor took the ruleset over as it was: every guest port still guarded
+    assert our_tables(shipped) == tables
+    ports = [json.loads(t)["chain"]["name"] for t in
+             tables["bridge " + names.nft_guard_table(shipped.instance)]
+             if t.startswith('{"chain"')]
+    assert sum(1 for p in ports if p.startswith("p_")) == \
+        sum(len(g.get("ips", [])) for g in first.values())
+
+
+def _wait_for_tables(f: CliFleet, want: dict[str, list[str]], limit: float) -> float:
+    t0 = time.monotonic()
+    while our_tables(f) != want:
+        assert time.monotonic() - t0 < limit, f"tables not restored within {limit} s"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def test_the_guard_tables_come_back_when_removed_or_changed(shipped):
+    want = our_tables(shipped)
+    guard = names.nft_guard_table(shipped.instance)
+    assert set(want) == {f"bridge {guard}", f"inet {names.nft_filter_table(shipped.instance)}"}
+    before = shipped.status()["net_guard"]["restores"]
+    ns.run(shipped.fabric, ["nft", "flush", "ruleset"])
+    took = _wait_for_tables(shipped, want, 5)
+    ns.run(shipped.fabric, ["nft", "insert", "rule", "bridge", guard, "pre", "accept"])
+    took = max(took, _wait_for_tables(shipped, want, 5))
+    st = shipped.status()["net_guard"]
+    assert st["restores"] == before + 2 and st["error"] is None
+    assert st["last_restore"]["tables"] == {f"bridge {guard}": "changed"}
+    logged = [json.loads(line) for line in
+              (shipped.state / "supervisor" / "log.jsonl").read_text().splitlines()]
+    restored = [e for e in logged if e.get("event") == "netguard.restored"]
+    assert len(restored) >= 2 and "removed" in restored[-2]["tables"].values()
+    print(f"restored within {took:.2f} s")
+    r = ns.run(shipped.fabric, ["busybox", "wget", "-q", "-O", "-", "http://10.77.0.10/health"],
+               check=False)
+    assert r.stdout == "ok\n"
 
 
 # ------------------------------------------------------------- faults, one by one

@@ -72,12 +72,12 @@ def test_a_held_weight_keeps_the_reason_it_was_raised_for():
     gs = [g("small", 256, reserve=0.5, demand=1.0, usage=0.55, cpus=(0,)),
           g("big", 8192, demand=1.0, usage=0.45, cpus=(0,))]
     first = next(d for d in cpu_policy(gs, host_cpus=HOST, usable=1.5) if d.name == "small")
-    assert first.reason.startswith("reserve 0.5 cores")
+    assert first.reason.startswith("shares 256, raised for reserve 0.5 cores")
     near = {"small": int(first.weight * 1.05)}
     held = next(d for d in cpu_policy(gs, host_cpus=HOST, usable=1.5, previous=near)
                 if d.name == "small")
     assert held.weight == near["small"] and not held.changed
-    assert held.reason.startswith("reserve 0.5 cores") and "kept" in held.reason
+    assert held.reason.startswith("shares 256, raised for reserve 0.5 cores") and "kept" in held.reason
 
 
 def test_shortfall_pushes_harder():
