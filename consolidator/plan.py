@@ -134,6 +134,7 @@ NETWORK_FIELDS: dict[str, Impact] = {
     "subnet": Impact.REPLACE,
     "gateway": Impact.LIVE,
     "nat": Impact.LIVE,
+    "forward_to": Impact.LIVE,
 }
 # Compared as a whole rather than field by field.
 _ATOMIC = {"nics", "labels"}

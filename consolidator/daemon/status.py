@@ -26,8 +26,8 @@ def _cpu_percent(g: GuestRuntime, rb: Rebalancer | None) -> float | None:
 
 
 def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
-             explain: bool = False, metrics: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
+             explain: bool = False, metrics: dict[str, Any] | None = None,
+             net_guard: dict[str, Any] | None = None) -> dict[str, Any]:
     now = time.time()
     snap = rb.last if rb else None
     guests = []
@@ -61,6 +61,7 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "networks": [{"name": n, "subnet": str(s.subnet), "gateway": s.gateway,
                           "nat": s.nat} for n, s in sorted(runtime.networks.items())],
             "metrics": metrics or {"listen": None, "serving": False, "error": None},
+            "net_guard": net_guard or {"restores": 0, "last_restore": None, "error": None},
             "rebalancer": ({"enabled": rb.active, "ticks": rb.ticks,
                             "host_state": rb.host_state.value,
                             "budget_bytes": fleet.budget if fleet else None}

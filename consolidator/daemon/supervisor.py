@@ -8,6 +8,7 @@ recorder       history samples, downsampling, serial lines into event logs
 rebalancer     (sched) CPU weights and balloons, through :class:`GuestControls`
 server         the API on the unix socket; status is :mod:`.status`
 metrics        the Prometheus endpoint, from a plain reading
+netguard       the nftables tables stay as loaded (restored within a second)
 =============  ===============================================================
 
 This module only wires them together, holds the daemon's lock, runs its loops and
@@ -36,7 +37,9 @@ from ..state import StateDir, atomic_write
 from ..report import document
 from . import guestlog, metrics, protocol, status, teardown
 from .applier import Applier
+from .executor import nic_wiring
 from .lifecycle import Lifecycle
+from .netguard import NetGuard
 from .recorder import Recorder
 from .runtime import Runtime
 from .server import MAX_MESSAGE, Api
@@ -77,6 +80,7 @@ class Supervisor:
         self.recorder = Recorder(self.runtime)
         self.rebalancer: Rebalancer | None = None
         self.applier = Applier(self.runtime, self.lifecycle, lambda: self.rebalancer)
+        self.net_guard = NetGuard(self.lifecycle)
         self.metrics = metrics.MetricsServer(
             lambda: metrics.reading(self.runtime, self.rebalancer))
         self.api = Api(self.runtime, self.lifecycle, self.applier,
@@ -122,6 +126,7 @@ class Supervisor:
             self._tasks.spawn(self.recorder.tail(), "serial-tail")
             self._tasks.spawn(self.recorder.maintain(), "history-maintenance")
             self._tasks.spawn(self._housekeeping(), "housekeeping")
+            self._tasks.spawn(self.net_guard.watch(), "net-guard")
             self._follow_fleet()
             log.info("supervisor.ready", pid=os.getpid(), state_dir=str(self.state.root),
                      guests=len(self.runtime.guests), index=self.runtime.index)
@@ -139,6 +144,12 @@ class Supervisor:
         await asyncio.to_thread(self.lifecycle.use, self.runtime.fleet)
         for g, rec in active:
             await self.lifecycle.reattach(g, rec)
+        # The ruleset is the fabric's to render: take over the networks and the ports
+        # of the guests still wired, and load it whole (the guard watches from here).
+        ex, fleet = self.lifecycle.executor, self.runtime.fleet
+        if ex is not None and fleet.networks:
+            await asyncio.to_thread(ex.fabric.adopt, fleet.networks, [
+                (g.name, nic_wiring(g.intent)) for g in self.runtime.guests.values()])
 
     async def _shutdown(self) -> None:
         log.info("supervisor.stopping", guests_left_running=sum(
@@ -240,7 +251,8 @@ class Supervisor:
 
     def status(self, explain: bool = False) -> dict[str, Any]:
         return status.document(self.runtime, self.rebalancer, started=self.started,
-                               explain=explain, metrics=self.metrics.state())
+                               explain=explain, metrics=self.metrics.state(),
+                               net_guard=self.net_guard.state())
 
     # =============================================================== destroy
     async def destroy(self, purge: bool) -> dict[str, Any]:
@@ -258,6 +270,8 @@ class Supervisor:
                 log.warning("destroy.stop_failed", guest=g.name, error=msg)
         for g in self.runtime.guests.values():
             self.lifecycle.forget(g)
+        if self.lifecycle.executor is not None:
+            self.lifecycle.executor.fabric.disarm()   # its tables go now: not to restore
         scope = self.lifecycle.executor.scope if self.lifecycle.executor else \
             teardown.Scope.recorded(self.state)
         gone: list[str] = []

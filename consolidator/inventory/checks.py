@@ -62,6 +62,7 @@ def run(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
         if net is not None:
             _network(rep, name, net)
     _overlaps(rep, p.networks)
+    _forwarding(rep, p.networks)
     instance = p.instance if isinstance(p.instance, str) and INSTANCE_RE.match(p.instance) \
         else "cns"
     _guests(rep, raw, p, facts, instance)
@@ -215,6 +216,25 @@ def _overlaps(rep: Reporter, nets: dict[str, NetworkSpec | None]) -> None:
                 rep.value("A007", ("networks", n1, "subnet"), f"{s1.subnet} overlaps network "
                           f"{n2!r} ({s2.subnet}); both have a gateway on the host, so routing "
                           "would be ambiguous")
+
+
+def _forwarding(rep: Reporter, nets: dict[str, NetworkSpec | None]) -> None:
+    for name, spec in nets.items():
+        if spec is None:
+            continue
+        for i, other in enumerate(spec.forward_to):
+            loc = ("networks", name, "forward_to", i)
+            if other not in nets:
+                rep.value("A014", loc, f"{other!r} is not a declared network",
+                          _suggest(other, [n for n in nets if n != name]))
+            elif other == name:
+                rep.value("A015", loc, "a network does not forward to itself: its guests "
+                          "share a bridge already")
+            elif not spec.gateway or (nets[other] is not None and
+                                      not nets[other].gateway):   # type: ignore[union-attr]
+                bare = name if not spec.gateway else other
+                rep.value("A015", loc, f"forwarding goes through the host, and network "
+                          f"{bare!r} has no gateway on it", f"give {bare!r} a gateway")
 
 
 # ------------------------------------------------------------------------ guests

@@ -63,6 +63,8 @@ CODES: dict[str, str] = {
     "A011": "a multicast MAC",
     "A012": "the all-zero MAC",
     "A013": "a MAC used twice",
+    "A014": "forward_to names an undeclared network",
+    "A015": "forward_to a network itself, or between networks without both gateways",
     # one guest's resources
     "G001": "memory.max under 32 MiB",
     "G002": "memory.max not a whole number of MiB",

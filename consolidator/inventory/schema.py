@@ -290,6 +290,9 @@ class NetworkSpec(_Model):
     gateway: Address = Field(
         None, description="host-side address on the bridge; none = isolated from the host")
     nat: bool = Field(False, description="masquerade the subnet towards the default route")
+    forward_to: list[str] = Field(
+        default_factory=list, description="networks its guests may open connections to, "
+        "routed by the host (both need a gateway); nothing else crosses between networks")
 
 
 # --------------------------------------------------------------------------- guests

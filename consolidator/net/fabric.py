@@ -8,6 +8,7 @@
     │   [gateway addr, or none]      ├─────────────┤  (a two-port bridge per NIC)  │
     │   port {inst}.{guest}.0 ───────┘             │  no addresses, IPv6 off       │
     │   nft bridge {inst}_guard: per-port MAC/IP   └──────────────────────────────┘
+    │   nft inet {inst}_filter: forwarding only where declared
     │   nft ip {inst}_nat: masquerade (nat: true)
     └────────────────────────────────┘
 
@@ -26,7 +27,7 @@ that fails half-way removes what it made.
 from __future__ import annotations
 
 import ipaddress
-import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +60,23 @@ def _kind(link: Any) -> str | None:
 
 
 class Fabric:
+    """The instance's bridges, guest wiring and nftables ruleset in its fabric netns.
+
+    The ruleset is rendered whole from what the fabric holds (:attr:`nets`, :attr:`ports`)
+    and loaded in one transaction on every change. After each load the fabric lists it
+    back: :meth:`check` compares the kernel's tables with that listing and loads the
+    ruleset again when a table was removed or changed, so the guard fails closed for at
+    most one check interval. Writes and checks hold one lock (wiring runs in threads)."""
+
     def __init__(self, instance: str, fabric_netns: str | None = None) -> None:
         self.instance = instance
         self.netns = fabric_netns
+        self.nets: dict[str, nft.NetRule] = {}
+        self.ports: dict[str, nft.PortRule] = {}
+        self._lock = threading.Lock()
+        self._expected: dict[str, list[str]] | None = None
+        self._generation: int | None = None
+        self._gen: nft.Generation | None = None
 
     # ------------------------------------------------------------------ fabric
     def ensure_fabric(self) -> bool:
@@ -72,12 +87,79 @@ class Fabric:
         if made:
             with ns.iproute(self.netns) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        nft.apply(self.netns, nft.guard_base(self.instance))
         return made
 
-    def _ensure_guard(self) -> None:
-        if nft.list_table(self.netns, "bridge", names.nft_guard_table(self.instance)) is None:
-            nft.apply(self.netns, nft.guard_base(self.instance))
+    # ------------------------------------------------------------------- ruleset
+    def _sync(self) -> None:
+        """Load the whole ruleset and take its listing as what the guard expects."""
+        with self._lock:
+            nft.apply(self.netns, nft.ruleset(self.instance, list(self.nets.values()),
+                                              list(self.ports.values())))
+            self._record()
+
+    def _record(self) -> None:
+        self._generation = self._read_generation()
+        self._expected = nft.normalise(nft.list_ruleset(self.netns),
+                                       nft.our_tables(self.instance))
+
+    def _read_generation(self) -> int | None:
+        if self._gen is None:
+            if self.netns is not None and not ns.exists(self.netns):
+                return None
+            self._gen = nft.Generation(self.netns)
+        return self._gen.read()
+
+    def adopt(self, networks: dict[str, NetworkSpec], guests: list[tuple[str, list[NicWiring]]]
+              ) -> None:
+        """Take over what a previous supervisor set up: the networks and the ports of the
+        guests still wired, then load the ruleset (replacing whatever is there)."""
+        for name, spec in networks.items():
+            self.nets[name] = self._net_rule(name, spec)
+        with ns.iproute(self.netns) as fab:
+            for guest, nics in guests:
+                for nic in nics:
+                    port = names.guest_port(self.instance, guest, nic.index)
+                    if fab.link_lookup(ifname=port):
+                        self.ports[port] = nft.PortRule(port, nic.mac, nic.ips)
+        self._sync()
+
+    def stale(self) -> bool:
+        """Cheap (one netlink round trip, no lock): has the netns's ruleset changed
+        since the guard last looked? Always false when the guard is disarmed."""
+        if self._expected is None:
+            return False
+        try:
+            return self._read_generation() != self._generation
+        except OSError:
+            return True
+
+    def check(self, force: bool = False) -> dict[str, str]:
+        """Compare the kernel's tables with what was loaded; load the ruleset again if a
+        table was removed or changed. Returns those tables (``{"bridge x_guard":
+        "removed"}``); empty when all is well or the guard is disarmed."""
+        with self._lock:
+            if self._expected is None:
+                return {}
+            generation = self._read_generation()
+            if not force and generation == self._generation:
+                return {}
+            have = nft.normalise(nft.list_ruleset(self.netns), nft.our_tables(self.instance))
+            found = nft.differences(self._expected, have)
+            if found:
+                nft.apply(self.netns, nft.ruleset(self.instance, list(self.nets.values()),
+                                                  list(self.ports.values())))
+                self._record()
+            else:
+                self._generation = generation
+            return found
+
+    def disarm(self) -> None:
+        """Stop guarding (the instance is being torn down)."""
+        with self._lock:
+            self._expected = None
+            if self._gen is not None:
+                self._gen.close()
+                self._gen = None
 
     # ----------------------------------------------------------------- networks
     def ensure_network(self, name: str, spec: NetworkSpec) -> list[str]:
@@ -120,9 +202,25 @@ class Fabric:
         if not spec.gateway:
             # no host address at all, IPv6 link-local included: the network is isolated
             ns.sysctl(self.netns, f"net.ipv6.conf.{br}.disable_ipv6", "1")
-        changed += self._ensure_nat(name, spec, br)
-        self._ensure_guard()
+        rule = self._net_rule(name, spec)
+        before = self.nets.get(name)
+        self.nets[name] = rule
+        if rule.nat or rule.forward_to:
+            ns.sysctl(self.netns, "net.ipv4.ip_forward", "1")
+        if before != rule or self._expected is None:
+            self._sync()
+            was = before or nft.NetRule(name, rule.bridge, rule.subnet)
+            if (was.nat, was.out_ifname) != (rule.nat, rule.out_ifname):
+                changed.append(f"nat for {spec.subnet}" if rule.nat else
+                               f"removed nat for {spec.subnet}")
+            if was.forward_to != rule.forward_to:
+                changed.append(f"forwarding to {', '.join(spec.forward_to) or 'nothing'}")
         return changed
+
+    def _net_rule(self, name: str, spec: NetworkSpec) -> nft.NetRule:
+        return nft.NetRule(name, names.bridge(self.instance, name), str(spec.subnet), spec.nat,
+                           self._default_route_ifname() if spec.nat else None,
+                           tuple(names.bridge(self.instance, o) for o in spec.forward_to))
 
     def _check_address_free(self, ipr: IPRoute, addr: str, br: str) -> None:
         for a in ipr.get_addr(family=2):
@@ -140,46 +238,13 @@ class Fabric:
                     return ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
         return None
 
-    def _ensure_nat(self, name: str, spec: NetworkSpec, br: str) -> list[str]:
-        handles = nft.nat_rule_handles(self.netns, self.instance, name)
-        table = names.nft_nat_table(self.instance)
-        if not spec.nat:
-            if handles:
-                nft.apply(self.netns, [{"delete": {"rule": {"family": "ip", "table": table,
-                                                            "chain": "post", "handle": h}}}
-                                       for h in handles])
-                return [f"removed nat for {spec.subnet}"]
-            return []
-        want = nft.nat_rule(self.instance, name, str(spec.subnet), br,
-                            self._default_route_ifname())
-        if handles:
-            rules = [x["rule"] for x in nft.list_table(self.netns, "ip", table) or []
-                     if "rule" in x and x["rule"].get("comment") == name]
-            if len(rules) == 1 and self._same_nat(rules[0], want[0]["add"]["rule"]):
-                return []
-        doc = nft.nat_base(self.instance)
-        doc += [{"delete": {"rule": {"family": "ip", "table": table, "chain": "post",
-                                     "handle": h}}} for h in handles]
-        doc += want
-        nft.apply(self.netns, doc)
-        ns.sysctl(self.netns, "net.ipv4.ip_forward", "1")
-        return [f"nat for {spec.subnet}"]
-
-    @staticmethod
-    def _same_nat(have: dict[str, Any], want: dict[str, Any]) -> bool:
-        return json.dumps(have.get("expr"), sort_keys=True) == \
-            json.dumps(want.get("expr"), sort_keys=True)
-
     def remove_network(self, name: str) -> None:
         br = names.bridge(self.instance, name)
-        handles = nft.nat_rule_handles(self.netns, self.instance, name)
-        if handles:
-            table = names.nft_nat_table(self.instance)
-            nft.apply(self.netns, [{"delete": {"rule": {"family": "ip", "table": table,
-                                                        "chain": "post", "handle": h}}}
-                                   for h in handles])
         if self.netns is not None and not ns.exists(self.netns):
+            self.nets.pop(name, None)
             return
+        if self.nets.pop(name, None) is not None:
+            self._sync()
         with ns.iproute(self.netns) as ipr:
             found = ipr.link_lookup(ifname=br)
             if found and _kind(ipr.get_links(found[0])[0]) == "bridge":
@@ -199,45 +264,52 @@ class Fabric:
         if ns.create(netns_name):
             ns.sysctl(netns_name, "net.ipv6.conf.all.disable_ipv6", "1")
             ns.sysctl(netns_name, "net.ipv6.conf.default.disable_ipv6", "1")
-        taps, ports = [], []
         if not nics:
             return GuestWiring(netns_name, (), ())
         self.ensure_fabric()
+        ports = [names.guest_port(self.instance, guest, nic.index) for nic in nics]
         with ns.iproute(self.netns) as fab, ns.iproute(netns_name) as gns:
-            for nic in nics:
-                port = names.guest_port(self.instance, guest, nic.index)
-                peer, tap = names.guest_peer(nic.index), names.tap(nic.index)
+            bridges = []
+            for nic, port in zip(nics, ports):
                 br = names.bridge(self.instance, nic.network)
                 brs = fab.link_lookup(ifname=br)
                 if not brs:
                     raise NetError(f"guest {guest}: network {nic.network} has no bridge {br}")
-                found = fab.link_lookup(ifname=port)
-                if found and _kind(fab.get_links(found[0])[0]) != "veth":
-                    raise NetError(f"interface {port} exists and is not our veth")
-                if found and not gns.link_lookup(ifname=peer):
-                    fab.link("del", index=found[0])      # a stale half: make it anew
-                    found = []
-                if not found:
-                    try:
-                        fab.link("add", ifname=port, kind="veth",
-                                 peer={"ifname": peer, "net_ns_fd": netns_name})
-                    except NetlinkError as e:
-                        raise NetError(f"cannot create {port}: {e}") from None
-                pidx = fab.link_lookup(ifname=port)[0]
-                fab.link("set", index=pidx, master=brs[0], state="up")
+                bridges.append(brs[0])
+                self._ensure_veth(fab, gns, port, names.guest_peer(nic.index), netns_name)
+            # The ports' rules go in before any port joins its bridge or comes up.
+            for nic, port in zip(nics, ports):
+                self.ports[port] = nft.PortRule(port, nic.mac, nic.ips)
+            self._sync()
+            for nic, port, br_index in zip(nics, ports, bridges):
+                fab.link("set", index=fab.link_lookup(ifname=port)[0], master=br_index,
+                         state="up")
+                tap = names.tap(nic.index)
                 if not gns.link_lookup(ifname=tap):
                     # pyroute2 makes taps by ioctl on /dev/net/tun, not over netlink: the
                     # device lands in the calling thread's netns, so be there.
                     with ns.entered(netns_name):
                         gns.link("add", ifname=tap, kind="tuntap", mode="tap")
                 tidx = gns.link_lookup(ifname=tap)[0]
-                vidx = gns.link_lookup(ifname=peer)[0]
+                vidx = gns.link_lookup(ifname=names.guest_peer(nic.index))[0]
                 self._join(gns, names.guest_join(nic.index), tidx, vidx)
-                nft.apply(self.netns, nft.guard_port(self.instance, port, nic.mac,
-                                                     list(nic.ips)))
-                taps.append(tap)
-                ports.append(port)
-        return GuestWiring(netns_name, tuple(taps), tuple(ports))
+        return GuestWiring(netns_name, tuple(names.tap(n.index) for n in nics), tuple(ports))
+
+    @staticmethod
+    def _ensure_veth(fab: IPRoute, gns: IPRoute, port: str, peer: str, netns_name: str
+                     ) -> None:
+        found = fab.link_lookup(ifname=port)
+        if found and _kind(fab.get_links(found[0])[0]) != "veth":
+            raise NetError(f"interface {port} exists and is not our veth")
+        if found and not gns.link_lookup(ifname=peer):
+            fab.link("del", index=found[0])      # a stale half: make it anew
+            found = []
+        if not found:
+            try:
+                fab.link("add", ifname=port, kind="veth",
+                         peer={"ifname": peer, "net_ns_fd": netns_name})
+            except NetlinkError as e:
+                raise NetError(f"cannot create {port}: {e}") from None
 
     @staticmethod
     def _join(ipr: IPRoute, bridge: str, tap: int, vnic: int) -> None:
@@ -254,23 +326,17 @@ class Fabric:
     def unwire_guest(self, guest: str, nic_count: int | None = None) -> None:
         """Remove the guest's netns (its taps and veth ends go with it) and its rules."""
         netns_name = names.guest_netns(self.instance, guest)
-        doc: nft.Doc = []
         if self.netns is None or ns.exists(self.netns):
             with ns.iproute(self.netns) as fab:
                 for link in fab.get_links():
                     ifname = link.get_attr("IFLA_IFNAME")
                     if self._port_index(guest, ifname, nic_count) is not None:
                         with_ignore(lambda: fab.link("del", index=link["index"]))
-            guard = nft.list_table(self.netns, "bridge", names.nft_guard_table(self.instance))
-            for item in guard or []:
-                el = item.get("map", {})
-                if el.get("name") == "ports":
-                    for elem in el.get("elem", []):
-                        port = elem[0] if isinstance(elem, list) else elem
-                        if self._port_index(guest, port, nic_count) is not None:
-                            doc += nft.unguard_port(self.instance, port)
-            if doc:
-                nft.apply(self.netns, doc)
+            gone = [p for p in self.ports if self._port_index(guest, p, nic_count) is not None]
+            for p in gone:
+                del self.ports[p]
+            if gone:
+                self._sync()
         ns.remove(netns_name)
 
     def _port_index(self, guest: str, ifname: str, nic_count: int | None) -> int | None:

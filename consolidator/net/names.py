@@ -15,6 +15,7 @@ tap                ``tap{i}``                   the guest's netns
 tap-veth join      ``br{i}``                    the guest's netns
 guest netns        ``{inst}-{guest}``           /run/netns
 nft tables         ``{inst}_guard`` (bridge),   fabric netns
+                   ``{inst}_filter`` (inet),
                    ``{inst}_nat`` (ip)
 cgroup             ``<own>/{inst}/guests/{g}``  every hierarchy
 =================  ===========================  ================================
@@ -80,6 +81,10 @@ def nft_nat_table(instance: str) -> str:
     return f"{instance}_nat"
 
 
+def nft_filter_table(instance: str) -> str:
+    return f"{instance}_filter"
+
+
 def link_is_ours(instance: str, ifname: str) -> bool:
     """Bridges and guest ports of ``instance`` (for gc after a crash)."""
     return ifname.startswith((f"{instance}-", f"{instance}."))
@@ -90,5 +95,5 @@ def netns_is_ours(instance: str, name: str) -> bool:
 
 
 def nft_table_is_ours(instance: str, table: str) -> bool:
-    return re.fullmatch(rf"{re.escape(instance)}_(guard|nat)", table) is not None
+    return re.fullmatch(rf"{re.escape(instance)}_(guard|filter|nat)", table) is not None
 

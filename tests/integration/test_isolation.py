@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -141,6 +143,98 @@ def test_a_guest_with_another_guests_ip_or_a_forged_mac_reaches_no_one(three):
     assert {"pre", "p_" + names.guest_port(three.instance, "web", 0).replace(".", "_")} <= chains
 
 
+NIC_OF = "$(grep -l {mac} /sys/class/net/*/address | head -1 | cut -d/ -f5)"
+
+
+@contextlib.contextmanager
+def scratch_port(env: Env, ifname: str, ip: str) -> Iterator[str]:
+    """A netns of the test's own, wired to the front bridge by a veth whose fabric end
+    is ``ifname``: something on the network that is not a guest."""
+    scratch = f"{env.instance}-x"           # the instance's prefix: gc finds it if we fail
+    ns.create(scratch)
+    try:
+        with ns.iproute(env.fabric) as fab:
+            fab.link("add", ifname=ifname, kind="veth",
+                     peer={"ifname": "x0", "net_ns_fd": scratch})
+            br = fab.link_lookup(ifname=names.bridge(env.instance, "front"))[0]
+            fab.link("set", index=fab.link_lookup(ifname=ifname)[0], master=br, state="up")
+        with ns.iproute(scratch) as ipr:
+            x0 = ipr.link_lookup(ifname="x0")[0]
+            ipr.addr("add", index=x0, address=ip, prefixlen=24)
+            ipr.link("set", index=x0, state="up")
+        yield scratch
+    finally:
+        with ns.iproute(env.fabric) as fab:
+            for idx in fab.link_lookup(ifname=ifname):
+                fab.link("del", index=idx)
+        ns.remove(scratch)
+
+
+def _dhcp_offer_reaches_the_fabric(env: Env) -> bool:
+    """udhcpc on the front bridge, in the fabric netns: does any server answer?"""
+    r = ns.run(env.fabric, ["busybox", "udhcpc", "-i", names.bridge(env.instance, "front"),
+                            "-n", "-q", "-f", "-t", "2", "-T", "1", "-A", "1",
+                            "-s", "/bin/true"], check=False, timeout=30)
+    return r.returncode == 0
+
+
+def udhcpd_conf(nic: str, me: str) -> list[str]:
+    return [f"interface {nic}", "start 10.77.0.100", "end 10.77.0.110",
+            "lease_file /tmp/udhcpd.leases", f"option router {me}"]
+
+
+def test_a_guest_cannot_answer_dhcp(three):
+    # The method works: a DHCP server on the network that is not a guest is heard.
+    with scratch_port(three, f"h{three.instance[1:]}", "10.77.0.250") as scratch:
+        path = Path(f"/tmp/{scratch}-udhcpd.conf")
+        path.write_text("\n".join(udhcpd_conf("x0", "10.77.0.250")) + "\n")
+        server = subprocess.Popen(["ip", "netns", "exec", scratch, "busybox", "udhcpd", "-f",
+                                   str(path)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            assert _dhcp_offer_reaches_the_fabric(three)
+        finally:
+            server.kill()
+            server.wait()
+            path.unlink()
+    # A guest running the same server is not: its replies (UDP source port 67) drop.
+    nic = NIC_OF.format(mac=three.fleet.guests["web"].nics[0].mac)
+    lines = " ".join(f'"{x}"' for x in udhcpd_conf(nic, "10.77.0.10"))   # $(...) expands
+    rc, out = three.sh("web", f"printf '%s\\n' {lines} > /tmp/udhcpd.conf && "
+                              "touch /tmp/udhcpd.leases && "
+                              "(udhcpd -f /tmp/udhcpd.conf >/dev/null 2>&1 &) && sleep 1 && "
+                              "pidof udhcpd")
+    assert rc == 0, out
+    try:
+        assert not _dhcp_offer_reaches_the_fabric(three)
+    finally:
+        three.sh("web", "killall udhcpd")
+
+
+def test_a_spoofed_arp_sender_does_not_poison_the_gateway(three):
+    nic = NIC_OF.format(mac=three.fleet.guests["web"].nics[0].mac)
+    web_mac = three.fleet.guests["web"].nics[0].mac
+    rc, out = three.sh("web", f"arping -U -c 2 -I {nic} -s 10.77.0.20 10.77.0.1; "
+                              f"arping -A -c 2 -I {nic} -s 10.77.0.20 10.77.0.1; true")
+    assert rc == 0, out
+    assert _fabric_neigh(three, "10.77.0.20") != web_mac
+    assert ping(three, "app", "10.77.0.1")
+
+
+def test_a_port_of_the_instance_without_rules_drops_everything(three):
+    # a port named like a guest's that the guard does not know: nothing gets through
+    with scratch_port(three, names.guest_port(three.instance, "rogue", 9), "10.77.0.240") \
+            as scratch:
+        r = ns.run(scratch, ["busybox", "ping", "-c", "2", "-W", "2", "10.77.0.1"],
+                   check=False)
+        assert r.returncode != 0
+    # the same wiring under a name that is not the instance's passes (not our port)
+    with scratch_port(three, f"h{three.instance[1:]}", "10.77.0.240") as scratch:
+        r = ns.run(scratch, ["busybox", "ping", "-c", "2", "-W", "2", "10.77.0.1"],
+                   check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 # --------------------------------------------------------------------- settings
 
 def test_cgroup_settings_read_back_and_change_live(three):
@@ -193,6 +287,78 @@ def test_nat_rule_exists_with_the_network_and_goes_with_it(tmp_path):
         ex.remove_network("out")
         table = nft.list_table(env.fabric, "ip", names.nft_nat_table(env.instance))
         assert not [x for x in table or [] if "rule" in x]
+
+
+ROUTED = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab}}
+networks:
+  a: {{subnet: 10.81.0.0/24, gateway: 10.81.0.1, nat: true, forward_to: [c]}}
+  b: {{subnet: 10.82.0.0/24, gateway: 10.82.0.1}}
+  c: {{subnet: 10.83.0.0/24, gateway: 10.83.0.1}}
+guests:
+  ga: {{nics: [{{network: a, ip: 10.81.0.10}}]}}
+  gb: {{nics: [{{network: b, ip: 10.82.0.10}}]}}
+  gc: {{nics: [{{network: c, ip: 10.83.0.10}}]}}
+"""
+
+
+@contextlib.contextmanager
+def uplink(env: Env) -> Iterator[str]:
+    """An "outside" netns at 192.0.2.2, the fabric's default route (so nat has a way out)."""
+    outside, up = f"{env.instance}-out", f"{env.instance}-up"
+    env.executor.fabric.ensure_fabric()
+    ns.create(outside)
+    try:
+        with ns.iproute(env.fabric) as fab:
+            fab.link("add", ifname=up, kind="veth", peer={"ifname": "o0", "net_ns_fd": outside})
+            idx = fab.link_lookup(ifname=up)[0]
+            fab.addr("add", index=idx, address="192.0.2.1", prefixlen=24)
+            fab.link("set", index=idx, state="up")
+            fab.route("add", dst="0.0.0.0/0", gateway="192.0.2.2")
+        with ns.iproute(outside) as ipr:
+            o0 = ipr.link_lookup(ifname="o0")[0]
+            ipr.addr("add", index=o0, address="192.0.2.2", prefixlen=24)
+            ipr.link("set", index=o0, state="up")
+            ipr.route("add", dst="10.80.0.0/12", gateway="192.0.2.1")   # as a LAN router might
+        yield outside
+    finally:
+        with ns.iproute(env.fabric) as fab:
+            for idx in fab.link_lookup(ifname=up):
+                fab.link("del", index=idx)
+        ns.remove(outside)
+
+
+def test_forwarding_only_where_the_inventory_allows_it(tmp_path):
+    with fleet_env(tmp_path, ROUTED) as env, uplink(env) as outside:
+        env.start("ga", "gb", "gc")
+        # a → c is declared; the replies come back, but c may not open towards a
+        assert ping(env, "ga", "10.83.0.10")
+        assert not ping(env, "gc", "10.81.0.10")
+        # nothing between a and b, either way, though the host routes both
+        assert not ping(env, "ga", "10.82.0.10")
+        assert not ping(env, "gb", "10.81.0.10")
+        # a goes out masqueraded; b (no nat) does not go out at all
+        assert ping(env, "ga", "192.0.2.2")
+        assert not ping(env, "gb", "192.0.2.2")
+        # the outside cannot open towards any guest
+        for ip in ("10.81.0.10", "10.82.0.10", "10.83.0.10"):
+            r = ns.run(outside, ["busybox", "ping", "-c", "1", "-W", "2", ip], check=False)
+            assert r.returncode != 0, ip
+        # towards the host: the gateway answers pings, and nothing else it listens on
+        listener = subprocess.Popen(["ip", "netns", "exec", env.fabric, "busybox", "nc",
+                                     "-l", "-p", "8081", "-e", "echo", "hello"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert ping(env, "gb", "10.82.0.1")
+            rc, out = env.sh("gb", "echo | nc -w 2 10.82.0.1 8081")
+            assert "hello" not in out
+            r = ns.run(env.fabric, ["busybox", "nc", "-w", "2", "127.0.0.1", "8081"],
+                       check=False, input="")
+            assert "hello" in r.stdout        # the listener was there all along
+        finally:
+            listener.kill()
+            listener.wait()
 
 
 def test_gateway_address_already_in_use_is_refused(tmp_path):
