@@ -7,7 +7,9 @@ directory. Each wrapper raises ``OSError`` with errno set, like ``os`` does.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import cffi
 
 _CDEF = """
@@ -17,18 +19,30 @@ int unshare(int flags);
 int mount(const char *source, const char *target, const char *fstype,
           unsigned long flags, const void *data);
 int umount2(const char *target, int flags);
+int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
+          unsigned long arg5);
 long syscall(long number, ...);
 """
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
 
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
+MS_PRIVATE = 1 << 18
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
-# x86_64 syscall numbers (the same on aarch64 for these "new" syscalls).
+PR_SET_NO_NEW_PRIVS = 38
+
+# x86_64 syscall numbers (pidfd_open is the same on aarch64; pivot_root is 41 there).
 SYS_PIDFD_OPEN = 434
+SYS_PIVOT_ROOT = 155 if os.uname().machine == "x86_64" else 41
 
 
 def _build() -> tuple[cffi.FFI, object]:
@@ -41,6 +55,7 @@ def _build() -> tuple[cffi.FFI, object]:
 # a child forked while another thread was building them (cffi's parser holds a lock)
 # would have to build them itself under a lock that can never be released.
 _FFI_LIB = _build()
+_FFI_LIB[0].typeof("char[]")        # pivot_root's argument type, parsed now (see above)
 
 
 def _lib() -> tuple[cffi.FFI, object]:
@@ -72,11 +87,42 @@ def unshare(flags: int) -> None:
     _check(lib.unshare(flags), "unshare")  # type: ignore[attr-defined]
 
 
-def mount(source: str, target: str, fstype: str | None, flags: int) -> None:
+def mount(source: str, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
     ffi, lib = _lib()
     _check(lib.mount(source.encode(), target.encode(),  # type: ignore[attr-defined]
-                     fstype.encode() if fstype else ffi.NULL, flags, ffi.NULL),
+                     fstype.encode() if fstype else ffi.NULL, flags,
+                     data.encode() if data else ffi.NULL),
            f"mount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    ffi, lib = _lib()
+    _check(lib.syscall(SYS_PIVOT_ROOT, ffi.new("char[]", new_root.encode()),  # type: ignore
+                       ffi.new("char[]", put_old.encode())), "pivot_root")
+
+
+def no_new_privs() -> None:
+    """From here on, no exec may grant privileges (setuid bits, file capabilities)."""
+    _, lib = _lib()
+    _check(lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")  # type: ignore
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def open_tap(name: str) -> int:
+    """Attach to the existing tap ``name`` (in the calling thread's netns): a descriptor
+    that reads and writes its frames, with virtio-net headers, as QEMU's ``tap,fd=`` wants."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, f"tap {name}: {e.strerror}") from None
+    return fd
 
 
 def umount2(target: str, flags: int = 0) -> None:

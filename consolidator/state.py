@@ -235,6 +235,9 @@ class StateDir:
             return
         for p in gdir.iterdir() if gdir.is_dir() else []:
             if p.suffix in DISK_SUFFIXES:
+                # kept, but no longer the guest uid's: that uid may go to another guest
+                with contextlib.suppress(OSError):
+                    os.chown(p, 0, 0, follow_symlinks=False)
                 continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)

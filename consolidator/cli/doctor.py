@@ -153,9 +153,7 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
     host = host or HostSpec()
     if host.metrics.enabled:
         facts.append(metrics_fact(host.metrics.listen))
-    if host.runas == "root":
-        facts.append(Fact("QEMU user", "root (host.runas: root)", False, False,
-                          "a guest that escapes QEMU owns the host: remove host.runas"))
+    facts.append(qemu_user_fact(host))
     missing = [f.name for f in facts if f.required and not f.ok]
     accel = choose_accel(kvm)
     return {
@@ -172,3 +170,17 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
                    if layout.backend != "none" else {}},
         "facts": [asdict(f) for f in facts],
     }
+
+
+def qemu_user_fact(host: HostSpec) -> Fact:
+    """Whom QEMU runs as, and whether that is what it should be."""
+    if host.runas == "root":
+        return Fact("QEMU user", "root (host.runas: root)", False, False,
+                    "a guest that escapes QEMU owns the host: remove host.runas")
+    if host.runas:
+        return Fact("QEMU user", f"{host.runas}, for every guest (host.runas), jailed", False,
+                    False, "guests share one uid: one that escapes QEMU can reach the "
+                           "others' QEMUs; remove host.runas for a uid per guest")
+    ids = host.guest_ids
+    return Fact("QEMU user", f"a uid of its own per guest ({ids.first}..."
+                             f"{ids.first + ids.count - 1}), jailed", True, False, None)

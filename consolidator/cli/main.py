@@ -497,6 +497,10 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
     from .render import render_plan, status_table
     text, fleet = c.inventory()
     plain = c.log_format == "json" or not err.is_terminal
+    if fleet.host.runas == "root":
+        err.print("warning: host.runas: root: every guest's QEMU runs as root; a guest "
+                  "that escapes QEMU owns the host",
+                  style="bold yellow", markup=False)
     if dry_run:
         p = make_plan(fleet, _observed(c), prune=prune, purge=purge,
                       allow_restart=allow_restart)
@@ -719,7 +723,7 @@ def _destroy_offline(c: Ctx, scope: Any, purge: bool) -> dict[str, Any]:
     """No supervisor runs: the same teardown, then the records go."""
     from ..daemon import teardown
     gone = teardown.collect(scope)
-    c.state().clear(purge=purge)
+    teardown.forget(c.state(), purge=purge)
     return {"removed": gone, "failures": []}
 
 

@@ -86,6 +86,9 @@ class Applier:
         # written ahead: a supervisor killed mid-apply must find the fleet it was applying
         self.runtime.set_fleet(desired, inventory_text, complete=False)
         self.lifecycle.set_concurrency(desired.host.concurrency)
+        if desired.host.runas == "root":
+            log.warning("qemu.runs_as_root", note="host.runas: root: a guest that escapes "
+                                                  "QEMU owns the host")
 
         async def run(a: Action) -> None:
             await self._action(a, ex, emit, purge)
@@ -135,6 +138,7 @@ class Applier:
                 self.lifecycle.forget(g)
             await asyncio.to_thread(ex.remove_guest, a.name)
             rt.state.remove_guest_files(a.name, purge=a.purge)
+            ex.release_identity(a.name)
             rt.remove(a.name)
             log.info("guest.removed", guest=a.name, purge=a.purge)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import structlog
 
-from ..errors import ConsolidatorError, HostError
+from ..errors import ConsolidatorError, HostError, LaunchError
 from ..inventory.schema import NetworkSpec
 from ..model import Fleet, GuestIntent
 from ..net import names
@@ -29,6 +29,8 @@ from ..sched.cgroup import (PIDS_MAX, CgroupDriver, CgroupSettings, detect, memo
                             memory_protection)
 from ..state import StateDir
 from ..vm.guest import Guest
+from ..vm.identity import Identity, Owner, Registry, named_user
+from ..vm.jail import Jail, plan_jail
 from ..vm.launch import VirtHost, image_cache_dir, launch_spec, prepare_boot
 from ..vm.placement import GuestPlacement
 from ..vm.qemu import DEFAULT_TB_SIZE_MIB, RunPaths
@@ -76,6 +78,7 @@ class Executor:
     state: StateDir
     virt: VirtHost = field(default_factory=VirtHost.probe)
     cgroups: CgroupDriver | None = None
+    ids: Registry = field(default_factory=Registry)
 
     def __post_init__(self) -> None:
         if os.geteuid() != 0:
@@ -91,6 +94,39 @@ class Executor:
         if self.cgroups is None:
             self.cgroups = CgroupDriver(detect(), self.instance, self.fleet.host.cgroup_parent)
         self.image_cache = image_cache_dir(self.state.images_dir)
+        self._jail: Jail | None = None
+
+    # --------------------------------------------------------------- identity
+    def identity(self, name: str) -> Identity:
+        """Whom ``name``'s QEMU runs as: a uid of its own from ``host.guest_ids`` (the one
+        its record names, while that is still its own), every guest the same named user
+        (``host.runas: <user>``), or root (``host.runas: root``, warned about)."""
+        runas = self.fleet.host.runas
+        if runas == "root":
+            return Identity(0, 0)
+        if runas:
+            return named_user(runas)
+        rec = self.state.read_guest_record(name) or {}
+        want = (rec.get("identity") or {}).get("uid")
+        ids = self.fleet.host.guest_ids
+        uid = self.ids.claim(self.owner(name), ids.first, ids.count,
+                             want=want if isinstance(want, int) else None)
+        return Identity(uid, uid)
+
+    def owner(self, name: str) -> Owner:
+        return Owner(str(self.state.root.resolve()), name)
+
+    def release_identity(self, name: str) -> None:
+        """``name`` is gone: its uid may go to another guest."""
+        freed = self.ids.release(self.owner(name))
+        if freed:
+            log.info("guest.uid_released", guest=name, uids=freed)
+
+    @property
+    def jail(self) -> Jail:
+        if self._jail is None:
+            self._jail = plan_jail("qemu-system-x86_64")
+        return self._jail
 
     # ---------------------------------------------------------------- networks
     def create_network(self, name: str, spec: NetworkSpec) -> list[str]:
@@ -119,15 +155,18 @@ class Executor:
         return self.state.guest_dir(name)
 
     def prepare_guest(self, intent: GuestIntent, progress: Callable[[str], None] | None = None,
-                      note: Note | None = None) -> tuple[GuestWiring, Guest]:
-        """Everything but the launch: wiring, cgroup, boot files, the Guest object.
-        ``note`` hears the objects it is about to make, before it makes them."""
+                      note: Note | None = None) -> tuple[GuestWiring, Guest, Identity]:
+        """Everything but the launch: identity, wiring, cgroup, boot files, the Guest
+        object. ``note`` hears the objects it is about to make, before it makes them."""
         assert self.cgroups is not None
         gdir = self.guest_dir(intent.name)
         gdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(gdir, 0o700)
+        ident = self.identity(intent.name)
         cg_dirs = self.cgroups.unique_dirs("guests", intent.name)
         if note is not None:
-            note(objects=planned_objects(self.instance, self.fabric.netns, intent, cg_dirs))
+            note(identity=ident.to_json(),
+                 objects=planned_objects(self.instance, self.fabric.netns, intent, cg_dirs))
         wiring = self.fabric.wire_guest(intent.name, nic_wiring(intent))
         if progress is not None:
             progress("cgroup")
@@ -135,16 +174,27 @@ class Executor:
             self.cgroups.create_guest(intent.name)
             self.cgroups.apply(intent.name, cgroup_settings(intent))
             boot = prepare_boot(intent, self.image_cache, gdir,
-                                roots=self.fleet.image_roots)
+                                roots=self.fleet.image_roots, owner=ident)
         except BaseException:
             self.fabric.unwire_guest(intent.name, len(intent.nics))
             with contextlib.suppress(ConsolidatorError):
                 self.cgroups.remove_guest(intent.name)
             raise
         spec = launch_spec(intent, boot, RunPaths.for_guest(gdir), self.virt,
-                           taps=wiring.taps, runas=self.fleet.host.runas)
+                           taps=wiring.taps)
         hint_pvm = spec.accel.name == "kvm" and spec.pvm_host
-        return wiring, Guest(spec, hint_pvm=hint_pvm)
+        return wiring, Guest(spec, hint_pvm=hint_pvm), ident
+
+    def placement(self, intent: GuestIntent, wiring: GuestWiring,
+                  ident: Identity) -> GuestPlacement:
+        """Where and as whom the guest's QEMU runs; holds its taps. Blocking."""
+        assert self.cgroups is not None
+        try:
+            return GuestPlacement(self.cgroups.procs_files(intent.name),
+                                  ns.path(wiring.netns), identity=ident, jail=self.jail,
+                                  taps=wiring.taps)
+        except OSError as e:
+            raise LaunchError(f"guest {intent.name}: cannot place its QEMU: {e}") from e
 
     async def start_guest(self, intent: GuestIntent, guest: Guest | None = None, *,
                           progress: Callable[[str], None] | None = None,
@@ -178,12 +228,15 @@ class Executor:
 
         try:
             say("network")
-            wiring, g = await asyncio.to_thread(self.prepare_guest, intent, say, note)
+            wiring, g, ident = await asyncio.to_thread(self.prepare_guest, intent, say, note)
             if guest is not None:            # a restart keeps the object (and its history)
                 guest.spec = g.spec
                 g = guest
-            placement = GuestPlacement(self.cgroups.procs_files(intent.name),
-                                       ns.path(wiring.netns))
+            try:
+                placement = await asyncio.to_thread(self.placement, intent, wiring, ident)
+            except BaseException:
+                await asyncio.to_thread(self.teardown_guest, intent, None)
+                raise
             if note is not None:
                 note(netns=wiring.netns, cgroups=[
                     str(p) for p in self.cgroups.unique_dirs("guests", intent.name)])

@@ -9,8 +9,8 @@ restart. A start that is cancelled (the supervisor stopping, say) leaves the gue
 
 Reattach, when a supervisor starts: a guest recorded as active is looked for by its
 recorded PID and pidfile, and a process is taken for it only if :func:`is_guest_qemu`
-says so (argv names this guest and its QMP socket, it sits in the guest's cgroup, and
-its start time is the recorded one). ``Guest.adopt`` then watches it by pidfd and
+says so (argv names this guest and its UUID, it sits in the guest's cgroup, runs as the
+guest's recorded uid, and its start time is the recorded one). ``Guest.adopt`` then watches it by pidfd and
 reconnects QMP, with the launch spec rebuilt from the recorded boot files. A QEMU whose
 QMP cannot be reattached is ``orphaned``: reported, never killed.
 """
@@ -31,7 +31,7 @@ from ..errors import ConsolidatorError, QMPError
 from ..model import Fleet, GuestState
 from ..vm.guest import Guest
 from ..vm.launch import launch_spec
-from ..vm.qemu import Boot, RunPaths, name_option, opt_value
+from ..vm.qemu import Boot, RunPaths, guest_uuid, name_option, opt_value
 from .executor import Executor
 from .restartpolicy import decide
 from .runtime import GuestRuntime, Runtime
@@ -42,20 +42,28 @@ EmitFn = Callable[[dict[str, Any]], None]
 S = GuestState
 
 
-def is_guest_qemu(name: str, qmp_path: str, argv: list[str], started: float, pid: int, *,
+def is_guest_qemu(name: str, uuid: str, argv: list[str], started: float, pid: int, *,
                   recorded_pid: int | None, recorded_start: float | None,
-                  in_cgroup: set[int]) -> bool:
-    """Pure: whether process ``pid`` (``argv``, start time ``started``) is this guest's
-    QEMU. Every test must pass: argv names the guest and its QMP socket, the process is
-    in the guest's cgroup (an empty cgroup holds no QEMU of ours), and when it is the
-    recorded PID, it started when recorded (a PID number can be reused)."""
+                  in_cgroup: set[int], uid: int | None = None,
+                  recorded_uid: int | None = None, qmp_path: str | None = None) -> bool:
+    """Pure: whether process ``pid`` (``argv``, start time ``started``, real ``uid``) is
+    this guest's QEMU. Every test must pass: argv names the guest and its UUID (which
+    stands for its state dir; a QEMU started before QEMU got its sockets as descriptors
+    names its QMP socket ``qmp_path`` instead), the process is in the guest's cgroup (an
+    empty cgroup holds no QEMU of ours), it runs as the uid recorded for the guest, and
+    when it is the recorded PID, it started when recorded (a PID number can be reused)."""
     if not argv or "qemu-system" not in argv[0]:
         return False
     named = (name_option(name), f"{name},debug-threads=on")  # the latter: before 2026-12
-    if not any(n in argv for n in named) or \
-            not any(opt_value(qmp_path) in a for a in argv):
+    if not any(n in argv for n in named):
+        return False
+    marked = any(a == "-uuid" and b == uuid for a, b in zip(argv, argv[1:])) or \
+        (qmp_path is not None and any(f"path={opt_value(qmp_path)}," in a for a in argv))
+    if not marked:
         return False
     if pid not in in_cgroup:
+        return False
+    if recorded_uid is not None and uid != recorded_uid:
         return False
     if recorded_start is not None and recorded_pid == pid and \
             abs(started - recorded_start) > 1.0:
@@ -226,16 +234,19 @@ class Lifecycle:
             candidates.append(int((gdir / "run" / "qemu.pid").read_text()))
         in_cgroup = ex.cgroups.pids(g.name)
         qmp = str(RunPaths.for_guest(gdir).qmp)
+        recorded_uid = (rec.get("identity") or {}).get("uid")
         for pid in candidates:
             if not pid:
                 continue
             try:
                 p = psutil.Process(pid)
-                argv, started = p.cmdline(), p.create_time()
+                argv, started, uid = p.cmdline(), p.create_time(), p.uids().real
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if is_guest_qemu(g.name, qmp, argv, started, pid, recorded_pid=rec.get("pid"),
-                             recorded_start=rec.get("pid_start"), in_cgroup=in_cgroup):
+            if is_guest_qemu(g.name, guest_uuid(gdir), argv, started, pid,
+                             recorded_pid=rec.get("pid"), recorded_start=rec.get("pid_start"),
+                             in_cgroup=in_cgroup, uid=uid, recorded_uid=recorded_uid,
+                             qmp_path=qmp):
                 return pid
         return None
 
@@ -252,7 +263,7 @@ class Lifecycle:
             return
         boot = Boot(**rec["boot"]) if isinstance(rec.get("boot"), dict) else Boot(None, None)
         spec = launch_spec(g.intent, boot, RunPaths.for_guest(self.runtime.state.guest_dir(
-            g.name)), ex.virt, runas=ex.fleet.host.runas)
+            g.name)), ex.virt)
         guest = g.guest = Guest(spec)
         try:
             await guest.adopt(pid)

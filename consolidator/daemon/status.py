@@ -50,6 +50,7 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "image": g.intent.image,
             "machine": q.spec.machine.name if q and running else None,
             "accel": q.spec.accel.name if q and running else None,
+            "uid": (g.facts.get("identity") or {}).get("uid"),
             "errors": list(o.errors) if o is not None else [],
         }
         if explain:

@@ -283,7 +283,7 @@ class Supervisor:
                 failures.append({"target": f"instance {scope.instance}", "action": "remove",
                                  "error": msg})
                 log.warning("destroy.teardown_failed", error=msg)
-        self.state.clear(purge=purge)
+        teardown.forget(self.state, purge=purge)
         self.runtime.clear()
         self.lifecycle.executor = None
         return {"removed": gone, "failures": failures}

@@ -21,6 +21,7 @@ from ..net import nft
 from ..net.fabric import Fabric
 from ..sched.cgroup import CgroupDriver, detect
 from ..state import StateDir
+from ..vm.identity import Registry
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,10 @@ def collect(scope: Scope) -> list[str]:
     gone += [f"cgroup {d}" for d in driver.leftovers()]
     driver.remove_instance()
     return gone
+
+
+def forget(state: StateDir, *, purge: bool, ids: Registry | None = None) -> None:
+    """After :func:`collect`: the records and guests' files go (their disks too with
+    ``purge``), and so do the uids the guests held, free for other guests again."""
+    state.clear(purge=purge)
+    (ids or Registry()).release_state(str(state.root.resolve()))

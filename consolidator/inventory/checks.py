@@ -13,6 +13,7 @@ import difflib
 import grp
 import ipaddress
 import os
+import pwd
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,17 @@ def _names(rep: Reporter, raw: dict[str, Any], p: Parsed) -> None:
         except KeyError:
             rep.value("H002", ("host", "api_group"), f"no group {group!r} on this host",
                       f"groupadd {group}, or leave api_group out (root only)")
+    ids = p.host.guest_ids if p.host is not None else None
+    if ids is not None and ids.first + ids.count > 0xFFFFFFFF:
+        rep.value("H003", ("host", "guest_ids", "count"), f"the range {ids.first} + "
+                  f"{ids.count} runs past uid 4294967294", "lower first or count")
+    runas = p.host.runas if p.host is not None else None
+    if runas is not None:
+        try:
+            pwd.getpwnam(runas)
+        except KeyError:
+            rep.value("H004", ("host", "runas"), f"no user {runas!r} on this host",
+                      f"useradd --system {runas}, or leave runas out (a uid per guest)")
     parent = p.host.cgroup_parent if p.host is not None else None
     if parent is not None and not cgroup_parent_ok(parent):
         rep.value("N005", ("host", "cgroup_parent"), f"{parent!r} must be a relative path of "

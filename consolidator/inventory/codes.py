@@ -35,6 +35,8 @@ CODES: dict[str, str] = {
     # host settings
     "H001": "host.metrics.listen off loopback without host.metrics.public: true",
     "H002": "host.api_group names no group on this host",
+    "H003": "host.guest_ids runs past the last uid (4294967294)",
+    "H004": "host.runas names no user on this host",
     # images
     "I001": "an image needs builtin, kernel or disk",
     "I002": "a builtin image takes no initrd",

@@ -239,6 +239,16 @@ class Metrics(_Model):
                                             "figures name every guest and its load")
 
 
+class GuestIds(_Model):
+    """The uids (and gids of the same numbers) the supervisor hands to guests' QEMUs."""
+
+    first: int = Field(0x70000000, ge=1000, le=0xFFFFFFFE,
+                       description="first uid of the range (default 1879048192, above "
+                                   "every range systemd documents)")
+    count: int = Field(65536, ge=1, le=1 << 24, description="how many uids the range holds")
+
+
+
 class HostSpec(_Model):
     reserve: HostReserve = HostReserve()
     memory: Literal["auto"] | Size = Field(
@@ -247,7 +257,12 @@ class HostSpec(_Model):
     rebalance: Rebalance = Rebalance()
     fabric_netns: str | None = Field(
         None, description="netns holding the bridges; null = the host's root netns")
-    runas: str | None = Field(None, description="unprivileged user QEMU drops to (-runas)")
+    runas: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] | None = Field(
+        None, description="null: each guest's QEMU runs as a uid of its own from guest_ids, "
+                          "jailed; a user name: every guest's QEMU runs as that user; root: "
+                          "QEMU keeps root (warned about: a guest that escapes QEMU owns the "
+                          "host)")
+    guest_ids: GuestIds = GuestIds()
     api_group: str | None = Field(
         None, description="a group whose members may read status, logs and report through "
                           "the supervisor's socket; null: root only")

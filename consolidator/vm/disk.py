@@ -24,6 +24,25 @@ def backing_of(overlay: Path) -> str | None:
     return info.get("full-backing-filename") or info.get("backing-filename")
 
 
+def backing_chain(top: Path) -> tuple[tuple[str, str], ...]:
+    """(path, format) of ``top`` and every file below it, as qemu-img reads them."""
+    info = json.loads(_qemu_img("info", "--backing-chain", "--output=json", "-U", str(top)))
+    chain = tuple((str(i["filename"]), str(i["format"])) for i in info)
+    if not chain or any(not os.path.isabs(p) for p, _ in chain):
+        raise ImageError(f"disk {top}: cannot read its backing chain as absolute paths")
+    return chain
+
+
+def own(path: Path, uid: int, gid: int) -> None:
+    """A file QEMU writes (an overlay, NVRAM) belongs to the guest's uid, mode 0600."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def prepare_overlay(base: Path, base_format: str, overlay: Path) -> Path:
     """Make (or reuse) ``overlay`` backed by ``base``. An overlay on another base is kept
     aside as ``<name>.<time>.qcow2``, never deleted: only ``--purge`` deletes disks."""

@@ -23,6 +23,7 @@ import contextlib
 import enum
 import fcntl
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -37,6 +38,7 @@ import structlog
 from .. import linux
 from ..errors import ConflictError, LaunchError, QMPError, ReadyTimeout, RunstateError
 from .agent import Agent
+from .handles import Opened
 from .qemu import LaunchSpec, build_argv
 from .qmp import QMP, GuestStats
 
@@ -96,7 +98,11 @@ class ExitInfo:
 
 
 class Placement(Protocol):
-    """Where QEMU runs (cgroup, netns): applied in the child before exec."""
+    """Where and as whom QEMU runs (cgroup, netns, jail, uid): applied in the child
+    before exec. It holds the guest's tap descriptors, one per NIC."""
+
+    tap_fds: tuple[int, ...]
+    jail: object | None
 
     def preexec(self) -> None: ...
 
@@ -122,6 +128,15 @@ def rotate_log(path: Path, cap: int = SERIAL_LOG_CAP) -> bool:
         os.replace(tmp, path.with_name(path.name + ".1"))
         src.truncate(0)
     return True
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{pid}\n")
+    os.replace(tmp, path)
 
 
 def tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
@@ -260,24 +275,33 @@ class Guest:
         self._serial_offset = self.paths.serial_log.stat().st_size
 
     def _spawn(self) -> None:
-        self.argv = build_argv(self.spec, self.binary)
-        assert self._lock_fd is not None
-        os.set_inheritable(self._lock_fd, True)
-        stderr = os.fdopen(os.open(self.paths.stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
-                                   os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb")
         placement = self.placement
+        binary = self.binary
+        if placement is not None and placement.jail is not None:
+            # the jail holds /usr and what the host links from /: resolve before the fork
+            binary = shutil.which(binary) or binary
+        opened = Opened(self.spec, placement.tap_fds if placement else ())
         try:
-            # QEMU holds the lock fd for its whole life: a second launch finds it taken.
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                start_new_session=True, pass_fds=(self._lock_fd,), close_fds=True,
-                preexec_fn=placement.preexec if placement else None)
-        except OSError as e:
-            raise LaunchError(f"guest {self.name}: cannot run {self.binary}: {e.strerror}",
-                              argv=self.argv) from e
+            self.argv = build_argv(self.spec, opened.handles, binary)
+            assert self._lock_fd is not None
+            stderr = os.fdopen(os.open(self.paths.stderr, os.O_WRONLY | os.O_CREAT |
+                                       os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb")
+            try:
+                # QEMU holds the lock fd for its whole life: a second launch finds it taken.
+                self.proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=stderr, start_new_session=True,
+                    pass_fds=(self._lock_fd, *opened.handles.fds()), close_fds=True,
+                    preexec_fn=placement.preexec if placement else None)
+            except OSError as e:
+                raise LaunchError(f"guest {self.name}: cannot run {binary}: {e.strerror}",
+                                  argv=self.argv) from e
+            finally:
+                stderr.close()
         finally:
-            stderr.close()
+            opened.close()               # QEMU has its own copies now
         self._pid = self.proc.pid
+        write_pidfile(self.paths.pidfile, self.proc.pid)
         self.log.info("guest.spawned", pid=self.proc.pid,
                       placement=placement.describe() if placement else None)
         self._watch_pid(self.proc.pid)

@@ -11,9 +11,10 @@ from ..hostfacts import host_tsc_khz
 from ..inventory.files import disk_problems, inside, regular_file
 from ..model import GuestIntent
 from .accel import KvmFacts, KvmKind, choose_accel, probe_kvm
-from .disk import prepare_overlay
+from .disk import backing_chain, own, prepare_overlay
+from .identity import Identity
 from .image import BuiltImage, build_tiny
-from .qemu import Boot, LaunchSpec, RunPaths, TapNic, choose_machine
+from .qemu import Boot, LaunchSpec, RunPaths, TapNic, choose_machine, guest_uuid
 
 
 @dataclass(frozen=True)
@@ -55,26 +56,37 @@ def check_image_files(intent: GuestIntent, roots: tuple[str, ...]) -> None:
 
 
 def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
-                 built: BuiltImage | None = None, roots: tuple[str, ...] = ()) -> Boot:
-    """Boot files for the guest: builds the tiny image if needed, makes the disk overlay.
-    With ``roots``, the image's files are checked against them first."""
+                 built: BuiltImage | None = None, roots: tuple[str, ...] = (),
+                 owner: Identity | None = None) -> Boot:
+    """Boot files for the guest: builds the tiny image if needed, makes the disk overlay
+    (owned by ``owner``, the uid its QEMU runs as) and reads its chain. With ``roots``,
+    the image's files are checked against them first, and the chain below the overlay
+    must stay inside them."""
     img = intent.image_spec
     if roots:
         check_image_files(intent, roots)
-    disk = None
+    disk, chain = None, ()
     if img.disk:
-        disk = str(prepare_overlay(Path(img.disk), img.format or "raw",
-                                   guest_dir / "disk.qcow2"))
+        overlay = prepare_overlay(Path(img.disk), img.format or "raw",
+                                  guest_dir / "disk.qcow2")
+        if owner is not None:
+            own(overlay, owner.uid, owner.gid)
+        disk = str(overlay)
+        chain = backing_chain(overlay)
+        outside = [p for p, _ in chain[1:] if roots and not inside(p, roots)]
+        if outside:
+            raise ImageError(f"guest {intent.name}: its disk's chain reaches "
+                             f"{outside[0]}, outside the image roots")
     if img.builtin:
         built = built or build_tiny(cache, img.kernel)
         return Boot(str(built.kernel), str(built.initrd), img.cmdline or "", disk, "qcow2",
-                    builtin=True)
-    return Boot(img.kernel, img.initrd, img.cmdline or "", disk, "qcow2", builtin=False)
+                    builtin=True, chain=chain)
+    return Boot(img.kernel, img.initrd, img.cmdline or "", disk, "qcow2", builtin=False,
+                chain=chain)
 
 
 def launch_spec(intent: GuestIntent, boot: Boot, paths: RunPaths, host: VirtHost, *,
-                taps: tuple[str, ...] = (), runas: str | None = None,
-                tb_size_mib: int | None = None) -> LaunchSpec:
+                taps: tuple[str, ...] = (), tb_size_mib: int | None = None) -> LaunchSpec:
     """Pure: everything QEMU's argv depends on."""
     accel = choose_accel(host.kvm, image_pvm=intent.image_spec.pvm)
     machine = choose_machine(accel, tsc_khz=host.tsc_khz, firmware_boot=boot.kernel is None)
@@ -83,5 +95,5 @@ def launch_spec(intent: GuestIntent, boot: Boot, paths: RunPaths, host: VirtHost
     return LaunchSpec(
         name=intent.name, vcpus=intent.vcpus, memory_mib=intent.memory.max >> 20, boot=boot,
         paths=paths, accel=accel, machine=machine, nics=nics, tsc_khz=host.tsc_khz,
-        pvm_host=host.kvm.kind is KvmKind.PVM, runas=runas,
+        pvm_host=host.kvm.kind is KvmKind.PVM, uuid=guest_uuid(paths.dir.parent),
         vhost=accel.name == "kvm" and host.vhost_net, **extra)

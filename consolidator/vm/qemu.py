@@ -20,21 +20,31 @@ performance section and tools/bench/boot.py):
   ``free-page-reporting``; virtio-net per NIC on a pre-made tap; a virtio-serial port
   ``org.consolidator.agent``; pvpanic with ``-action panic=exit-failure`` so a guest
   panic is a QEMU exit the supervisor sees; the serial console on a socket with a
-  logfile; QMP on a unix socket; a pidfile; seccomp sandbox.
+  logfile; QMP on a unix socket; seccomp sandbox.
+- **Nothing by path.** QEMU runs as an unprivileged uid in a jail (see
+  :mod:`consolidator.vm.jail`) that holds no file of the guest's. Every file and socket it
+  uses is opened by the supervisor and passed as a descriptor (:class:`Handles`): the
+  sockets are bound and listening (``fd=``), the serial log and each disk layer go
+  through fd sets (``-add-fd``, ``/dev/fdset/N``), the disk chain is spelt out node by
+  node with ``-blockdev`` (so QEMU never follows a backing file name), the kernel and
+  initrd are ``/proc/self/fd/N``, taps (and vhost) are ``fd=``. So QEMU needs no right on
+  any path, and the argv names no path a value could bend.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .accel import Accel
 
 DEFAULT_TB_SIZE_MIB = 64
+# QEMU starts with its final credentials (the supervisor drops them before exec), so
+# set*id stays denied: an escaped QEMU cannot regain root even where a setuid helper is
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-# -runas drops privileges after the seccomp filter is in place, so with it QEMU 7.2
-# must be allowed set*id (it is killed with SIGSYS otherwise, measured).
-SANDBOX_RUNAS = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+SERIAL_FDSET = 1
+DISK_FDSET = 10                 # disk layer i is fd set DISK_FDSET + i
 AGENT_PORT = "org.consolidator.agent"
 
 
@@ -83,6 +93,7 @@ class RunPaths:
 
     @property
     def pidfile(self) -> Path:
+        """Written by the supervisor after the spawn (QEMU could not write it: no path)."""
         return self.dir / "qemu.pid"
 
     @property
@@ -109,6 +120,8 @@ class Boot:
     disk: str | None = None        # the guest's overlay (or raw disk)
     disk_format: str = "qcow2"
     builtin: bool = False          # the tiny image: consolidator.* params, READY on serial
+    # the disk's chain as read when it was checked: (path, format), the overlay first
+    chain: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,10 +144,41 @@ class LaunchSpec:
     nics: tuple[TapNic, ...] = ()
     tsc_khz: int | None = None
     pvm_host: bool = False         # KVM here is PVM: no -cpu host
-    runas: str | None = None
+    uuid: str | None = None        # the SMBIOS uuid; also how a restarted supervisor knows it
     tb_size_mib: int = DEFAULT_TB_SIZE_MIB
     vhost: bool = False
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class DiskLayer:
+    fd: int
+    format: str                    # as qemu-img detected it: raw, qcow2
+
+
+@dataclass(frozen=True)
+class Handles:
+    """Descriptors the supervisor opened for QEMU (numbers as QEMU will see them)."""
+
+    qmp: int
+    console: int
+    agent: int
+    serial_log: int
+    kernel: int | None = None
+    initrd: int | None = None
+    disk: tuple[DiskLayer, ...] = ()   # the guest's overlay first, then its backing chain
+    taps: tuple[int, ...] = ()         # one per NIC
+    vhost: tuple[int, ...] = ()        # one per NIC, or none
+
+    def fds(self) -> tuple[int, ...]:
+        one = (self.qmp, self.console, self.agent, self.serial_log, self.kernel, self.initrd)
+        return tuple(f for f in one if f is not None) + \
+            tuple(d.fd for d in self.disk) + self.taps + self.vhost
+
+
+def guest_uuid(guest_dir: Path) -> str:
+    """A guest's stable UUID: the same for its directory (state dir and name) always."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"consolidator:{guest_dir}"))
 
 
 def opt_value(value: object) -> str:
@@ -169,9 +213,31 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
     return " ".join(parts)
 
 
-def build_argv(spec: LaunchSpec, binary: str = "qemu-system-x86_64") -> list[str]:
-    """Pure: the full QEMU argv for ``spec``."""
-    m, v, p = spec.machine, spec.machine.virtio, spec.paths
+def disk_args(layers: tuple[DiskLayer, ...], bus: str) -> list[str]:
+    """Pure: the disk as a chain of ``-blockdev`` nodes on fd sets, the base first (a node
+    must exist before the node that names it as its backing). Layers below the top are
+    read-only."""
+    argv: list[str] = []
+    node = ["disk0" if i == 0 else f"disk0-b{i}" for i in range(len(layers))]
+    for i in reversed(range(len(layers))):
+        layer, fdset = layers[i], DISK_FDSET + i
+        top = i == 0
+        extra = ",discard=unmap" if top else ",read-only=on"
+        fmt = f"driver={opt_value(layer.format)},node-name={node[i]},file={node[i]}-file{extra}"
+        if i + 1 < len(layers):
+            fmt += f",backing={node[i + 1]}"
+        argv += ["-add-fd", f"fd={layer.fd},set={fdset}",
+                 "-blockdev", f"driver=file,node-name={node[i]}-file,"
+                              f"filename=/dev/fdset/{fdset}{extra}",
+                 "-blockdev", fmt]
+    if layers:
+        argv += ["-device", f"virtio-blk-{bus},drive=disk0"]
+    return argv
+
+
+def build_argv(spec: LaunchSpec, h: Handles, binary: str = "qemu-system-x86_64") -> list[str]:
+    """Pure: the full QEMU argv for ``spec``, its files and sockets the descriptors ``h``."""
+    m, v = spec.machine, spec.machine.virtio
     q = opt_value
     if m.name == "microvm":
         machine = "microvm,acpi=on,auto-kernel-cmdline=off,pit=on,pic=on,rtc=on"
@@ -185,36 +251,41 @@ def build_argv(spec: LaunchSpec, binary: str = "qemu-system-x86_64") -> list[str
             "-machine", machine, "-accel", accel,
             "-nodefaults", "-no-user-config", "-display", "none",
             "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus)]
+    if spec.uuid:
+        argv += ["-uuid", spec.uuid]
     if spec.accel.name == "kvm" and not spec.pvm_host:
         argv += ["-cpu", "host"]
     if spec.boot.kernel:
-        argv += ["-kernel", spec.boot.kernel, "-append", kernel_cmdline(spec)]
+        if h.kernel is None:
+            raise ValueError("a kernel boot needs the kernel's descriptor")
+        argv += ["-kernel", f"/proc/self/fd/{h.kernel}", "-append", kernel_cmdline(spec)]
         if spec.boot.initrd:
-            argv += ["-initrd", spec.boot.initrd]
+            if h.initrd is None:
+                raise ValueError("an initrd needs its descriptor")
+            argv += ["-initrd", f"/proc/self/fd/{h.initrd}"]
     # serial console: a socket for `console`, and everything it prints to the log file
-    argv += ["-chardev", f"socket,id=ser0,path={q(p.console)},server=on,wait=off,"
-                         f"logfile={q(p.serial_log)},logappend=on",
+    argv += ["-add-fd", f"fd={h.serial_log},set={SERIAL_FDSET}",
+             "-chardev", f"socket,id=ser0,fd={h.console},server=on,wait=off,"
+                         f"logfile=/dev/fdset/{SERIAL_FDSET},logappend=on",
              "-serial", "chardev:ser0"]
-    argv += ["-chardev", f"socket,id=qmp,path={q(p.qmp)},server=on,wait=off",
+    argv += ["-chardev", f"socket,id=qmp,fd={h.qmp},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control"]
     argv += ["-device", f"virtio-serial-{v},id=vser0",
-             "-chardev", f"socket,id=agent,path={q(p.agent)},server=on,wait=off",
+             "-chardev", f"socket,id=agent,fd={h.agent},server=on,wait=off",
              "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}"]
     argv += ["-device", f"virtio-balloon-{v},id=balloon0,deflate-on-oom=on,"
                         "free-page-reporting=on"]
+    if len(h.taps) != len(spec.nics) or (spec.vhost and len(h.vhost) != len(spec.nics)):
+        raise ValueError("every NIC needs its tap's descriptor (and vhost's, with vhost)")
     for i, nic in enumerate(spec.nics):
-        vhost = "on" if spec.vhost else "off"
-        argv += ["-netdev", f"tap,id=net{i},ifname={q(nic.tap)},script=no,downscript=no,"
-                            f"vhost={vhost}",
+        vhost = f"vhost=on,vhostfd={h.vhost[i]}" if spec.vhost else "vhost=off"
+        argv += ["-netdev", f"tap,id=net{i},fd={h.taps[i]},{vhost}",
                  "-device", f"virtio-net-{v},netdev=net{i},mac={q(nic.mac)}"]
     if spec.boot.disk:
-        argv += ["-drive", f"file={q(spec.boot.disk)},if=none,id=disk0,format="
-                           f"{q(spec.boot.disk_format)},discard=unmap,cache=writeback",
-                 "-device", f"virtio-blk-{v},drive=disk0"]
+        if not h.disk:
+            raise ValueError("a disk needs its layers' descriptors")
+        argv += disk_args(h.disk, v)
     argv += ["-device", "pvpanic", "-action", "panic=exit-failure"]
-    argv += ["-pidfile", str(p.pidfile)]
-    argv += ["-sandbox", SANDBOX_RUNAS if spec.runas else SANDBOX]
-    if spec.runas:
-        argv += ["-runas", spec.runas]
+    argv += ["-sandbox", SANDBOX]
     argv += list(spec.extra_args)
     return argv

@@ -56,7 +56,9 @@ class QMP:
 
     async def connect(self, path: str, *, timeout: float = 10.0,
                       alive: Callable[[], bool] = lambda: True) -> None:
-        """Connect, retrying while the socket is not yet listening and ``alive()`` holds."""
+        """Connect, retrying while the socket is not yet listening and ``alive()`` holds.
+        The socket may listen before QEMU runs (the supervisor binds it): the greeting is
+        awaited in slices, so a QEMU that dies first is noticed within one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         last: Exception | None = None
@@ -66,7 +68,7 @@ class QMP:
                                error_class="ConnectFailed")
             try:
                 await asyncio.wait_for(self._client.connect(path),
-                                       timeout=max(0.1, deadline - loop.time()))
+                                       timeout=max(0.1, min(2.0, deadline - loop.time())))
                 return
             except (ConnectError, OSError, asyncio.TimeoutError) as e:
                 last = e

@@ -126,6 +126,7 @@ def fleet_env(tmp_path: Path, template: str = THREE_GUESTS) -> Iterator[Env]:
                 env.run(g.cleanup())          # QMP and agent close in their own loop
             g.abandon()
         env.executor.destroy()
+        env.executor.ids.release_state(str(state.root.resolve()))
         env.loop.close()
 
 
@@ -233,4 +234,6 @@ def cli_fleet(tmp_path: Path, text: str | None = None) -> Iterator[CliFleet]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, _signal.SIGKILL)
         from consolidator.daemon import teardown
+        from consolidator.vm.identity import Registry
         teardown.collect(teardown.Scope(inst, f.fabric))
+        Registry().release_state(str(f.state.resolve()))

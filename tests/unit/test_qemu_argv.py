@@ -9,13 +9,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consolidator.vm.accel import Accel, KvmFacts, KvmKind, choose_accel
-from consolidator.vm.qemu import (Boot, LaunchSpec, Machine, RunPaths,
-                                  TapNic, build_argv, choose_machine, kernel_cmdline)
+from consolidator.vm.qemu import (Boot, DiskLayer, Handles, LaunchSpec, Machine, RunPaths,
+                                  TapNic, build_argv, choose_machine, guest_uuid,
+                                  kernel_cmdline)
 
 PATHS = RunPaths(Path("/s/guests/web/run"), Path("/s/guests/web/serial.log"))
 TCG = Accel("tcg", "test")
 KVM = Accel("kvm", "test")
 BUILTIN = Boot("/img/vmlinuz", "/img/initrd.cpio", builtin=True)
+
+
+H = Handles(qmp=3, console=4, agent=5, serial_log=6, kernel=7, initrd=8)
+
+
+def handles(spec: LaunchSpec, **kw) -> Handles:
+    """Descriptors as the supervisor would open them for ``spec``."""
+    from dataclasses import replace
+    n = len(spec.nics)
+    base = dict(taps=tuple(range(20, 20 + n)),
+                vhost=tuple(range(30, 30 + n)) if spec.vhost else (),
+                disk=(DiskLayer(40, "qcow2"), DiskLayer(41, "raw")) if spec.boot.disk else ())
+    base.update(kw)
+    return replace(H, **base)
+
+
+def argv_of(s: LaunchSpec, **kw) -> list[str]:
+    return build_argv(s, handles(s, **kw))
 
 
 def spec(**kw) -> LaunchSpec:
@@ -42,7 +61,7 @@ def kvm(kind: KvmKind, opens: bool = True) -> KvmFacts:
 ])
 def test_accelerator(facts, pvm_image, accel_arg, cpu_host):
     accel = choose_accel(facts, image_pvm=pvm_image)
-    argv = build_argv(spec(accel=accel, pvm_host=facts.kind is KvmKind.PVM))
+    argv = argv_of(spec(accel=accel, pvm_host=facts.kind is KvmKind.PVM))
     assert opt(argv, "-accel") == [accel_arg]
     assert (opt(argv, "-cpu") == ["host"]) is cpu_host
 
@@ -59,7 +78,7 @@ def test_machine_choice(accel, tsc, firmware, machine):
 
 
 def test_microvm_gets_mmio_devices_and_tsc_hint():
-    argv = build_argv(spec())
+    argv = argv_of(spec())
     assert opt(argv, "-machine")[0].startswith("microvm,acpi=on")
     devices = opt(argv, "-device")
     assert any(d.startswith("virtio-balloon-device,") for d in devices)
@@ -69,59 +88,92 @@ def test_microvm_gets_mmio_devices_and_tsc_hint():
 
 
 def test_pc_gets_pci_devices_and_no_tsc_hint():
-    argv = build_argv(spec(machine=Machine("pc", "t"), tsc_khz=None))
+    argv = argv_of(spec(machine=Machine("pc", "t"), tsc_khz=None))
     assert opt(argv, "-machine") == ["pc"]
     assert any(d.startswith("virtio-balloon-pci,") for d in opt(argv, "-device"))
     assert "tsc_early_khz" not in opt(argv, "-append")[0]
 
 
 def test_balloon_options():
-    (balloon,) = [d for d in opt(build_argv(spec()), "-device") if "balloon" in d]
+    (balloon,) = [d for d in opt(argv_of(spec()), "-device") if "balloon" in d]
     assert "deflate-on-oom=on" in balloon and "free-page-reporting=on" in balloon
     assert "id=balloon0" in balloon
 
 
 def test_basics_and_files():
-    argv = build_argv(spec())
+    argv = argv_of(spec(uuid=guest_uuid(Path("/s/guests/web"))))
     for flag in ("-nodefaults", "-no-user-config"):
         assert flag in argv
     assert opt(argv, "-m") == ["256M"] and opt(argv, "-smp") == ["2"]
-    assert opt(argv, "-pidfile") == ["/s/guests/web/run/qemu.pid"]
-    chardevs = opt(argv, "-chardev")
-    assert any("path=/s/guests/web/run/qmp.sock" in c for c in chardevs)
-    assert any("logfile=/s/guests/web/serial.log" in c and "console.sock" in c
-               for c in chardevs)
-    assert any("name=org.consolidator.agent" in d for d in opt(argv, "-device"))
+    assert opt(argv, "-uuid") == [guest_uuid(Path("/s/guests/web"))]
+    assert "-pidfile" not in argv and "-runas" not in argv
     assert opt(argv, "-action") == ["panic=exit-failure"]
+    assert any("name=org.consolidator.agent" in d for d in opt(argv, "-device"))
 
 
-@pytest.mark.parametrize("runas,sandbox", [
-    (None, "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
-    # -runas drops privileges after the filter is in place: set*id must stay allowed
-    ("nobody", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"),
-])
-def test_sandbox_and_runas(runas, sandbox):
-    argv = build_argv(spec(runas=runas))
-    assert opt(argv, "-sandbox") == [sandbox]
-    assert opt(argv, "-runas") == ([runas] if runas else [])
+def test_qemu_is_handed_descriptors_and_names_no_path():
+    """Every file and socket comes as a descriptor: the argv holds no host path at all."""
+    argv = argv_of(spec(boot=Boot("/img/vmlinuz", "/img/initrd.cpio", disk="/s/d.qcow2",
+                                  builtin=True),
+                        nics=(TapNic("tap0", "52:54:00:00:00:01"),)))
+    chardevs = opt(argv, "-chardev")
+    assert "socket,id=qmp,fd=3,server=on,wait=off" in chardevs
+    assert "socket,id=agent,fd=5,server=on,wait=off" in chardevs
+    assert "socket,id=ser0,fd=4,server=on,wait=off,logfile=/dev/fdset/1,logappend=on" \
+        in chardevs
+    assert opt(argv, "-kernel") == ["/proc/self/fd/7"]
+    assert opt(argv, "-initrd") == ["/proc/self/fd/8"]
+    assert opt(argv, "-netdev") == ["tap,id=net0,fd=20,vhost=off"]
+    assert "fd=6,set=1" in opt(argv, "-add-fd")
+    assert not [a for a in argv if "/s/" in a or "/img/" in a]
 
 
-def test_overlay_drive():
+def test_the_disk_chain_is_spelt_out_base_first_and_read_only_below_the_top():
     boot = Boot("/img/vmlinuz", "/img/initrd.cpio", disk="/s/guests/web/disk.qcow2",
                 builtin=True)
-    argv = build_argv(spec(boot=boot))
-    (drive,) = opt(argv, "-drive")
-    assert drive.startswith("file=/s/guests/web/disk.qcow2,") and "format=qcow2" in drive
+    argv = argv_of(spec(boot=boot), disk=(DiskLayer(40, "qcow2"), DiskLayer(41, "qcow2"),
+                                          DiskLayer(42, "raw")))
+    assert opt(argv, "-add-fd")[1:] == ["fd=42,set=12", "fd=41,set=11", "fd=40,set=10"]
+    nodes = opt(argv, "-blockdev")
+    assert nodes == [
+        "driver=file,node-name=disk0-b2-file,filename=/dev/fdset/12,read-only=on",
+        "driver=raw,node-name=disk0-b2,file=disk0-b2-file,read-only=on",
+        "driver=file,node-name=disk0-b1-file,filename=/dev/fdset/11,read-only=on",
+        "driver=qcow2,node-name=disk0-b1,file=disk0-b1-file,read-only=on,backing=disk0-b2",
+        "driver=file,node-name=disk0-file,filename=/dev/fdset/10,discard=unmap",
+        "driver=qcow2,node-name=disk0,file=disk0-file,discard=unmap,backing=disk0-b1"]
+    assert "-drive" not in argv
     assert any(d.startswith("virtio-blk-device,drive=disk0") for d in opt(argv, "-device"))
     assert "consolidator.root=/dev/vda" in opt(argv, "-append")[0]
+
+
+def test_sandbox_denies_privileges_always():
+    argv = argv_of(spec())
+    assert opt(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+
+
+@pytest.mark.parametrize("missing", [{"kernel": None}, {"initrd": None}, {"taps": ()},
+                                     {"disk": ()}])
+def test_a_missing_descriptor_is_an_error_not_a_path(missing):
+    s = spec(boot=Boot("/k", "/i", disk="/d.qcow2", builtin=True),
+             nics=(TapNic("tap0", "52:54:00:00:00:01"),))
+    with pytest.raises(ValueError):
+        build_argv(s, handles(s, **missing))
+
+
+def test_the_uuid_stands_for_the_guests_directory():
+    assert guest_uuid(Path("/s/guests/web")) == guest_uuid(Path("/s/guests/web"))
+    assert guest_uuid(Path("/s/guests/web")) != guest_uuid(Path("/t/guests/web"))
 
 
 def test_nics_and_their_cmdline():
     nics = (TapNic("tap0", "52:54:00:00:00:01", "10.77.0.10/24", "10.77.0.1"),
             TapNic("tap1", "52:54:00:00:00:02", None, None))
-    argv = build_argv(spec(nics=nics, accel=KVM, vhost=True))
+    argv = argv_of(spec(nics=nics, accel=KVM, vhost=True))
     netdevs = opt(argv, "-netdev")
-    assert netdevs[0].startswith("tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=on")
+    assert netdevs == ["tap,id=net0,fd=20,vhost=on,vhostfd=30",
+                       "tap,id=net1,fd=21,vhost=on,vhostfd=31"]
     assert "mac=52:54:00:00:00:02" in [d for d in opt(argv, "-device") if "net1" in d][0]
     cmd = kernel_cmdline(spec(nics=nics))
     assert "consolidator.net0=52:54:00:00:00:01,10.77.0.10/24,10.77.0.1" in cmd
@@ -144,7 +196,7 @@ def test_a_parameter_that_only_contains_console_keeps_the_serial_console():
 
 def test_firmware_boot_has_no_kernel():
     boot = Boot(None, None, disk="/d.qcow2")
-    argv = build_argv(spec(boot=boot, machine=Machine("pc", "t")))
+    argv = argv_of(spec(boot=boot, machine=Machine("pc", "t")))
     assert "-kernel" not in argv and "-append" not in argv
 
 
@@ -169,20 +221,22 @@ def qemu_opts(text: str) -> list[tuple[str, str]]:
     return [tuple(p.split("=", 1)) if "=" in p else ("", p) for p in parts]  # type: ignore
 
 
-OPTION_FLAGS = ("-name", "-chardev", "-netdev", "-device", "-drive", "-mon", "-machine")
+OPTION_FLAGS = ("-name", "-chardev", "-netdev", "-device", "-blockdev", "-mon", "-machine")
 anything = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                    min_size=1, max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
-@given(name=anything, state=anything, mac=anything, tap=anything, disk=anything)
-def test_no_value_adds_an_option(name, state, mac, tap, disk):
-    clean = build_argv(spec(name="web", boot=Boot("/k", "/i", disk="/d.qcow2", builtin=True),
-                            nics=(TapNic("tap0", "52:54:00:00:00:01"),)))
-    root = Path("/s") / state
-    dirty = build_argv(spec(name=name, boot=Boot("/k", "/i", disk=disk, builtin=True),
-                            paths=RunPaths(root / "run", root / "serial.log"),
-                            nics=(TapNic(tap, mac),)))
+@given(name=anything, mac=anything, fmt=anything)
+def test_no_value_adds_an_option(name, mac, fmt):
+    """What is left in the argv of the guest's own values: its name, its MACs, and the
+    formats of its disk layers. None of them can add an option, whatever its bytes."""
+    boot = Boot("/k", "/i", disk="/d.qcow2", builtin=True)
+    layers = (DiskLayer(40, "qcow2"), DiskLayer(41, "raw"))
+    clean = argv_of(spec(name="web", boot=boot, nics=(TapNic("tap0", "52:54:00:00:00:01"),)),
+                    disk=layers)
+    dirty = argv_of(spec(name=name, boot=boot, nics=(TapNic("tap0", mac),)),
+                    disk=(DiskLayer(40, "qcow2"), DiskLayer(41, fmt)))
     assert len(dirty) == len(clean)
     for flag in OPTION_FLAGS:
         for a, b in zip(opt(clean, flag), opt(dirty, flag)):
@@ -190,5 +244,4 @@ def test_no_value_adds_an_option(name, state, mac, tap, disk):
     # and each value comes back whole
     (named,) = opt(dirty, "-name")
     assert qemu_opts(named)[0] == ("guest", name)
-    (drive,) = opt(dirty, "-drive")
-    assert dict(qemu_opts(drive))["file"] == disk
+    assert dict(qemu_opts(opt(dirty, "-blockdev")[1]))["driver"] == fmt

@@ -80,9 +80,8 @@ def bare(n: int) -> float:
     from consolidator.hostfacts import HostFacts
     from consolidator.model import parse_fleet
     from consolidator.state import StateDir
-    from consolidator.vm.placement import GuestPlacement
+    from consolidator.vm.handles import Opened
     from consolidator.vm.qemu import build_argv
-    from consolidator.net import netns as ns
     inst = "b" + uuid.uuid4().hex[:7]
     d = Path(tempfile.mkdtemp(prefix="bench-bare-"))
     fleet = parse_fleet(inventory(inst, n), "b.yaml", HostFacts.probe())
@@ -94,16 +93,20 @@ def bare(n: int) -> float:
         for name, spec in fleet.networks.items():
             ex.create_network(name, spec)
         prepared = [ex.prepare_guest(g) for g in fleet.guests.values()]
-        for _, g in prepared:
+        for _, g, _ in prepared:
             g.paths.dir.mkdir(parents=True, exist_ok=True)
             g.paths.serial_log.touch()
         t0 = time.monotonic()
-        for wiring, g in prepared:
-            pl = GuestPlacement(ex.cgroups.procs_files(g.name), ns.path(wiring.netns))
-            procs.append(subprocess.Popen(build_argv(g.spec), stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, preexec_fn=pl.preexec))
+        for (wiring, g, ident), intent in zip(prepared, fleet.guests.values()):
+            pl = ex.placement(intent, wiring, ident)        # the same uid, jail, cgroup, netns
+            opened = Opened(g.spec, pl.tap_fds)
+            procs.append(subprocess.Popen(build_argv(g.spec, opened.handles),
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          pass_fds=opened.handles.fds(),
+                                          preexec_fn=pl.preexec))
+            opened.close()
             pl.close()
-        pending = {g.paths.serial_log for _, g in prepared}
+        pending = {g.paths.serial_log for _, g, _ in prepared}
         while pending:
             for p in list(pending):
                 if b"CONSOLIDATOR-READY" in p.read_bytes():
@@ -115,6 +118,7 @@ def bare(n: int) -> float:
             p.kill()
             p.wait()
         ex.destroy()
+        ex.ids.release_state(str(ex.state.root.resolve()))
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -7,7 +7,9 @@ Prints medians of N runs (default 5), each measured in this run:
   - the same argv launched by a bare shell with no QMP, lock or stats: the floor.
     Our overhead is the ratio of Guest.launch() to it;
   - QEMU's RSS after READY, minus the guest RAM it touched (from /proc/PID/smaps),
-    for a few TCG translation-cache sizes.
+    for a few TCG translation-cache sizes;
+  - Guest.launch() to READY confined (a uid of its own, the mount-namespace jail,
+    no_new_privs) against the same launch as root with no jail: what confinement costs.
 Run as root: python tools/bench/boot.py [--runs 5]
 """
 
@@ -32,6 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from consolidator.hostfacts import HostFacts  # noqa: E402
 from consolidator.model import parse_fleet  # noqa: E402
 from consolidator.vm.guest import Guest  # noqa: E402
+from consolidator.vm.handles import Opened  # noqa: E402
+from consolidator.vm.identity import Identity  # noqa: E402
+from consolidator.vm.jail import plan_jail  # noqa: E402
+from consolidator.vm.placement import GuestPlacement  # noqa: E402
 from consolidator.vm.image import build_tiny  # noqa: E402
 from consolidator.vm.launch import VirtHost, launch_spec, prepare_boot  # noqa: E402
 from consolidator.vm.qemu import Machine, RunPaths, build_argv  # noqa: E402
@@ -83,10 +89,13 @@ async def bare(spec) -> tuple[float, float]:
     """The floor: the same argv from a shell; READY seen by polling the serial log."""
     spec.paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     spec.paths.serial_log.touch()
-    argv = build_argv(spec)
+    opened = Opened(spec)
+    argv = build_argv(spec, opened.handles)
     t0 = time.monotonic()
     p = subprocess.Popen(["sh", "-c", 'exec "$@"', "sh", *argv], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                         pass_fds=opened.handles.fds())
+    opened.close()
     qmp_at = None
     try:
         while True:
@@ -102,12 +111,12 @@ async def bare(spec) -> tuple[float, float]:
         p.wait()
 
 
-async def ours(spec) -> tuple[float, int, int]:
+async def ours(spec, placement=None) -> tuple[float, int, int]:
     """Guest.launch() to READY; QEMU's RSS and the guest RAM it touched, right after."""
     g = Guest(spec)
     t0 = time.monotonic()
     try:
-        await g.launch()
+        await g.launch(placement)
         ready = time.monotonic() - t0
         return ready, proc_rss(g.pid), guest_ram_rss(g.pid, spec.memory_mib * MiB)
     finally:
@@ -116,10 +125,12 @@ async def ours(spec) -> tuple[float, int, int]:
 
 async def qmp_greeting(spec) -> float:
     spec.paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = build_argv(spec)
+    opened = Opened(spec)
+    argv = build_argv(spec, opened.handles)
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, pass_fds=opened.handles.fds())
+    opened.close()
     q = QMP("bench")
     try:
         await q.connect(str(spec.paths.qmp), timeout=20, alive=lambda: p.poll() is None)
@@ -150,6 +161,18 @@ async def main(runs: int, machines: list[str], tbs: list[int]) -> None:
                 mine.append((await ours(spec_for(work, m)))[0])
             print(f"{m:8} {med(greet) * 1000:>10.0f} ms {med(floor):>9.2f} s {med(mine):>9.2f} s "
                   f"{med(mine) / med(floor):>6.2f}")
+        jail = plan_jail("qemu-system-x86_64")
+        free, confined = [], []
+        for _ in range(runs):
+            free.append((await ours(spec_for(work, "microvm")))[0])
+            pl = GuestPlacement([], None, identity=Identity(0x7FFF0000, 0x7FFF0000), jail=jail)
+            try:
+                confined.append((await ours(spec_for(work, "microvm"), pl))[0])
+            finally:
+                pl.close()
+        print(f"\n{'microvm READY':14} {'as root, no jail':>17} {'confined':>9} {'ratio':>6}")
+        print(f"{'':14} {med(free):>15.2f} s {med(confined):>7.2f} s "
+              f"{med(confined) / med(free):>6.2f}")
         print(f"\n{'tb-size':>8} {'RSS after READY':>16} {'guest RAM touched':>18} "
               f"{'QEMU overhead':>14} {'READY':>7}")
         for tb in tbs:
