@@ -17,7 +17,7 @@ import pwd
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..hostfacts import HostFacts
 from ..units import human_size
@@ -100,23 +100,17 @@ def _names(rep: Reporter, raw: dict[str, Any], p: Parsed) -> None:
         rep.value("H001", ("host", "metrics", "listen"), f"{metrics.listen} is not a loopback "
                   "address", "say host.metrics.public: true to serve the figures there")
     group = p.host.api_group if p.host is not None else None
-    if group is not None:
-        try:
-            grp.getgrnam(group)
-        except KeyError:
-            rep.value("H002", ("host", "api_group"), f"no group {group!r} on this host",
-                      f"groupadd {group}, or leave api_group out (root only)")
+    if group is not None and not _known(grp.getgrnam, group):
+        rep.value("H002", ("host", "api_group"), f"no group {group!r} on this host",
+                  f"groupadd {group}, or leave api_group out (root only)")
     ids = p.host.guest_ids if p.host is not None else None
     if ids is not None and ids.first + ids.count > 0xFFFFFFFF:
         rep.value("H003", ("host", "guest_ids", "count"), f"the range {ids.first} + "
                   f"{ids.count} runs past uid 4294967294", "lower first or count")
     runas = p.host.runas if p.host is not None else None
-    if runas is not None:
-        try:
-            pwd.getpwnam(runas)
-        except KeyError:
-            rep.value("H004", ("host", "runas"), f"no user {runas!r} on this host",
-                      f"useradd --system {runas}, or leave runas out (a uid per guest)")
+    if runas is not None and not _known(pwd.getpwnam, runas):
+        rep.value("H004", ("host", "runas"), f"no user {runas!r} on this host",
+                  f"useradd --system {runas}, or leave runas out (a uid per guest)")
     parent = p.host.cgroup_parent if p.host is not None else None
     if parent is not None and not cgroup_parent_ok(parent):
         rep.value("N005", ("host", "cgroup_parent"), f"{parent!r} must be a relative path of "
@@ -129,6 +123,15 @@ def _names(rep: Reporter, raw: dict[str, Any], p: Parsed) -> None:
             if not LABEL_KEY_RE.match(key):
                 rep.key("N004", ("guests", gname, "labels", key), f"label key {key!r} must be "
                         "1 to 63 characters of letters, digits, '.', '_', '/', '-'")
+
+
+def _known(lookup: Callable[[str], object], name: str) -> bool:
+    """Whether the host's user or group database has ``name``."""
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
 
 
 def cgroup_parent_ok(parent: str) -> bool:

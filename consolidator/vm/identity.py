@@ -27,7 +27,7 @@ import pwd
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psutil
 
@@ -144,26 +144,21 @@ class Registry:
 
     def release(self, owner: Owner) -> list[int]:
         """Drop every claim of ``owner`` (its guest is gone). Returns the uids freed."""
-        freed = []
-        if not self.root.is_dir():
-            return freed
-        with self._locked():
-            for p in self.root.iterdir():
-                if p.name.isdigit() and self.holder(int(p.name)) == owner:
-                    p.unlink()
-                    freed.append(int(p.name))
-        return freed
+        return self._release(lambda held: held == owner)
 
     def release_state(self, state: str) -> list[int]:
         """Drop every claim made for guests of the state dir ``state``."""
-        freed = []
+        return self._release(lambda held: held.state == state)
+
+    def _release(self, match: Callable[[Owner], bool]) -> list[int]:
+        freed: list[int] = []
         if not self.root.is_dir():
             return freed
         with self._locked():
             for p in self.root.iterdir():
                 if p.name.isdigit():
                     held = self.holder(int(p.name))
-                    if held is not None and held.state == state:
+                    if held is not None and match(held):
                         p.unlink()
                         freed.append(int(p.name))
         return freed

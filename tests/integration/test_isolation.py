@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -147,27 +147,37 @@ NIC_OF = "$(grep -l {mac} /sys/class/net/*/address | head -1 | cut -d/ -f5)"
 
 
 @contextlib.contextmanager
-def scratch_port(env: Env, ifname: str, ip: str) -> Iterator[str]:
-    """A netns of the test's own, wired to the front bridge by a veth whose fabric end
-    is ``ifname``: something on the network that is not a guest."""
-    scratch = f"{env.instance}-x"           # the instance's prefix: gc finds it if we fail
-    ns.create(scratch)
+def side_netns(env: Env, suffix: str, ifname: str, inner: str, ip: str,
+               wire: Callable[[Any, int], None]) -> Iterator[str]:
+    """A netns of the test's own (the instance's prefix: gc finds it if we fail), joined
+    to the fabric by a veth: ``inner`` at ``ip``/24 inside, ``ifname`` in the fabric,
+    which ``wire(fabric, index)`` connects."""
+    netns = f"{env.instance}-{suffix}"
+    ns.create(netns)
     try:
         with ns.iproute(env.fabric) as fab:
             fab.link("add", ifname=ifname, kind="veth",
-                     peer={"ifname": "x0", "net_ns_fd": scratch})
-            br = fab.link_lookup(ifname=names.bridge(env.instance, "front"))[0]
-            fab.link("set", index=fab.link_lookup(ifname=ifname)[0], master=br, state="up")
-        with ns.iproute(scratch) as ipr:
-            x0 = ipr.link_lookup(ifname="x0")[0]
-            ipr.addr("add", index=x0, address=ip, prefixlen=24)
-            ipr.link("set", index=x0, state="up")
-        yield scratch
+                     peer={"ifname": inner, "net_ns_fd": netns})
+            wire(fab, fab.link_lookup(ifname=ifname)[0])
+        with ns.iproute(netns) as ipr:
+            idx = ipr.link_lookup(ifname=inner)[0]
+            ipr.addr("add", index=idx, address=ip, prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+        yield netns
     finally:
         with ns.iproute(env.fabric) as fab:
             for idx in fab.link_lookup(ifname=ifname):
                 fab.link("del", index=idx)
-        ns.remove(scratch)
+        ns.remove(netns)
+
+
+def scratch_port(env: Env, ifname: str, ip: str) -> contextlib.AbstractContextManager[str]:
+    """Something on the front network that is not a guest: a port of the front bridge
+    named ``ifname``, outside the guard's map."""
+    def wire(fab: Any, idx: int) -> None:
+        br = fab.link_lookup(ifname=names.bridge(env.instance, "front"))[0]
+        fab.link("set", index=idx, master=br, state="up")
+    return side_netns(env, "x", ifname, "x0", ip, wire)
 
 
 def _dhcp_offer_reaches_the_fabric(env: Env) -> bool:
@@ -219,6 +229,50 @@ def test_a_spoofed_arp_sender_does_not_poison_the_gateway(three):
     assert rc == 0, out
     assert _fabric_neigh(three, "10.77.0.20") != web_mac
     assert ping(three, "app", "10.77.0.1")
+
+
+def test_a_port_joins_its_bridge_only_after_its_rules_are_in(three):
+    """The rules go in first. Here they cannot (an address nft refuses, which validation
+    would have caught): the port was made, but never joined its bridge nor came up, not
+    for an instant, as the fabric's own netlink events show."""
+    import select
+    import socket
+    import struct
+
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+    from consolidator.net.fabric import NicWiring
+    from consolidator.vm.placement import in_netns
+
+    RTMGRP_LINK, RTM_NEWLINK = 1, 16
+
+    def monitor() -> socket.socket:                     # made in, and so of, the fabric netns
+        m = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)      # NETLINK_ROUTE
+        m.bind((0, RTMGRP_LINK))
+        return m
+
+    port = names.guest_port(three.instance, "late", 0)
+    seen = []
+    with in_netns(ns.path(three.fabric), monitor) as mon:
+        with pytest.raises(NetError, match="nft"):
+            three.executor.fabric.wire_guest("late", [NicWiring(0, "front", "52:54:00:0a:0b:0c",
+                                                                ("999.0.0.1",))])
+        while select.select([mon], [], [], 0.5)[0]:
+            data, off = mon.recv(1 << 20), 0
+            while off < len(data):
+                length, kind = struct.unpack_from("=IH", data, off)
+                if kind == RTM_NEWLINK:
+                    msg = ifinfmsg(data[off:off + length])
+                    msg.decode()
+                    if msg.get_attr("IFLA_IFNAME") == port:
+                        seen.append((msg.get_attr("IFLA_MASTER"), msg["flags"] & 1))
+                off += (length + 3) & ~3
+    assert seen, "the monitor saw the port made (the positive control)"
+    assert all(master is None and not up for master, up in seen), seen
+    with ns.iproute(three.fabric) as fab:
+        assert not fab.link_lookup(ifname=port), "and the half-made port is gone"
+    # what the other guests have is untouched
+    assert ping(three, "web", "10.77.0.20")
 
 
 def test_a_port_of_the_instance_without_rules_drops_everything(three):
@@ -306,27 +360,16 @@ guests:
 @contextlib.contextmanager
 def uplink(env: Env) -> Iterator[str]:
     """An "outside" netns at 192.0.2.2, the fabric's default route (so nat has a way out)."""
-    outside, up = f"{env.instance}-out", f"{env.instance}-up"
     env.executor.fabric.ensure_fabric()
-    ns.create(outside)
-    try:
-        with ns.iproute(env.fabric) as fab:
-            fab.link("add", ifname=up, kind="veth", peer={"ifname": "o0", "net_ns_fd": outside})
-            idx = fab.link_lookup(ifname=up)[0]
-            fab.addr("add", index=idx, address="192.0.2.1", prefixlen=24)
-            fab.link("set", index=idx, state="up")
-            fab.route("add", dst="0.0.0.0/0", gateway="192.0.2.2")
+
+    def wire(fab: Any, idx: int) -> None:
+        fab.addr("add", index=idx, address="192.0.2.1", prefixlen=24)
+        fab.link("set", index=idx, state="up")
+        fab.route("add", dst="0.0.0.0/0", gateway="192.0.2.2")
+    with side_netns(env, "out", f"{env.instance}-up", "o0", "192.0.2.2", wire) as outside:
         with ns.iproute(outside) as ipr:
-            o0 = ipr.link_lookup(ifname="o0")[0]
-            ipr.addr("add", index=o0, address="192.0.2.2", prefixlen=24)
-            ipr.link("set", index=o0, state="up")
             ipr.route("add", dst="10.80.0.0/12", gateway="192.0.2.1")   # as a LAN router might
         yield outside
-    finally:
-        with ns.iproute(env.fabric) as fab:
-            for idx in fab.link_lookup(ifname=up):
-                fab.link("del", index=idx)
-        ns.remove(outside)
 
 
 def test_forwarding_only_where_the_inventory_allows_it(tmp_path):
