@@ -177,3 +177,13 @@ def test_runas_root_is_warned_about(fleet):
     doc = json.loads(fleet.cli("doctor", "--json", check=False).stdout)
     fact = next(f for f in doc["facts"] if f["name"] == "QEMU user")
     assert "a uid of its own per guest" in fact["value"] and fact["ok"]
+
+
+def test_destroy_frees_every_uid_of_the_fleet(fleet):
+    """Last in this module: destroy ends the fleet, and its uids are free again."""
+    uids = [g["uid"] for g in fleet.guests().values()]
+    assert uids and all(REGISTRY.joinpath(str(u)).exists() for u in uids)
+    fleet.cli("destroy", "--yes")
+    assert not [u for u in uids if REGISTRY.joinpath(str(u)).exists()]
+    assert not [p for p in REGISTRY.glob("[0-9]*")
+                if json.loads(p.read_text())["state"] == str(fleet.state.resolve())]
