@@ -17,6 +17,7 @@ import psutil
 
 from ..inventory.schema import HostSpec
 from ..sched.cgroup import CgroupLayout, detect
+from ..sched.psi import probe as psi_probe
 from ..vm.accel import KvmFacts, KvmKind, choose_accel, probe_kvm
 from ..vm.image import describe_kernel_source, is_static_elf
 
@@ -133,6 +134,10 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
     facts.append(Fact("PSI", "/proc/pressure/{cpu,memory,io}" if psi else "absent", psi, False,
                       None if psi else "boot with psi=1; the rebalancer then relies on "
                       "MemAvailable and guest stats only"))
+    if psi:
+        how = psi_probe()
+        facts.append(Fact("memory pressure watch", how, not how.startswith("unreadable"),
+                          False, None))
     for binary, pkg, required, pattern in (
             ("qemu-system-x86_64", "qemu-system-x86", True, r"version ([\d.]+)"),
             ("qemu-img", "qemu-utils", True, r"version ([\d.]+)"),

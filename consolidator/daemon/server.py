@@ -207,6 +207,11 @@ class Api:
                     self.stopping.set()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # the supervisor stops with this connection open: end quietly. Re-raised, it
+            # reaches asyncio's StreamReaderProtocol callback, which logs a raw traceback
+            # (to stderr, which is the JSON log) for every connection open at a stop.
+            return
         finally:
             self.connections -= 1
             if session["locked"]:

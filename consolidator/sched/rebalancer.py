@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import select
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -39,6 +37,7 @@ from .cpu import CpuDecision, CpuInput, cpu_policy, smooth_demand
 from .memory import (HostState, MemDecision, MemHost, MemInput, MemParams, memory_policy,
                      watchdog_target)
 from .observe import Observer, Snapshot, Tracked, UsageReader
+from .psi import PsiWatch, watch_memory_pressure
 
 log = structlog.get_logger("rebalancer")
 MiB = 1 << 20
@@ -71,28 +70,6 @@ class Controls(Protocol):
 TickHook = Callable[[Snapshot, dict[str, Any]], None]
 
 
-class PsiTrigger:
-    """A kernel PSI trigger on /proc/pressure/memory, readable by the event loop."""
-
-    def __init__(self, stall_us: int = 100_000, window_us: int = 1_000_000) -> None:
-        self.fd = os.open("/proc/pressure/memory", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        os.write(self.fd, f"some {stall_us} {window_us}\0".encode())
-        self.ep = select.epoll()
-        self.ep.register(self.fd, select.EPOLLPRI)
-
-    def attach(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
-        def fired() -> None:
-            self.ep.poll(0)
-            wake()
-        loop.add_reader(self.ep.fileno(), fired)
-
-    def close(self, loop: asyncio.AbstractEventLoop) -> None:
-        with contextlib.suppress(Exception):
-            loop.remove_reader(self.ep.fileno())
-        self.ep.close()
-        os.close(self.fd)
-
-
 class Rebalancer:
     def __init__(self, settings: Callable[[], LoopSettings | None],
                  guests: Callable[[], list[Tracked]], usage: UsageReader | None,
@@ -119,7 +96,7 @@ class Rebalancer:
         self._cpu_in: list[CpuInput] = []       # the last tick's CPU inputs (for respec)
         self._was_active = False
         self._wake = asyncio.Event()
-        self._psi: PsiTrigger | None = None
+        self._psi: PsiWatch | None = None
         self.loop_task: asyncio.Task[None] | None = None
         self.watchdog_task: asyncio.Task[None] | None = None
 
@@ -137,10 +114,11 @@ class Rebalancer:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self._psi = PsiTrigger()
+            self._psi, how = watch_memory_pressure()
             self._psi.attach(loop, self._wake.set)
+            log.info("rebalancer.psi", how=how)
         except OSError as e:
-            log.warning("rebalancer.no_psi_trigger", error=e.strerror,
+            log.warning("rebalancer.no_psi", error=e.strerror,
                         note="the loop runs on its timer only")
         self.loop_task = asyncio.ensure_future(self._run())
         self.watchdog_task = asyncio.ensure_future(self._watchdog())

@@ -422,9 +422,11 @@ class Guest:
                     buf = (buf + chunk)[-4096:]
                     if READY_MARK in buf:
                         line = buf[buf.index(READY_MARK):].split(b"\n", 1)[0]
-                        self.log.info("guest.ready", line=line.decode(errors="replace").strip(),
-                                      after=round(time.monotonic() -
-                                                  self.transitions[-1].mono, 3))
+                        # the runtime logs the transition (guest.ready); this is its detail
+                        self.log.debug("guest.ready_line",
+                                       line=line.decode(errors="replace").strip(),
+                                       after=round(time.monotonic() -
+                                                   self.transitions[-1].mono, 3))
                         return
                 if not self.alive():
                     raise LaunchError(f"guest {self.name}: QEMU exited during boot")
@@ -555,7 +557,7 @@ class Guest:
             if self._state is Runstate.STOPPING:
                 self._to(Runstate.STOPPED)
             await self.cleanup()
-        self.log.info("guest.stopped", how=self.exit.describe() if self.exit else "?",
+        self.log.debug("guest.shutdown_done", how=self.exit.describe() if self.exit else "?",
                       took=round(time.monotonic() - start, 3))
         assert self.exit is not None
         return self.exit

@@ -415,11 +415,22 @@ def test_a_second_apply_while_one_runs_is_refused_at_once(tmp_path):
 
 
 def test_destroy_leaves_nothing_anywhere(tmp_path):
+    import socket
     with cli_fleet(tmp_path) as f:
         f.cli("apply")
         sup = f.supervisor_pid()
+        idle = socket.socket(socket.AF_UNIX)             # a client that stays connected
+        idle.connect(str(f.state / "supervisor" / "api.sock"))
         res = f.cli("destroy", "--yes")
+        idle.close()
         assert "destroyed" in res.stdout
+        # the supervisor's log stays JSON through its stop (an open connection's
+        # cancellation wrote a raw asyncio traceback there), and says each thing once
+        lines = (f.state / "supervisor" / "log.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]
+        for name in ("web", "app", "db"):
+            assert sum(1 for r in records if r.get("event") == "guest.ready"
+                       and r.get("guest") == name) == 1, name
         assert leftovers(f.instance) == []
         assert not list((f.state / "guests").glob("*/run/*.sock"))
         assert not (f.state / "supervisor" / "api.sock").exists()
