@@ -7,3 +7,7 @@ import os as _os
 _os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 __version__ = "0.1.0"
+
+# Here, not in state.py: the CLI needs it at import, and state.py pulls in the inventory's
+# schema (pydantic), which a `status` must not pay for.
+DEFAULT_STATE_DIR = "/var/lib/consolidator"

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import DEFAULT_STATE_DIR as _DEFAULT_STATE_DIR
 from .errors import StateError
 from .inventory.schema import HostSpec, NetworkSpec
 from .model import Fleet, GuestIntent, GuestState
@@ -37,7 +38,7 @@ from .plan import Observed, ObservedGuest
 
 FORMAT = 1
 FORMAT_TAG = f"consolidator-state {FORMAT}\n"
-DEFAULT_STATE_DIR = "/var/lib/consolidator"
+DEFAULT_STATE_DIR = _DEFAULT_STATE_DIR
 #: A guest's files that hold its data: kept by destroy and prune unless purged.
 DISK_SUFFIXES = (".qcow2",)
 

@@ -25,7 +25,7 @@ from .. import __version__
 from .. import log as logmod
 from ..errors import (ConflictError, ConsolidatorError, ExitCode, InventoryError, PlanExit,
                       SupervisorUnreachable, UsageError)
-from ..state import DEFAULT_STATE_DIR
+from .. import DEFAULT_STATE_DIR
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -219,7 +219,7 @@ def plan(c: Ctx, as_json: bool, detailed_exitcode: bool, prune: bool, purge: boo
     need a running guest restarted are listed as pending unless --allow-restart.
     """
     from ..plan import plan as make_plan
-    from .render import render_plan
+    from .planview import render_plan
     ctx = click.get_current_context()
     ctx.meta["detailed_exitcode"] = detailed_exitcode
     fleet = c.fleet()
@@ -494,7 +494,8 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
     from ..daemon import protocol
     from ..plan import plan as make_plan
     from ..plan import Observed
-    from .render import render_plan, status_table
+    from .planview import render_plan
+    from .render import status_table
     text, fleet = c.inventory()
     plain = c.log_format == "json" or not err.is_terminal
     if fleet.host.runas == "root":

@@ -205,8 +205,9 @@ class Executor:
         The blocking parts (netlink, cgroupfs, nft, image build) run in a worker thread:
         pyroute2's synchronous API cannot run inside an event loop, and one guest's
         setup must not stall the others. ``gate`` bounds how many guests are in their
-        host-side start work at once (wiring to QMP greeting); it is released when the
-        guest starts booting, since a boot is QEMU's own CPU, not ours.
+        host-side start work at once (wiring, cgroup, boot files, spawn); it is released
+        as soon as QEMU runs, since its initialisation and boot are its own CPU, not ours
+        (held until the QMP greeting, it spawned QEMUs two at a time on two cores).
         ``progress`` hears network, cgroup, launch, boot; ``note`` the objects made."""
         assert self.cgroups is not None
         say = progress or (lambda phase: None)
@@ -222,9 +223,10 @@ class Executor:
                 held = False
 
         def on_phase(phase: str) -> None:
+            if phase == "spawned":
+                release()           # the rest (QEMU's init, its greeting) is QEMU's CPU
+                return
             say(phase)
-            if phase == "boot":
-                release()
 
         try:
             say("network")

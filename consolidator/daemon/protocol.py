@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConsolidatorError, SupervisorError, SupervisorUnreachable, from_wire
-from ..state import StateDir
 
 PROTOCOL = 2
 MAX_LINE = 64 << 20
@@ -122,6 +121,9 @@ def connect(state_root: Path, *, start: bool = True, wait: float = 15.0) -> Clie
         if not start:
             raise SupervisorUnreachable(f"no supervisor is running for {state_root}",
                                         hint="consolidator apply (or supervise) starts one")
+    # Imported here, on the path that starts a supervisor only: the state module pulls in
+    # the inventory's schema, which a query to a running supervisor must not pay for.
+    from ..state import StateDir
     StateDir(state_root).ensure()          # a state dir it would refuse: say so here
     child = start_detached(state_root)
     deadline = time.monotonic() + wait

@@ -273,8 +273,8 @@ class HostSpec(_Model):
     cgroup_parent: str | None = Field(
         None, description="cgroup below which guests go; default: the supervisor's own")
     concurrency: int | Literal["auto"] = Field(
-        "auto", description="guests in their host-side start work at once (wiring to QMP "
-                            "greeting); auto = host cores; boots then run in parallel")
+        "auto", description="guests in their host-side start work at once (wiring to "
+                            "spawn); auto = host cores; QEMUs then start in parallel")
     restart: RestartLimits = RestartLimits()
     history: HistoryRetention = HistoryRetention()
     metrics: Metrics = Metrics()

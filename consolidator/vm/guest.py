@@ -228,7 +228,8 @@ class Guest:
                      on_phase: Callable[[str], None] | None = None) -> None:
         """Start QEMU and wait until the guest is up. Raises LaunchError (or ReadyTimeout).
         ``placement`` (cgroup, netns) overrides the one given at construction.
-        ``on_phase`` hears "launch" (spawning) and "boot" (QMP answered, booting)."""
+        ``on_phase`` hears "launch" (spawning), "spawned" (QEMU runs) and "boot" (QMP
+        answered, booting)."""
         self._require("launch", Runstate.DEFINED, Runstate.STOPPED, Runstate.CRASHED)
         if placement is not None:
             self.placement = placement
@@ -241,6 +242,7 @@ class Guest:
             self._pre_launch()
             self._on_phase("launch")
             self._spawn()
+            self._on_phase("spawned")
             await self._post_launch()
         except BaseException as e:
             await self._abort_launch(e)

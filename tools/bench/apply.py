@@ -2,9 +2,10 @@
 """Apply benchmark: the whole product against a bare launch of the same QEMU argv.
 
 Measured in this run:
-  - `consolidator apply` of N (8) builtin guests, each with a NIC, from nothing to all READY;
+  - `consolidator apply` of N (8) builtin guests, each with a NIC, cold: no supervisor
+    runs and no guest exists, so the supervisor's start is inside the clock;
   - the floor: the same argv launched in parallel by a bare script, inside netns and
-    cgroups made beforehand (not timed), READY seen on the serial logs. Ratio target <= 1.15;
+    cgroups made beforehand (not timed), READY seen on the serial logs. Ratio target <= 1.05;
   - a no-op re-apply with 8 and with 20 guests;
   - the supervisor's RSS with 0, 8 and 20 guests, and what each guest adds;
   - the supervisor's CPU % at idle with 8 guests.
@@ -134,10 +135,16 @@ def main() -> None:
     ours, floor, noop8, idle_cpu, rss = [], [], [], [], {}
     for run in range(a.runs):
         floor.append(bare(a.guests))
+        f0 = Fleet(a.guests)
+        try:
+            f0.cli("status")                      # a supervisor with no guests: its RSS
+            rss.setdefault(0, []).append(f0.supervisor().memory_info().rss)
+        finally:
+            f0.destroy()
         f = Fleet(a.guests)
         try:
-            f.cli("status")                       # the supervisor starts, no guests yet
-            rss.setdefault(0, []).append(f.supervisor().memory_info().rss)
+            # cold: no supervisor runs and no guest exists; `apply` starts the supervisor
+            # inside the clock, as an operator's first apply on a stopped host does
             took, _ = f.cli("apply")
             ours.append(took)
             noop8.append(f.cli("apply")[0])
@@ -160,10 +167,11 @@ def main() -> None:
     MiB = 1 << 20
     r0, r8 = m(rss[0]), m(rss[a.guests])
     print(f"\n# apply benchmark, medians of {a.runs} (floor measured in the same run)")
-    print(f"apply {a.guests} guests, nothing -> all READY : {m(ours):6.2f} s")
+    print(f"apply {a.guests} guests, cold (supervisor stopped, no guests; its start "
+          f"inside the clock) -> all READY : {m(ours):6.2f} s")
     print(f"bare parallel launch, same argv (floor)   : {m(floor):6.2f} s")
     print(f"ratio                                     : {m(ours) / m(floor):6.2f}  "
-          f"(target <= 1.15)")
+          f"(target <= 1.05)")
     print(f"no-op re-apply, {a.guests} guests                  : {m(noop8):6.2f} s")
     print(f"no-op re-apply, {a.many} guests                 : {m(noop_many):6.2f} s")
     print(f"supervisor RSS: {r0 / MiB:.0f} MiB idle, {r8 / MiB:.0f} MiB with {a.guests}, "

@@ -9,7 +9,10 @@ Prints medians of N runs (default 5), each measured in this run:
   - QEMU's RSS after READY, minus the guest RAM it touched (from /proc/PID/smaps),
     for a few TCG translation-cache sizes;
   - Guest.launch() to READY confined (a uid of its own, the mount-namespace jail,
-    no_new_privs) against the same launch as root with no jail: what confinement costs.
+    no_new_privs) against the same launch as root with no jail: what confinement costs;
+  - idle CPU of one READY guest over --idle seconds, per machine type: QEMU launched by
+    Guest.launch(), the same argv launched bare, and the bare argv with the CPU model of
+    before (qemu64 without ARAT, under which an idle microvm guest ticks at HZ).
 Run as root: python tools/bench/boot.py [--runs 5]
 """
 
@@ -27,6 +30,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -141,11 +145,51 @@ async def qmp_greeting(spec) -> float:
         p.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+async def idle_cpu(spec, seconds: float, how: str, settle: float = 3.0) -> float:
+    """Percent of a core one READY guest's QEMU uses over ``seconds`` of idling.
+    ``how``: "ours" (Guest.launch), "bare" (the same argv), "noarat" (bare, old CPU)."""
+    if how == "ours":
+        g = Guest(spec)
+        await g.launch()
+        pid, stop = g.pid, g.shutdown
+    else:
+        spec.paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        spec.paths.serial_log.touch()
+        opened = Opened(spec)
+        argv = build_argv(spec, opened.handles)
+        if how == "noarat":
+            argv = [("qemu64" if a == "qemu64,+arat" else a) for a in argv]
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL, pass_fds=opened.handles.fds())
+        opened.close()
+        pid = p.pid
+
+        async def stop(timeout: float = 5) -> None:
+            p.kill()
+            p.wait()
+        while b"CONSOLIDATOR-READY" not in spec.paths.serial_log.read_bytes():
+            if p.poll() is not None:
+                raise RuntimeError("bare QEMU exited")
+            await asyncio.sleep(0.05)
+    try:
+        await asyncio.sleep(settle)
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        return 100 * (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+    finally:
+        await stop(timeout=5)
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-async def main(runs: int, machines: list[str], tbs: list[int]) -> None:
+async def main(runs: int, machines: list[str], tbs: list[int], idle: float) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     print(f"# boot benchmark: {runs} runs each; accelerator "
           f"{spec_for(Path(tempfile.mkdtemp()), 'pc').accel.reason}")
@@ -161,6 +205,16 @@ async def main(runs: int, machines: list[str], tbs: list[int]) -> None:
                 mine.append((await ours(spec_for(work, m)))[0])
             print(f"{m:8} {med(greet) * 1000:>10.0f} ms {med(floor):>9.2f} s {med(mine):>9.2f} s "
                   f"{med(mine) / med(floor):>6.2f}")
+        print(f"\n{'idle CPU, one guest':20} {'ours':>7} {'bare argv':>10} {'ratio':>6} "
+              f"{'bare, no ARAT':>14}   ({idle:g} s each, medians of {max(1, runs // 2)})")
+        for m in machines:
+            rows = {how: [] for how in ("ours", "bare", "noarat")}
+            for _ in range(max(1, runs // 2)):
+                for how in rows:
+                    rows[how].append(await idle_cpu(spec_for(work, m), idle, how))
+            ours_, bare_, old_ = (med(rows[h]) for h in ("ours", "bare", "noarat"))
+            print(f"{m:20} {ours_:>6.2f}% {bare_:>9.2f}% {ours_ / max(bare_, 0.01):>6.2f} "
+                  f"{old_:>13.2f}%")
         jail = plan_jail("qemu-system-x86_64")
         free, confined = [], []
         for _ in range(runs):
@@ -188,5 +242,7 @@ if __name__ == "__main__":
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--machines", default="microvm,q35,pc")
     ap.add_argument("--tb-sizes", default="32,64,256")
+    ap.add_argument("--idle", type=float, default=20.0, help="seconds of idle measured")
     a = ap.parse_args()
-    asyncio.run(main(a.runs, a.machines.split(","), [int(x) for x in a.tb_sizes.split(",")]))
+    asyncio.run(main(a.runs, a.machines.split(","), [int(x) for x in a.tb_sizes.split(",")],
+                     a.idle))
