@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import grp
 import hashlib
+import itertools
 import json
 import os
 import pwd
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import psutil
 
 from ..errors import HostError
 from ..state import StateDir
@@ -122,8 +122,8 @@ class Registry:
         its own or free, else the first free one of the range."""
         with self._locked():
             busy: set[int] | None = None
-            order = ([want] if want is not None else []) + \
-                list(candidates(first, count, f"{owner.state}\0{owner.guest}"))
+            order = itertools.chain([want] if want is not None else [],
+                                    candidates(first, count, f"{owner.state}\0{owner.guest}"))
             for uid in order:
                 if not first <= uid < first + count:
                     continue
@@ -165,11 +165,15 @@ class Registry:
 
 
 def _uids_in_use() -> set[int]:
+    """The uids and gids that own a running process (its /proc directory's owner: the
+    effective ids). One stat per process: reading every process's status took 40 ms."""
     out = set()
-    for p in psutil.process_iter(["uids", "gids"]):
-        with contextlib.suppress(Exception):
-            out.update(p.info["uids"])
-            out.update(p.info["gids"])
+    with os.scandir("/proc") as it:
+        for e in it:
+            if e.name.isdigit():
+                with contextlib.suppress(OSError):
+                    st = e.stat()
+                    out.update((st.st_uid, st.st_gid))
     return out
 
 

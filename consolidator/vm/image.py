@@ -421,6 +421,38 @@ def _inputs(src: KernelSource, busybox: Path, modules: list[tuple[str, Path]]) -
     }
 
 
+# Inputs by the files' fingerprints: resolving modules runs modinfo once per module and
+# hashing reads the kernel, about 100 ms, which every guest start paid to find the image
+# it already had. A changed file (a new kernel, busybox, module set or builder) changes
+# its fingerprint, so the inputs are computed again.
+_INPUTS_MEMO: dict[tuple[Any, ...], tuple[list[tuple[str, Path]], dict[str, Any]]] = {}
+
+
+def _fingerprint(src: KernelSource, busybox: Path) -> tuple[Any, ...]:
+    paths = [src.vmlinuz, busybox, Path(__file__)]
+    if src.modules_dir is not None:
+        paths += [src.modules_dir / "modules.dep", src.modules_dir / "modules.builtin"]
+    guestfs = resources.files("consolidator.vm").joinpath("guestfs")
+    paths += [Path(str(guestfs.joinpath(f))) for f in GUESTFS_FILES]
+    out: list[Any] = [src.origin, src.version, src.detail, str(src.modules_dir)]
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((str(p), None))
+    return tuple(out)
+
+
+def _inputs_of(src: KernelSource, busybox: Path
+               ) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    fp = _fingerprint(src, busybox)
+    if fp not in _INPUTS_MEMO:
+        modules = resolve_modules(src.modules_dir)
+        _INPUTS_MEMO[fp] = (modules, _inputs(src, busybox, modules))
+    return _INPUTS_MEMO[fp]
+
+
 @contextlib.contextmanager
 def cache_lock(cache: Path) -> Iterator[None]:
     """Exclusive use of the image cache: apply starts guests in parallel, and each may find
@@ -446,8 +478,7 @@ def _build_tiny(cache: Path, kernel: str | Path | None, *, force: bool, refresh:
                 progress: Progress) -> BuiltImage:
     src = find_kernel(cache, kernel, refresh=refresh, progress=progress)
     busybox = busybox_path()
-    modules = resolve_modules(src.modules_dir)
-    inputs = _inputs(src, busybox, modules)
+    modules, inputs = _inputs_of(src, busybox)
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     out = cache / f"tiny-{key[:12]}"
     manifest_path = out / "manifest.json"

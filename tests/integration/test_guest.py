@@ -61,6 +61,11 @@ def test_boot_agent_balloon_load_and_graceful_stop(make_guest):
             agent = await g.agent()
             assert await agent.ping() > 0
             assert (await agent.status())["name"] == g.name
+            # an idle guest can stop ticking: high-res timers and NOHZ on every CPU (on
+            # microvm without ARAT the guest stayed periodic at HZ: 250 interrupts/s)
+            rc, out = await agent.sh("grep -E 'hres_active|nohz_mode' /proc/timer_list")
+            assert rc == 0 and out.count(": 1") >= 1 and ": 0" not in out, out
+            assert "nohz_mode      : 2" in out, out
 
             # -- balloon to half: the guest's usable memory and QEMU's RSS both drop
             await agent.mem(150)          # touch guest RAM so that it is resident on the host
