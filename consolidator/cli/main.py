@@ -15,11 +15,10 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
 
 import click
-from rich.console import Console
-from rich.text import Text
 
 from .. import __version__
 from .. import log as logmod
@@ -27,13 +26,39 @@ from ..errors import (ConflictError, ConsolidatorError, ExitCode, InventoryError
                       SupervisorUnreachable, UsageError)
 from .. import DEFAULT_STATE_DIR
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text as _RichText
 
 
-def show(console: Console, renderable: Any) -> None:
+class _LazyConsole:
+    """A rich Console made on first use: importing rich costs about 60 ms, which a
+    `status --json` (plain JSON out) need not pay."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+def Text(*args: Any, **kwargs: Any) -> "_RichText":  # noqa: N802 - stands for rich's Text
+    from rich.text import Text as RichText
+    return RichText(*args, **kwargs)
+
+
+out: Any = _LazyConsole(highlight=False, soft_wrap=True)
+err: Any = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
+
+
+def show(console: Any, renderable: Any) -> None:
     """Print a table whole: at the terminal's width on a terminal; elsewhere (a pipe, a
     file) at its natural width, so no value is cut to fit 80 columns."""
+    from rich.console import Console
     if console.is_terminal:
         console.print(renderable)
         return
@@ -561,11 +586,12 @@ def status(c: Ctx, as_json: bool, watch: bool, explain: bool) -> None:
     restarts and last event."""
     import time as _t
     from ..daemon import protocol
-    from .render import explain_table, status_table
     with protocol.connect(Path(c.state_dir), start=True) as client:
-        if as_json:
-            out.print_json(json.dumps(client.call("status", explain=explain)))
+        if as_json:                       # plain JSON: no rich on this path
+            click.echo(json.dumps(client.call("status", explain=explain), indent=2,
+                                  ensure_ascii=False))
             return
+        from .render import explain_table, status_table
         if not watch:
             doc = client.call("status", explain=explain)
             show(out, status_table(doc))
