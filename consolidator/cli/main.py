@@ -733,7 +733,12 @@ def destroy(c: Ctx, purge: bool, yes: bool, instance: str | None) -> None:
                       f"(state dir {c.state_dir})?", abort=True)
     try:
         with protocol.connect(Path(c.state_dir), start=False) as client:
+            pid = client.call("ping").get("pid")
             res = client.call("destroy", purge=purge)
+        # "the supervisor has stopped" is said only once it has: its exit, not its reply
+        if isinstance(pid, int) and not protocol.wait_exit(pid, timeout=15):
+            res["failures"].append({"target": f"supervisor {pid}", "action": "stop",
+                                    "error": "still running 15 s after destroy"})
     except SupervisorUnreachable:
         res = _destroy_offline(c, scope, purge)
     for r in res["removed"]:

@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -148,6 +149,18 @@ def _last_error(state_root: Path) -> str:
     except OSError:
         return "no log"
     return lines[-1][-300:] if lines else "no log"
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` (not our child) has exited; False after ``timeout``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 def start_detached(state_root: Path) -> subprocess.Popen[bytes]:
