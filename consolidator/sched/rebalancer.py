@@ -94,6 +94,11 @@ class Rebalancer:
         self.tick_cpu_s: list[float] = []       # supervisor CPU seconds per tick (bench)
         self.on_tick: list[TickHook] = []
         self._cpu_in: list[CpuInput] = []       # the last tick's CPU inputs (for respec)
+        # A CPU decision (a tick's or a respec's) is made whole under this lock, from the
+        # intents current at that moment: a tick that began before a live change of shares
+        # must not write weights (or explanations) from the old shares after the change.
+        self._deciding = asyncio.Lock()
+        self.cpu_explain: dict[str, dict[str, Any]] = {}   # the last CPU decision, each
         self._was_active = False
         self._wake = asyncio.Event()
         self._psi: PsiWatch | None = None
@@ -144,7 +149,7 @@ class Rebalancer:
     def forget(self, name: str) -> None:
         """A guest (re)starts: its cgroup is new, and what was known of it is gone."""
         for d in (self.estimates, self.holds, self.demand, self.weights, self.requested,
-                  self.explain):
+                  self.explain, self.cpu_explain):
             d.pop(name, None)
         self._cpu_in = [c for c in self._cpu_in if c.name != name]
         self.observer.forget(name)
@@ -192,22 +197,31 @@ class Rebalancer:
         budget = await self._memory(snap, running, settings, decisions)
         for t in running:
             self.explain[t.name] = {"t": snap.t, **decisions.get(t.name, {})}
+            if t.name in self.cpu_explain:          # a respec may have decided since
+                self.explain[t.name]["cpu"] = self.cpu_explain[t.name]
         self._notify(snap, {"budget": budget, "host_state": self.host_state.value,
                             "decisions": decisions})
 
     async def _cpu(self, snap: Snapshot, running: list[Tracked], settings: LoopSettings,
                    decisions: dict[str, Any]) -> None:
-        cpu_in = []
-        for t in running:
-            o = snap.guests[t.name]
-            want = o.demand if o.demand is not None else (o.cpu_rate or 0.0)
-            self.demand[t.name] = smooth_demand(self.demand.get(t.name), want)
-            cpu_in.append(_cpu_input(t.name, t.intent, self.demand[t.name], o.cpu_rate or 0.0))
-        self._cpu_in = cpu_in
-        for d in await self._decide_weights(settings.usable_cpus):
-            decisions.setdefault(d.name, {})["cpu"] = {
-                "weight": d.weight, "reason": d.reason,
-                "demand": round(self.demand.get(d.name, 0.0), 3)}
+        async with self._deciding:
+            current = {t.name: t.intent for t in self.guests()}    # not the tick's start's
+            cpu_in = []
+            for t in running:
+                o = snap.guests[t.name]
+                want = o.demand if o.demand is not None else (o.cpu_rate or 0.0)
+                self.demand[t.name] = smooth_demand(self.demand.get(t.name), want)
+                cpu_in.append(_cpu_input(t.name, current.get(t.name, t.intent),
+                                         self.demand[t.name], o.cpu_rate or 0.0))
+            self._cpu_in = cpu_in
+            for d in await self._decide_weights(settings.usable_cpus):
+                decisions.setdefault(d.name, {})["cpu"] = self._explain_cpu(d)
+
+    def _explain_cpu(self, d: CpuDecision) -> dict[str, Any]:
+        e = {"weight": d.weight, "reason": d.reason,
+             "demand": round(self.demand.get(d.name, 0.0), 3)}
+        self.cpu_explain[d.name] = e
+        return e
 
     async def _decide_weights(self, usable: float) -> list[CpuDecision]:
         out = cpu_policy(self._cpu_in, host_cpus=tuple(range(self.observer.ncpu)),
@@ -223,14 +237,17 @@ class Rebalancer:
         """A live change of ``name``'s CPU spec (shares, reserve, pin): decide every weight
         again at once, from the last tick's readings, and write what changed."""
         s = self.settings()
-        if s is None or not s.enabled or not any(c.name == name for c in self._cpu_in):
+        if s is None or not s.enabled:
             return
-        self._cpu_in = [_cpu_input(name, intent, c.demand, c.usage) if c.name == name else c
-                        for c in self._cpu_in]
-        for d in await self._decide_weights(s.usable_cpus):
-            if d.name in self.explain:
-                self.explain[d.name]["cpu"] = {"weight": d.weight, "reason": d.reason,
-                                               "demand": round(self.demand.get(d.name, 0), 3)}
+        async with self._deciding:
+            if not any(c.name == name for c in self._cpu_in):
+                return
+            self._cpu_in = [_cpu_input(name, intent, c.demand, c.usage) if c.name == name
+                            else c for c in self._cpu_in]
+            for d in await self._decide_weights(s.usable_cpus):
+                e = self._explain_cpu(d)
+                if d.name in self.explain:
+                    self.explain[d.name]["cpu"] = e
 
     async def _restore_static(self, running: list[Tracked]) -> None:
         """Rebalancing was switched off: every weight goes back to the inventory's shares."""

@@ -95,6 +95,7 @@ def weight_on_shares(f, guest: str, shares: int) -> bool:
                    if g["name"] == guest)["explain"]["cpu"]
         if int(cg.read_text()) == cpu["weight"]:
             break
+        time.sleep(0.3)
     assert int(cg.read_text()) == cpu["weight"], cpu
     assert cpu["reason"].startswith(f"shares {shares}"), cpu
     return cpu["weight"] == shares or (cpu["weight"] > shares and "reserve" in cpu["reason"])
