@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import structlog
@@ -107,11 +107,18 @@ class Snapshot:
 
 
 def schedstat(pid: int) -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting) summed over the process's threads."""
+    """(ns on a CPU, ns runnable but waiting) summed over the process's threads.
+    Plain descriptors, no pathlib: this runs for every thread of every guest each tick,
+    and was a third of the idle supervisor's busy time."""
     run = wait = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            fields = (task / "schedstat").read_text().split()
+    base = f"/proc/{pid}/task/"
+    for tid in os.listdir(base):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fd = os.open(base + tid + "/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fields = os.read(fd, 128).split()
+            finally:
+                os.close(fd)
             run += int(fields[0])
             wait += int(fields[1])
     return run, wait
