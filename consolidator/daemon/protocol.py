@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import linux
 from ..errors import ConsolidatorError, SupervisorError, SupervisorUnreachable, from_wire
 
 PROTOCOL = 2
@@ -154,7 +155,7 @@ def _last_error(state_root: Path) -> str:
 def wait_exit(pid: int, timeout: float) -> bool:
     """Wait until process ``pid`` (not our child) has exited; False after ``timeout``."""
     try:
-        fd = os.pidfd_open(pid)
+        fd = linux.pidfd_open(pid)
     except ProcessLookupError:
         return True
     try:

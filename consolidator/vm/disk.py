@@ -19,11 +19,6 @@ def _qemu_img(*args: str) -> str:
                          else None) from None
 
 
-def backing_of(overlay: Path) -> str | None:
-    info = json.loads(_qemu_img("info", "--output=json", "-U", str(overlay)))
-    return info.get("full-backing-filename") or info.get("backing-filename")
-
-
 def backing_chain(top: Path) -> tuple[tuple[str, str], ...]:
     """(path, format) of ``top`` and every file below it, as qemu-img reads them."""
     info = json.loads(_qemu_img("info", "--backing-chain", "--output=json", "-U", str(top)))
@@ -43,14 +38,18 @@ def own(path: Path, uid: int, gid: int) -> None:
         os.close(fd)
 
 
-def prepare_overlay(base: Path, base_format: str, overlay: Path) -> Path:
-    """Make (or reuse) ``overlay`` backed by ``base``. An overlay on another base is kept
-    aside as ``<name>.<time>.qcow2``, never deleted: only ``--purge`` deletes disks."""
+def prepare_overlay(base: Path, base_format: str, overlay: Path
+                    ) -> tuple[tuple[str, str], ...]:
+    """Make (or reuse) ``overlay`` backed by ``base``; return its chain as
+    :func:`backing_chain` reads it (one qemu-img run for a reused overlay). An overlay on
+    another base is kept aside as ``<name>.<time>.qcow2``, never deleted: only ``--purge``
+    deletes disks."""
     if not os.access(base, os.R_OK):
         raise ImageError(f"disk image {base} is missing or unreadable")
     if overlay.exists():
-        if backing_of(overlay) == str(base):
-            return overlay
+        chain = backing_chain(overlay)
+        if len(chain) > 1 and chain[1][0] == str(base):
+            return chain
         aside = overlay.with_name(f"{overlay.stem}.{int(time.time())}{overlay.suffix}")
         os.replace(overlay, aside)
     overlay.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -58,4 +57,4 @@ def prepare_overlay(base: Path, base_format: str, overlay: Path) -> Path:
     _qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(tmp))
     os.chmod(tmp, 0o600)
     os.replace(tmp, overlay)
-    return overlay
+    return backing_chain(overlay)

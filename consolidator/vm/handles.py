@@ -36,8 +36,8 @@ class Opened:
     def _open(self, spec: LaunchSpec, taps: tuple[int, ...]) -> Handles:
         p, boot, name = spec.paths, spec.boot, spec.name
         qmp, console, agent = (self._listen(s) for s in (p.qmp, p.console, p.agent))
-        serial = self._file(p.serial_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, name,
-                            "serial log")
+        serial = self._file(p.serial_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                            os.O_NOFOLLOW, name, "serial log")
         kernel = self._file(Path(boot.kernel), os.O_RDONLY, name, "kernel") \
             if boot.kernel else None
         initrd = self._file(Path(boot.initrd), os.O_RDONLY, name, "initrd") \
@@ -67,8 +67,7 @@ class Opened:
 
     def _file(self, path: Path, flags: int, guest: str, what: str) -> int:
         try:
-            fd = os.open(path, flags | os.O_CLOEXEC | (os.O_NOFOLLOW if what == "serial log"
-                                                       else 0), 0o600)
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise LaunchError(f"guest {guest}: cannot open its {what} {path}: "
                               f"{e.strerror}") from None

@@ -36,8 +36,6 @@ from ..state import StateDir
 
 REGISTRY = Path("/run/consolidator/ids")
 FRESH = 300.0          # seconds a claim is honoured before its guest's record names it
-DEFAULT_FIRST = 0x70000000
-DEFAULT_COUNT = 65536
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from ..hostfacts import host_tsc_khz
 from ..inventory.files import disk_problems, inside, regular_file
 from ..model import GuestIntent
 from .accel import KvmFacts, KvmKind, choose_accel, probe_kvm
-from .disk import backing_chain, own, prepare_overlay
+from .disk import own, prepare_overlay
 from .identity import Identity
 from .image import BuiltImage, build_tiny
 from .qemu import Boot, LaunchSpec, RunPaths, TapNic, choose_machine, guest_uuid
@@ -67,12 +67,11 @@ def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
         check_image_files(intent, roots)
     disk, chain = None, ()
     if img.disk:
-        overlay = prepare_overlay(Path(img.disk), img.format or "raw",
-                                  guest_dir / "disk.qcow2")
+        overlay = guest_dir / "disk.qcow2"
+        chain = prepare_overlay(Path(img.disk), img.format or "raw", overlay)
         if owner is not None:
             own(overlay, owner.uid, owner.gid)
         disk = str(overlay)
-        chain = backing_chain(overlay)
         outside = [p for p, _ in chain[1:] if roots and not inside(p, roots)]
         if outside:
             raise ImageError(f"guest {intent.name}: its disk's chain reaches "
