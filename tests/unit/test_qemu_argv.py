@@ -85,12 +85,14 @@ def test_microvm_gets_mmio_devices_and_tsc_hint():
     assert any(d.startswith("virtio-serial-device,") for d in devices)
     cmdline = opt(argv, "-append")[0]
     assert "tsc_early_khz=2100000" in cmdline and "pci=off" in cmdline
+    assert "tsc=reliable" in cmdline.split()
 
 
 def test_pc_gets_pci_devices_and_no_tsc_hint():
     argv = argv_of(spec(machine=Machine("pc", "t"), tsc_khz=None))
     assert opt(argv, "-machine") == ["pc"]
-    assert any(d.startswith("virtio-balloon-pci,") for d in opt(argv, "-device"))
+    assert "tsc_early_khz" not in opt(argv, "-append")[0]
+    assert "tsc=reliable" not in opt(argv, "-append")[0]
     assert "tsc_early_khz" not in opt(argv, "-append")[0]
 
 
