@@ -20,13 +20,17 @@ def parse_cpulist(text: str) -> tuple[int, ...]:
 
 def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
     """/proc/meminfo as bytes (the kB figures multiplied out)."""
-    out: dict[str, int] = {}
     with open(path) as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            fields = rest.split()
-            if fields:
-                out[key] = int(fields[0]) * (1024 if len(fields) > 1 else 1)
+        return parse_meminfo(f.read())
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields:
+            out[key] = int(fields[0]) * (1024 if len(fields) > 1 else 1)
     return out
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
+
 import cffi
 
 _CDEF = """
@@ -137,3 +139,61 @@ def pidfd_open(pid: int) -> int:
     return _check(lib.syscall(SYS_PIDFD_OPEN, ffi.cast("int", pid),  # type: ignore
                               ffi.cast("unsigned int", 0)), "pidfd_open")
 
+
+
+class HeldFiles:
+    """Kernel pseudo-files (procfs, cgroupfs) read again and again through descriptors
+    kept open: each read is one ``pread`` at offset 0, which makes the kernel generate
+    the file afresh, instead of open, fstat, ioctl, lseek, read and close behind a Python
+    file object. The rebalancer reads some fifty of them a second; this is most of what
+    an idle supervisor would otherwise spend.
+
+    A descriptor that fails (its process exited, its cgroup was removed) is closed and the
+    error raised; the next read opens the path again, so a recreated cgroup is followed."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self._fds: dict[str, int] = {}
+        # the loop reads while an executor thread may forget a removed cgroup's files:
+        # a descriptor must never be closed (and its number reused) between get and pread
+        self._lock = threading.Lock()
+
+    def read(self, path: str) -> bytes:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self._fds[path] = fd
+            try:
+                return os.pread(fd, self.size, 0)
+            except OSError:
+                self._drop(path)
+                raise
+
+    def forget(self, prefix: str) -> None:
+        """Close every descriptor of a path under ``prefix`` (a guest's cgroup or PID)."""
+        with self._lock:
+            for path in [p for p in self._fds if p.startswith(prefix)]:
+                self._drop(path)
+
+    def keep_only(self, prefix: str, paths: set[str]) -> None:
+        """Under ``prefix``, close the descriptors of paths not in ``paths``."""
+        with self._lock:
+            for path in [p for p in self._fds if p.startswith(prefix) and p not in paths]:
+                self._drop(path)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def close(self) -> None:
+        self.forget("")
+
+    def __del__(self) -> None:        # an owner dropped without close() leaks nothing
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _drop(self, path: str) -> None:
+        fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)

@@ -41,23 +41,27 @@ def append(path: Path, entries: list[dict[str, Any]]) -> None:
         log.warning("guest.log_failed", path=str(path), error=str(e))
 
 
-def tail_serial(serial: Path, glog: Path, offset: int) -> int:
+def tail_serial(serial: Path, glog: Path, offset: int, seen: int = -1) -> tuple[int, int]:
     """Copy the whole lines ``serial`` gained since ``offset`` into ``glog``; return the
-    new offset. A shrunken file (rotated or truncated) is read from its start."""
+    new offset and the file's size now. A shrunken file (rotated or truncated) is read
+    from its start. A file still ``seen`` bytes long is not opened: a console that ends
+    in a prompt without a newline would otherwise be read again every interval."""
     try:
-        size = serial.stat().st_size
+        size = os.stat(serial).st_size
     except FileNotFoundError:
-        return offset
+        return offset, -1
+    if size == seen and size >= offset:
+        return offset, size
     if size < offset:
         offset = 0
     if size == offset:
-        return offset
+        return offset, size
     with open(serial, "rb") as f:
         f.seek(offset)
         data = f.read(READ_CHUNK)
     cut = data.rfind(b"\n") + 1
     if cut == 0 and len(data) < READ_CHUNK:
-        return offset                    # wait for a whole line
+        return offset, size              # wait for a whole line
     used = data[:cut] if cut else data
     end = offset + len(used)
     entries: list[dict[str, Any]] = []
@@ -72,7 +76,8 @@ def tail_serial(serial: Path, glog: Path, offset: int) -> int:
         entries.append({"kind": "serial-offset"})
     entries[-1]["o"] = end
     append(glog, entries)
-    return end
+    # all of the file was looked at, unless it was rotated or there was more than a chunk
+    return end, (size if end > 0 and len(data) < READ_CHUNK else -1)
 
 
 def read_entries(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:

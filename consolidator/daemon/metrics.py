@@ -1,7 +1,8 @@
 """The supervisor's Prometheus endpoint: live figures, names after Prometheus' conventions.
 
-Served by prometheus-client on ``host.metrics.listen`` (loopback by default), from its own
-thread. The collector is handed a reader of plain figures (:class:`Reading`, made by
+Served on ``host.metrics.listen`` (loopback by default) by a small HTTP/1.0 responder on the
+supervisor's event loop (prometheus-client renders the text format), so an idle endpoint
+costs no thread and no wake-up. The collector is handed a reader of plain figures (:class:`Reading`, made by
 :func:`reading` at scrape time) and nothing else. The fleet's instance goes in a
 ``fleet`` label: ``instance`` is the label Prometheus attaches to every scrape target. A
 port already taken is logged and the supervisor runs on without it.
@@ -9,12 +10,13 @@ port already taken is logged and the supervisor runs on without it.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import structlog
-from prometheus_client import start_http_server
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily)
 
 from ..inventory.schema import Metrics
@@ -149,21 +151,29 @@ class FleetCollector:
             yield t
 
 
+REQUEST_TIMEOUT_S = 5.0
+MAX_REQUEST = 8192
+
+
 class MetricsServer:
     """Serves where the fleet says. A port another process holds is not given up on: the
     supervisor calls :meth:`sync` again every few seconds, and ``status`` shows the
     conflict meanwhile (otherwise another local user could serve fake figures there)."""
 
     def __init__(self, read: Callable[[], Reading]) -> None:
-        self.read = read
+        self.registry = CollectorRegistry()
+        self.registry.register(FleetCollector(read))
         self.listen: str | None = None        # where it serves now
         self.want: str | None = None          # where it should serve
         self.error: str | None = None         # why it does not, said once per cause
-        self._server: Any = None
+        self._server: asyncio.AbstractServer | None = None
+        self._starting: asyncio.Task[asyncio.AbstractServer] | None = None
+        self._sock: socket.socket | None = None
 
     def sync(self, settings: Metrics | None) -> None:
         """Serve as ``settings`` say (the fleet's host.metrics); follow changes; stop
-        when disabled or when there is no fleet; try again while the port is taken."""
+        when disabled or when there is no fleet; try again while the port is taken.
+        Called on the event loop; the socket is bound here, so a taken port is known now."""
         want = settings.listen if settings is not None and settings.enabled else None
         self.want = want
         if want == self.listen:
@@ -173,11 +183,17 @@ class MetricsServer:
             self.error = None
             return
         host, _, port = want.rpartition(":")
-        registry = CollectorRegistry()
-        registry.register(FleetCollector(self.read))
+        host = host.strip("[]") or "127.0.0.1"
         try:
-            res = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
-                                    registry=registry)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
+                sock.listen(16)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
         except OSError as e:
             error = f"cannot listen on {want}: {e.strerror}"
             if error != self.error:
@@ -185,19 +201,51 @@ class MetricsServer:
                             note="tried again every 10 s")
             self.error = error
             return
-        if isinstance(res, tuple):
-            self._server = res[0]
+        self._sock = sock
+        self._starting = asyncio.ensure_future(asyncio.start_server(
+            self._answer, sock=sock, limit=MAX_REQUEST))
+        self._starting.add_done_callback(self._started)
         self.listen, self.error = want, None
         log.info("metrics.serving", listen=want)
+
+    def _started(self, task: asyncio.Task[asyncio.AbstractServer]) -> None:
+        if task is self._starting and not task.cancelled() and task.exception() is None:
+            self._server = task.result()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request, one answer, then the connection closes (HTTP/1.0)."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+            method, _, rest = head.partition(b" ")
+            path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+            if method not in (b"GET", b"HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path not in (b"/metrics", b"/"):
+                status, ctype, body = "404 Not Found", "text/plain", b"see /metrics\n"
+            else:
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, \
+                    generate_latest(self.registry)
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                         .encode() + (body if method != b"HEAD" else b""))
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass                              # a client that says nothing sane gets nothing
+        finally:
+            writer.close()
 
     def state(self) -> dict[str, Any]:
         return {"listen": self.want, "serving": self.listen is not None,
                 "error": self.error}
 
     def stop(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+        self._starting = None
         if self._server is not None:
-            with contextlib.suppress(Exception):
-                self._server.shutdown()
-                self._server.server_close()
-        self._server = None
+            self._server.close()               # closes its socket too
+        elif self._sock is not None:
+            self._sock.close()                 # never handed over
+        self._server, self._sock = None, None
         self.listen = None

@@ -3,7 +3,7 @@ guests' serial lines into their event logs.
 
 - :meth:`Recorder.on_tick` is a hook on the rebalancer's tick: the snapshot and the
   decisions become one host row and one row per guest, in one transaction.
-- :meth:`Recorder.maintain` aggregates, prunes and checkpoints every 10 s in a worker
+- :meth:`Recorder.maintain` aggregates, prunes and checkpoints every 60 s in a worker
   thread, on a connection of its own: the tick only ever pays for its small transaction.
 - :meth:`Recorder.tail` copies new serial lines into each guest's ``log.jsonl`` every
   interval (:func:`.guestlog.tail_serial`), so ``logs`` needs no daemon.
@@ -25,7 +25,7 @@ from . import guestlog
 from .runtime import Runtime
 
 log = structlog.get_logger("supervisor")
-MAINTAIN_EVERY = 10.0
+MAINTAIN_EVERY = 60.0    # aggregation is by the minute: more often finds nothing to do
 
 
 class Recorder:
@@ -109,9 +109,9 @@ class Recorder:
             interval = fleet.host.rebalance.interval if fleet else 1.0
             for g in list(self.runtime.guests.values()):
                 try:
-                    g.serial_offset = guestlog.tail_serial(
+                    g.serial_offset, g.serial_seen = guestlog.tail_serial(
                         state.guest_dir(g.name) / "serial.log",
-                        state.guest_log_path(g.name), g.serial_offset)
+                        state.guest_log_path(g.name), g.serial_offset, g.serial_seen)
                 except OSError as e:   # the next interval tries again
                     log.warning("serial.tail_failed", guest=g.name, error=str(e))
             await asyncio.sleep(interval)

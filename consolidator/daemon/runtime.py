@@ -47,6 +47,7 @@ class GuestRuntime:
         self.last_event: str | None = None
         self.facts: dict[str, Any] = {}       # pid, pid_start, boot, objects, started_at...
         self.serial_offset = 0                # how far serial.log is in log.jsonl
+        self.serial_seen = -1                 # its size when last looked at, all of it
         self.monitor: asyncio.Task[None] | None = None
         self.pending_restart: asyncio.Task[None] | None = None
         self.busy = asyncio.Lock()            # one operation at a time per guest

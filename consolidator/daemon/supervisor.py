@@ -8,7 +8,7 @@ recorder       history samples, downsampling, serial lines into event logs
 rebalancer     (sched) CPU weights and balloons, through :class:`GuestControls`
 server         the API on the unix socket; status is :mod:`.status`
 metrics        the Prometheus endpoint, from a plain reading
-netguard       the nftables tables stay as loaded (restored within a second)
+netguard       the nftables tables stay as loaded (woken by change notifications)
 =============  ===============================================================
 
 This module only wires them together, holds the daemon's lock, runs its loops and

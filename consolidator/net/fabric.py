@@ -148,9 +148,16 @@ class Fabric:
             if found:
                 nft.apply(self.netns, nft.ruleset(self.instance, list(self.nets.values()),
                                                   list(self.ports.values())))
-                self._record()
-            else:
-                self._generation = generation
+                # what was loaded is still what is expected: it is not listed again as
+                # the new expectation, or a change made between the load and the listing
+                # would be taken for ours. The generation is read before the tables are
+                # compared, so a change after that read is seen by the next check.
+                generation = self._read_generation()
+                have = nft.normalise(nft.list_ruleset(self.netns),
+                                     nft.our_tables(self.instance))
+                if nft.differences(self._expected, have):
+                    return found              # changed again meanwhile: the next check
+            self._generation = generation
             return found
 
     def disarm(self) -> None:

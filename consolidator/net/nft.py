@@ -259,6 +259,44 @@ class Generation:
         self._sock.close()
 
 
+NFNLGRP_NFTABLES = 7     # the nftables multicast group: a message for every committed change
+
+
+class Changes:
+    """The nftables change notifications of a netns: a netlink socket opened in the netns
+    and joined to its nftables group. It becomes readable when anyone commits a change to
+    any table there, so a guard can sleep until something happens instead of polling.
+    A lost notification (the socket's buffer overran) reads as a change."""
+
+    def __init__(self, netns_name: str | None) -> None:
+        with ns.entered(netns_name):
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self._sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+            self._sock.setblocking(False)
+        except OSError:
+            self._sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def drain(self) -> bool:
+        """Read what is queued; whether anything (or an overrun) was."""
+        changed = False
+        while True:
+            try:
+                self._sock.recv(65536)
+            except BlockingIOError:
+                return changed
+            except OSError:               # ENOBUFS: notifications were lost
+                pass
+            changed = True
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 def apply(netns_name: str | None, doc: Doc) -> None:
     if doc:
         ns.run(netns_name, ["nft", "-j", "-f", "-"], input=json.dumps({"nftables": doc}))

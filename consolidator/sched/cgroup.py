@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CgroupError
+from ..linux import HeldFiles
 from ..inventory.schema import format_cpulist
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
@@ -288,6 +289,8 @@ class CgroupDriver:
         if self.backend == "none":
             raise CgroupError("no usable cgroup hierarchy: need cpu and memory on v1 or v2")
         self.parent = parent
+        self._held = HeldFiles()
+        self._usage_paths: dict[str, tuple[str, str]] = {}
         self.base = layout.subtree(instance, parent)          # controller -> <own>/<inst>
         if self.backend == "v2":
             assert layout.v2 is not None and layout.own_v2 is not None
@@ -388,6 +391,7 @@ class CgroupDriver:
             _write(parent / "cgroup.subtree_control", enable)
 
     def create_guest(self, guest: str) -> None:
+        self._forget_usage(guest)
         self.prepare()
         if self.backend == "v2":
             (self.base["unified"] / "guests" / guest).mkdir(exist_ok=True)
@@ -460,6 +464,7 @@ class CgroupDriver:
             time.sleep(0.05)
 
     def remove_guest(self, guest: str) -> None:
+        self._forget_usage(guest)
         for d in self.unique_dirs("guests", guest):
             self._rmdir(d)
 
@@ -498,22 +503,46 @@ class CgroupDriver:
 
     # -- usage
     def usage(self, guest: str) -> CgroupUsage:
-        """What the rebalancer reads each interval: the CPU counter and memory, two files.
-        (PSI is read once per tick for the host: on v1 a guest's PSI is the host's.)"""
+        """What the rebalancer reads each interval: the CPU counter and memory, two files,
+        through descriptors held open. (PSI is read once per tick for the host: on v1 a
+        guest's PSI is the host's.)"""
+        paths = self._usage_paths.get(guest)
+        if paths is None:
+            if self.backend == "v2":
+                d = self.base["unified"] / "guests" / guest
+                paths = (str(d / "cpu.stat"), str(d / "memory.current"))
+            else:
+                cpu = self._dir_for("cpuacct", guest) / "cpuacct.usage" \
+                    if "cpuacct" in self.base else None
+                paths = (str(cpu) if cpu else "",
+                         str(self._dir_for("memory", guest) / "memory.usage_in_bytes"))
+            self._usage_paths[guest] = paths
+        cpu_path, mem_path = paths
         if self.backend == "v2":
-            d = self.base["unified"] / "guests" / guest
-            cpu = parse_flat(_read(d / "cpu.stat"))
-            mem = int(_read(d / "memory.current")) if (d / "memory.current").exists() else 0
+            cpu = parse_flat(self._held.read(cpu_path).decode())
+            try:
+                mem = int(self._held.read(mem_path))
+            except FileNotFoundError:          # no memory controller delegated
+                mem = 0
             return CgroupUsage(cpu.get("usage_usec", 0) * 1000, mem)
-        usage = int(_read(self._dir_for("cpuacct", guest) / "cpuacct.usage")) \
-            if "cpuacct" in self.base else 0
-        mem = int(_read(self._dir_for("memory", guest) / "memory.usage_in_bytes"))
-        return CgroupUsage(usage, mem)
+        usage = int(self._held.read(cpu_path)) if cpu_path else 0
+        return CgroupUsage(usage, int(self._held.read(mem_path)))
+
+    def _forget_usage(self, guest: str) -> None:
+        for path in self._usage_paths.pop(guest, ()):
+            if path:
+                self._held.forget(path)
+
+    def close(self) -> None:
+        self._held.close()
 
 
-def host_psi() -> dict[str, dict[str, float]]:
+_HOST = HeldFiles()
+
+
+def host_psi(held: HeldFiles = _HOST) -> dict[str, dict[str, float]]:
     out = {}
     for r in ("cpu", "memory", "io"):
         with contextlib.suppress(OSError):
-            out[r] = parse_psi(Path(f"/proc/pressure/{r}").read_text())
+            out[r] = parse_psi(held.read(f"/proc/pressure/{r}").decode())
     return out

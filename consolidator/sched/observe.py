@@ -9,6 +9,17 @@ Per guest:
 - guest stats (available, free, total, disk caches; major faults and swap-in as
   rates). Stats older than ``stale_after`` are *unknown*, never idle.
   With them, the range of sizes the balloon may have had when they were taken.
+  A guest cannot change its memory without running, so a guest is asked again only
+  once it has run ``quiet_cpu_s`` of CPU since it was last asked (20 ms: a few MiB of
+  page touching under TCG), or ``refresh_after`` (10 s) has passed; its last answer
+  stands meanwhile, judged stale or not as of when it was given. The cgroup is read
+  first, so a guest that starts allocating is asked in the very tick it is seen running,
+  and a hung guest (no CPU, stats no longer updated) shows stale within ``refresh_after``.
+  Each ask is a QMP round trip, about 0.4 ms of supervisor CPU: idle guests were most of
+  an idle supervisor's work.
+
+Files read every tick (cgroup counters, each thread's schedstat, meminfo, PSI) are held
+open and read with one ``pread`` each (:class:`consolidator.linux.HeldFiles`).
 
 Host: MemAvailable, PSI for memory and CPU (avg10), CPU busy in cores.
 
@@ -31,7 +42,8 @@ from typing import Any, Callable, Protocol
 import structlog
 
 from ..errors import ConsolidatorError, QMPError
-from ..hostfacts import HostFacts, read_meminfo
+from ..hostfacts import HostFacts, parse_meminfo
+from ..linux import HeldFiles
 from ..model import GuestIntent
 from .cgroup import CgroupUsage, host_psi
 
@@ -99,6 +111,15 @@ class HostObs:
 
 
 @dataclass(frozen=True)
+class _Asked:
+    """A guest's last answer to "your stats?", and when it was given."""
+    mono: float
+    t: float                              # wall clock
+    cpu_ns: int | None                    # the guest's CPU counter then
+    stats: Any
+
+
+@dataclass(frozen=True)
 class Snapshot:
     t: float                              # wall clock
     mono: float
@@ -106,52 +127,107 @@ class Snapshot:
     guests: dict[str, GuestObs]
 
 
-def schedstat(pid: int) -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting) summed over the process's threads.
-    Plain descriptors, no pathlib: this runs for every thread of every guest each tick,
-    and was a third of the idle supervisor's busy time."""
+def schedstat(pid: int, held: HeldFiles | None = None) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting) summed over the process's threads. With
+    ``held``, each thread's file stays open between calls (a thread that ended is let go)."""
     run = wait = 0
     base = f"/proc/{pid}/task/"
+    seen = set()
     for tid in os.listdir(base):
+        path = base + tid + "/schedstat"
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fd = os.open(base + tid + "/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                fields = os.read(fd, 128).split()
-            finally:
-                os.close(fd)
+            if held is not None:
+                fields = held.read(path).split()
+                seen.add(path)
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fields = os.read(fd, 128).split()
+                finally:
+                    os.close(fd)
             run += int(fields[0])
             wait += int(fields[1])
+    if held is not None:
+        held.keep_only(base, seen)
     return run, wait
 
 
-def _proc_stat() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
+def _proc_stat(held: HeldFiles) -> tuple[int, int]:
+    line = held.read("/proc/stat").split(b"\n", 1)[0]
+    parts = [int(x) for x in line.split()[1:]]
     idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
     return sum(parts), idle
 
 
+QUIET_CPU_S = 0.020     # a guest that ran less since its stats were asked: ask later
+REFRESH_AFTER_S = 10.0  # ... but no later than this
+
+
 class Observer:
-    def __init__(self, stale_after: float = 4.0, ncpu: int | None = None) -> None:
+    def __init__(self, stale_after: float = 4.0, ncpu: int | None = None,
+                 quiet_cpu_s: float = QUIET_CPU_S,
+                 refresh_after: float = REFRESH_AFTER_S) -> None:
         self.stale_after = stale_after
+        self.refresh_after = refresh_after
+        self.quiet_cpu_ns = int(quiet_cpu_s * 1e9)
         self.ncpu = max(1, ncpu if ncpu is not None else HostFacts.probe().ncpus)
         self._prev: dict[str, dict[str, Any]] = {}
         self._host_prev: dict[str, Any] = {}
         self._failing: dict[str, tuple[str, ...]] = {}
+        self._stats: dict[str, _Asked] = {}
+        self._held = HeldFiles()
+        self.stats_asked = 0          # guest-stats queries made (bench and tests)
 
     def forget(self, name: str) -> None:
-        self._prev.pop(name, None)
+        prev = self._prev.pop(name, None)
+        if prev and "pid" in prev:
+            self._held.forget(f"/proc/{prev['pid']}/")
         self._failing.pop(name, None)
+        self._stats.pop(name, None)
+
+    def close(self) -> None:
+        self._held.close()
 
     async def observe(self, guests: list[Tracked], usage: UsageReader | None) -> Snapshot:
         now, mono = time.time(), time.monotonic()
+        for gone in set(self._prev) - {t.name for t in guests}:
+            self.forget(gone)                     # its held files go with it
         host = self._host(mono)
-        stats = await asyncio.gather(*(self._guest_stats(t.probe) for t in guests))
+        cgroup = {t.name: self._cgroup(t.name, usage) for t in guests}
+        due = [t for t in guests if self._stats_due(t.name, cgroup[t.name], mono)]
+        answers = await asyncio.gather(*(self._guest_stats(t.probe) for t in due))
+        self.stats_asked += len(due)
+        errors: dict[str, str | None] = {}
+        for t, (st, st_err) in zip(due, answers):
+            errors[t.name] = st_err
+            cs = cgroup[t.name]
+            self._stats[t.name] = _Asked(mono, now, cs.cpu_usage_ns if isinstance(
+                cs, CgroupUsage) else None, st)
         out: dict[str, GuestObs] = {}
-        for t, (st, st_err) in zip(guests, stats):
-            out[t.name] = self._guest(t.name, t.probe, usage, st, st_err, now, mono)
+        for t in guests:
+            out[t.name] = self._guest(t.name, t.probe, cgroup[t.name],
+                                      self._stats.get(t.name), errors.get(t.name), now, mono)
             self._report(t.name, out[t.name].errors)
         return Snapshot(now, mono, host, out)
+
+    @staticmethod
+    def _cgroup(name: str, usage: UsageReader | None) -> CgroupUsage | str | None:
+        if usage is None:
+            return None
+        try:
+            return usage(name)
+        except (OSError, ValueError, ConsolidatorError) as e:
+            return f"cgroup usage: {type(e).__name__}: {e}"
+
+    def _stats_due(self, name: str, cs: CgroupUsage | str | None, mono: float) -> bool:
+        """Ask a guest for its stats this tick unless it has hardly run since it was
+        last asked, and that was recently."""
+        asked = self._stats.get(name)
+        if asked is None or asked.stats is None or asked.cpu_ns is None \
+                or not isinstance(cs, CgroupUsage):
+            return True
+        return mono - asked.mono >= self.refresh_after or \
+            cs.cpu_usage_ns - asked.cpu_ns >= self.quiet_cpu_ns
 
     def _report(self, name: str, errors: tuple[str, ...]) -> None:
         """Log a guest's failing readings when they start and when they stop failing."""
@@ -170,9 +246,9 @@ class Observer:
             return None, f"guest stats: {e.error_class or 'QMPError'}: {e.message}"
 
     def _host(self, mono: float) -> HostObs:
-        mi = read_meminfo()
-        psi = host_psi()
-        total, idle = _proc_stat()
+        mi = parse_meminfo(self._held.read("/proc/meminfo").decode())
+        psi = host_psi(self._held)
+        total, idle = _proc_stat(self._held)
         prev = self._host_prev
         busy = None
         if prev:
@@ -185,34 +261,38 @@ class Observer:
                        mem.get("some_avg10", 0.0), mem.get("full_avg10", 0.0),
                        psi.get("cpu", {}).get("some_avg10", 0.0), busy)
 
-    def _guest(self, name: str, g: GuestProbe, usage: UsageReader | None, st: Any,
-               st_error: str | None, now: float, mono: float) -> GuestObs:
+    def _guest(self, name: str, g: GuestProbe, cs: CgroupUsage | str | None,
+               asked: _Asked | None, st_error: str | None, now: float, mono: float
+               ) -> GuestObs:
+        st = asked.stats if asked is not None else None
         prev = self._prev.get(name, {})
         cur: dict[str, Any] = {"mono": mono}
         fields: dict[str, Any] = {"balloon": g.balloon_actual}
         errors = [st_error] if st_error else []
         dt = mono - prev["mono"] if "mono" in prev else None
-        if usage is not None:
-            try:
-                cs = usage(name)
-            except (OSError, ValueError, ConsolidatorError) as e:
-                errors.append(f"cgroup usage: {type(e).__name__}: {e}")
-            else:
-                cur["cpu_ns"] = cs.cpu_usage_ns
-                fields["cgroup_memory"] = cs.memory_current
-                if dt and "cpu_ns" in prev:
-                    fields["cpu_rate"] = max(0.0, (cs.cpu_usage_ns - prev["cpu_ns"]) / 1e9 / dt)
+        if isinstance(cs, str):
+            errors.append(cs)
+        elif cs is not None:
+            cur["cpu_ns"] = cs.cpu_usage_ns
+            fields["cgroup_memory"] = cs.memory_current
+            if dt and "cpu_ns" in prev:
+                fields["cpu_rate"] = max(0.0, (cs.cpu_usage_ns - prev["cpu_ns"]) / 1e9 / dt)
         if g.pid:
+            if prev.get("pid") not in (None, g.pid):
+                self._held.forget(f"/proc/{prev['pid']}/")
+            cur["pid"] = g.pid
             try:
-                run, wait = schedstat(g.pid)
+                run, wait = schedstat(g.pid, self._held)
                 cur["run"], cur["wait"] = run, wait
                 if dt and "run" in prev:
                     demand = ((run - prev["run"]) + (wait - prev["wait"])) / 1e9 / dt
                     fields["demand"] = max(0.0, demand)
             except OSError as e:
                 errors.append(f"/proc/{g.pid}: {e.strerror or e}")
-        if st is not None and st.last_update:
-            fields["stale"] = now - st.last_update > self.stale_after or st.available is None
+        if asked is not None and st is not None and st.last_update:
+            # as of when it was asked: a quiet guest's answer stands until it is asked again
+            fields["stale"] = asked.t - st.last_update > self.stale_after or \
+                st.available is None
             fields.update(total=st.total, available=st.available, free=st.free,
                           disk_caches=st.disk_caches)
             # QEMU stamps stats in whole seconds and sends BALLOON_CHANGE at most once a

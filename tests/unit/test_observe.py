@@ -60,3 +60,61 @@ def test_failing_readings_are_named_logged_once_and_cleared():
     assert healed.guests["web"].errors == () and healed.guests["web"].cgroup_memory == 64 << 20
     events = [e["event"] for e in logs]
     assert events == ["observe.reading_failed", "observe.reading_recovered"]
+
+
+class Counting(Probe):
+    """A guest whose stats were updated by it ``age`` seconds before each ask."""
+
+    def __init__(self, age: float = 0.5) -> None:
+        super().__init__()
+        self.asked = 0
+        self.age = age
+
+    async def guest_stats(self):
+        import time
+        from types import SimpleNamespace
+        self.asked += 1
+        return SimpleNamespace(last_update=time.time() - self.age, total=256 << 20,
+                               available=200 << 20, free=150 << 20, disk_caches=20 << 20,
+                               major_faults=0, swap_in=0)
+
+
+def test_a_guest_that_hardly_ran_is_not_asked_again_and_its_answer_stands():
+    cpu = [0]
+    probe = Counting()
+    obs = Observer(ncpu=2)
+
+    def usage(name: str) -> CgroupUsage:
+        return CgroupUsage(cpu[0], 64 << 20)
+
+    first = observe(obs, usage, probe)
+    assert probe.asked == 1 and not first.guests["web"].stale
+    cpu[0] += 5_000_000                        # 5 ms of CPU: too little to move memory
+    quiet = [observe(obs, usage, probe) for _ in range(3)]
+    assert probe.asked == 1 and obs.stats_asked == 1
+    # the answer stands, judged as of when it was given: still fresh, same figures
+    assert all(not q.guests["web"].stale and q.guests["web"].available == 200 << 20
+               for q in quiet)
+    cpu[0] += 20_000_000                       # it ran 25 ms since it was asked
+    observe(obs, usage, probe)
+    assert probe.asked == 2
+
+
+def test_a_quiet_guest_is_asked_again_after_refresh_after_and_a_hung_one_shows_stale():
+    probe = Counting(age=30)                   # a guest that stopped updating its stats
+    obs = Observer(ncpu=2, refresh_after=0.0)
+
+    def usage(name: str) -> CgroupUsage:
+        return CgroupUsage(0, 64 << 20)        # no CPU at all: hung, or idle
+
+    snaps = [observe(obs, usage, probe) for _ in range(3)]
+    assert probe.asked == 3
+    assert all(s.guests["web"].stale for s in snaps)
+
+
+def test_without_a_cgroup_reading_a_guest_is_asked_every_tick():
+    probe = Counting()
+    obs = Observer(ncpu=2)
+    for _ in range(3):
+        observe(obs, None, probe)
+    assert probe.asked == 3
