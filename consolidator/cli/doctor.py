@@ -100,7 +100,8 @@ def metrics_fact(listen: str) -> Fact:
         return Fact("metrics port", f"{listen}: free", True, False)
     with contextlib.suppress(psutil.Error):
         argv = holder.cmdline()
-        if "supervise" in argv and any("consolidator" in a for a in argv):
+        if "consolidator.daemon" in argv or \
+                ("supervise" in argv and any("consolidator" in a for a in argv)):
             return Fact("metrics port", f"{listen}: served by the supervisor (pid "
                         f"{holder.pid})", True, False)
         return Fact("metrics port", f"{listen}: held by {holder.name()} (pid {holder.pid})",

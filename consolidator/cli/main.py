@@ -521,6 +521,10 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
     from ..plan import Observed
     from .planview import render_plan
     from .render import status_table
+    # a cold start: the supervisor starts now and imports while the inventory is checked
+    # (an invalid inventory still applies nothing: a supervisor that runs changes nothing
+    # until it is told to)
+    early = None if dry_run else protocol.start_early(Path(c.state_dir))
     text, fleet = c.inventory()
     plain = c.log_format == "json" or not err.is_terminal
     if fleet.host.runas == "root":
@@ -532,7 +536,7 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
                       allow_restart=allow_restart)
         render_plan(out, p, header=f"Plan for instance {fleet.instance} (dry run)")
         return
-    with protocol.connect(Path(c.state_dir), start=True) as client:
+    with protocol.connect(Path(c.state_dir), start=True, child=early) as client:
         begin = client.call("apply-begin", check_index=check_index)
         p = make_plan(fleet, Observed.from_json(begin["observed"]), prune=prune, purge=purge,
                       allow_restart=allow_restart)
@@ -769,8 +773,6 @@ def supervise(c: Ctx) -> None:
 
     apply, status and the other commands start it detached when it is not running."""
     from ..daemon.supervisor import main as run_supervisor
-    if c.log_format == "console" and os.environ.get("CONSOLIDATOR_DETACHED") == "1":
-        c.log_format = "json"
     logmod.configure(c.log_format)  # type: ignore[arg-type]
     run_supervisor(c.state_dir)
 

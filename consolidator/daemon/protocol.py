@@ -113,9 +113,26 @@ class Client:
         self.close()
 
 
-def connect(state_root: Path, *, start: bool = True, wait: float = 15.0) -> Client:
-    """Connect to the state dir's supervisor, starting it detached when it is not running.
-    Without ``start``, no supervisor is :class:`SupervisorUnreachable`."""
+def start_early(state_root: Path) -> subprocess.Popen[bytes] | None:
+    """Start the supervisor now when none answers, and return without waiting for it:
+    a cold ``apply`` validates its inventory while the supervisor imports and recovers,
+    on another core, instead of one after the other. :func:`connect` then waits for it."""
+    try:
+        Client(socket_path(state_root)).close()
+        return None
+    except OSError:
+        pass
+    child = start_detached(state_root)
+    from ..state import StateDir           # see connect()
+    StateDir(state_root).ensure()          # a state dir it would refuse: say so here
+    return child
+
+
+def connect(state_root: Path, *, start: bool = True, wait: float = 15.0,
+            child: subprocess.Popen[bytes] | None = None) -> Client:
+    """Connect to the state dir's supervisor, starting it detached when it is not running
+    (or waiting for ``child``, one :func:`start_early` started). Without ``start``, no
+    supervisor is :class:`SupervisorUnreachable`."""
     path = socket_path(state_root)
     try:
         return Client(path)
@@ -123,11 +140,13 @@ def connect(state_root: Path, *, start: bool = True, wait: float = 15.0) -> Clie
         if not start:
             raise SupervisorUnreachable(f"no supervisor is running for {state_root}",
                                         hint="consolidator apply (or supervise) starts one")
-    # Imported here, on the path that starts a supervisor only: the state module pulls in
-    # the inventory's schema, which a query to a running supervisor must not pay for.
-    from ..state import StateDir
-    StateDir(state_root).ensure()          # a state dir it would refuse: say so here
-    child = start_detached(state_root)
+    if child is None:
+        # Imported here, on the path that starts a supervisor only: the state module
+        # pulls in the inventory's schema, which a query to a running supervisor must
+        # not pay for.
+        from ..state import StateDir
+        StateDir(state_root).ensure()      # a state dir it would refuse: say so here
+        child = start_detached(state_root)
     deadline = time.monotonic() + wait
     last: OSError | None = None
     while time.monotonic() < deadline:
@@ -136,10 +155,12 @@ def connect(state_root: Path, *, start: bool = True, wait: float = 15.0) -> Clie
         except OSError as e:
             last = e
         if child.poll() is not None:       # it died: its last words, not a timeout
+            with contextlib.suppress(OSError):
+                return Client(path)        # another one won the start and runs: fine
             raise SupervisorError(f"the supervisor exited at once (status {child.returncode})"
                                   f": {_last_error(state_root)}",
                                   hint=f"see {Path(state_root) / 'supervisor' / 'log.jsonl'}")
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise SupervisorError(f"the supervisor did not come up within {wait:g}s ({last})",
                           hint=f"see {Path(state_root) / 'supervisor' / 'log.jsonl'}")
 
@@ -165,17 +186,17 @@ def wait_exit(pid: int, timeout: float) -> bool:
 
 
 def start_detached(state_root: Path) -> subprocess.Popen[bytes]:
-    """Start ``consolidator supervise`` in its own session, logging JSON to the state dir."""
+    """Start the supervisor (``python -m consolidator.daemon``, the same daemon as
+    ``consolidator supervise``) in its own session, logging JSON to the state dir."""
     sup = Path(state_root) / "supervisor"
     sup.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = os.fdopen(os.open(sup / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                             os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "ab")
     try:
         p = subprocess.Popen(
-            [sys.executable, "-m", "consolidator", "--state-dir", str(state_root),
-             "--log-format", "json", "supervise"],
+            [sys.executable, "-m", "consolidator.daemon", "--state-dir", str(state_root)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True, env={**os.environ, "CONSOLIDATOR_DETACHED": "1"})
+            close_fds=True)
     finally:
         log.close()
     return p
