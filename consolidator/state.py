@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import DEFAULT_STATE_DIR as _DEFAULT_STATE_DIR
+from .files import open_private
 from .errors import StateError
 from .inventory.schema import HostSpec, NetworkSpec
 from .model import Fleet, GuestIntent, GuestState
@@ -70,11 +71,6 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
 
 def write_json(path: Path, obj: Any, mode: int = 0o600) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
-
-
-def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
-    """An fd on ``path`` that is never a symlink's target, created 0600."""
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def read_json(path: Path) -> Any:

@@ -1,4 +1,4 @@
-"""Sizes and durations, parsed and printed the same way everywhere.
+"""Sizes, durations and names, parsed and printed the same way everywhere.
 
 Sizes are **binary**: ``K``, ``M``, ``G``, ``T`` mean the same as ``KiB``,
 ``MiB``, ``GiB``, ``TiB`` (powers of 2^10), as QEMU's ``-m 1G`` does. The
@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import math
 import re
+
+# a guest's or network's name: a DNS label (it becomes a hostname, a path component and a
+# part of kernel object names); here, a leaf, so that checking one costs no schema import
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")

@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 
 import click
@@ -25,47 +25,8 @@ from .. import log as logmod
 from ..errors import (ConflictError, ConsolidatorError, ExitCode, InventoryError, PlanExit,
                       SupervisorUnreachable, UsageError)
 from .. import DEFAULT_STATE_DIR
-
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.text import Text as _RichText
-
-
-class _LazyConsole:
-    """A rich Console made on first use: importing rich costs about 60 ms, which a
-    `status --json` (plain JSON out) need not pay."""
-
-    def __init__(self, **options: Any) -> None:
-        self._options = options
-        self._console: Console | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._console is None:
-            from rich.console import Console
-            self._console = Console(**self._options)
-        return getattr(self._console, name)
-
-
-def Text(*args: Any, **kwargs: Any) -> "_RichText":  # noqa: N802 - stands for rich's Text
-    from rich.text import Text as RichText
-    return RichText(*args, **kwargs)
-
-
-out: Any = _LazyConsole(highlight=False, soft_wrap=True)
-err: Any = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
-
-
-def show(console: Any, renderable: Any) -> None:
-    """Print a table whole: at the terminal's width on a terminal; elsewhere (a pipe, a
-    file) at its natural width, so no value is cut to fit 80 columns."""
-    from rich.console import Console
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    width = Console(width=1 << 14).measure(renderable).maximum
-    Console(file=console.file, width=max(width, 20), highlight=False, soft_wrap=True,
-            no_color=True).print(renderable)
-
+from ..units import DNS_LABEL_RE
+from .output import Text, err, out, show
 
 class Ctx:
     """Settings shared by every command."""
@@ -705,7 +666,9 @@ def logs(c: Ctx, name: str, follow: bool, lines: int) -> None:
                                                          **({"offset": off} if off else {})),
                               out, follow=follow, lines=lines)
         return
-    gdir = c.state().guest_dir(name)
+    if not DNS_LABEL_RE.match(name):           # a path component: never ../ or a/b
+        raise UsageError(f"no guest {name!r}: a guest's name is a DNS label")
+    gdir = Path(c.state_dir) / "guests" / name  # not StateDir: no schema import for logs
     if not gdir.exists():
         raise UsageError(f"no guest {name} in {c.state_dir}")
     print_logs(gdir / "log.jsonl", out, follow=follow, lines=lines)

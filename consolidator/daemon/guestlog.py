@@ -15,12 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import structlog
+from ..files import open_private, rotate_log
 
-from ..state import open_private
-from ..vm.guest import rotate_log
-
-log = structlog.get_logger("guestlog")
 GUEST_LOG_CAP = 4 << 20
 READ_CHUNK = 1 << 20
 
@@ -38,7 +34,9 @@ def append(path: Path, entries: list[dict[str, Any]]) -> None:
         with os.fdopen(open_private(path), "a") as f:
             f.write(text)
     except OSError as e:
-        log.warning("guest.log_failed", path=str(path), error=str(e))
+        import structlog          # only here: the CLI's log readers never pay for it
+        structlog.get_logger("guestlog").warning("guest.log_failed", path=str(path),
+                                                 error=str(e))
 
 
 def tail_serial(serial: Path, glog: Path, offset: int, seen: int = -1) -> tuple[int, int]:

@@ -32,14 +32,15 @@ import json
 import os
 import select
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .. import linux
 from ..errors import ConsolidatorError, SupervisorError, SupervisorUnreachable, from_wire
+
+if TYPE_CHECKING:
+    import subprocess
 
 PROTOCOL = 2
 MAX_LINE = 64 << 20
@@ -176,7 +177,7 @@ def _last_error(state_root: Path) -> str:
 def wait_exit(pid: int, timeout: float) -> bool:
     """Wait until process ``pid`` (not our child) has exited; False after ``timeout``."""
     try:
-        fd = linux.pidfd_open(pid)
+        fd = os.pidfd_open(pid)      # Linux 5.3 and Python 3.9: no cffi on this path
     except ProcessLookupError:
         return True
     try:
@@ -188,6 +189,7 @@ def wait_exit(pid: int, timeout: float) -> bool:
 def start_detached(state_root: Path) -> subprocess.Popen[bytes]:
     """Start the supervisor (``python -m consolidator.daemon``, the same daemon as
     ``consolidator supervise``) in its own session, logging JSON to the state dir."""
+    import subprocess                  # the start path only: not a query's import
     sup = Path(state_root) / "supervisor"
     sup.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = os.fdopen(os.open(sup / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT |

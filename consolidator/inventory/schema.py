@@ -16,9 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
                       WithJsonSchema)
 
-from ..units import format_duration, format_size, parse_duration, parse_size
+from ..units import DNS_LABEL_RE, format_duration, format_size, parse_duration, parse_size
 
-DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 

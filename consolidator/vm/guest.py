@@ -25,7 +25,6 @@ import fcntl
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from typing import Any, Callable, Protocol
 import structlog
 
 from .. import linux
+from ..files import rotate_log
 from ..errors import ConflictError, LaunchError, QMPError, ReadyTimeout, RunstateError
 from .agent import Agent
 from .handles import Opened
@@ -43,7 +43,6 @@ from .qemu import LaunchSpec, build_argv
 from .qmp import QMP, GuestStats
 
 READY_MARK = b"CONSOLIDATOR-READY"
-SERIAL_LOG_CAP = 4 << 20
 
 
 class Runstate(enum.StrEnum):
@@ -107,27 +106,6 @@ class Placement(Protocol):
     def preexec(self) -> None: ...
 
     def describe(self) -> str: ...
-
-
-def rotate_log(path: Path, cap: int = SERIAL_LOG_CAP) -> bool:
-    """Copy-truncate ``path`` to ``path.1`` when over ``cap``. QEMU appends (O_APPEND), so
-    truncating under it is safe. Returns whether it rotated."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_size <= cap:
-        return False                          # a link is never followed, nor truncated
-    tmp = path.with_name(path.name + ".1.tmp")
-    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, os.O_RDWR | nofollow)
-    with os.fdopen(fd, "r+b") as src, \
-            os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | nofollow, 0o600),
-                      "wb") as dst:
-        dst.write(src.read())
-        os.replace(tmp, path.with_name(path.name + ".1"))
-        src.truncate(0)
-    return True
 
 
 def write_pidfile(path: Path, pid: int) -> None:

@@ -95,6 +95,32 @@ def test_status_json_is_versioned_and_complete(shipped):
     assert web["memory_min_bytes"] == 128 << 20 and web["vcpus"] == 1
 
 
+def test_queries_answer_without_the_full_cli_and_say_the_same(shipped):
+    """status, status --json and logs -n take the quick path: no click, no pydantic, no
+    cffi imported (their start-up was most of a query's time); their output is the full
+    CLI's, which -v (declined by the quick path) still gives."""
+    import sys as _sys
+    env = {**os.environ, "CONSOLIDATOR_STATE_DIR": str(shipped.state), "COLUMNS": "200"}
+    for args in (["status", "--json"], ["status"], ["logs", "-n", "3", "web"]):
+        res = subprocess.run([_sys.executable, "-X", "importtime", "-m", "consolidator",
+                              *args], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 0, res.stderr
+        imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert not imported & {"click", "pydantic", "cffi", "consolidator.cli.main",
+                               "consolidator.inventory", "pyroute2"}, (args, sorted(imported))
+        full = shipped.cli("-v", *args)
+        if args[-1] == "--json":
+            quick, slow = json.loads(res.stdout), json.loads(full.stdout)
+            assert [g["name"] for g in quick["guests"]] == [g["name"] for g in slow["guests"]]
+            assert set(quick) == set(slow) and quick["index"] == slow["index"]
+        elif args[0] == "logs":
+            assert res.stdout == full.stdout and len(res.stdout.splitlines()) == 3
+        else:
+            assert [line.split()[:2] for line in res.stdout.splitlines()[3:6]] == \
+                [line.split()[:2] for line in full.stdout.splitlines()[3:6]]
+
+
 def test_live_shares_change_keeps_the_qemu(shipped):
     original = shipped.inventory.read_text()
     pid = shipped.guests()["app"]["pid"]

@@ -1,0 +1,37 @@
+"""File primitives the state dir, the guests' logs and the CLI's log readers share: no
+symlink followed, nothing group- or world-readable created. A leaf with no imports beyond
+the standard library, so that ``logs`` and the daemon's log writer cost nothing to load."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+SERIAL_LOG_CAP = 4 << 20
+
+
+def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
+    """An fd on ``path`` that is never a symlink's target, created 0600."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def rotate_log(path: Path, cap: int = SERIAL_LOG_CAP) -> bool:
+    """Copy-truncate ``path`` to ``path.1`` when over ``cap``. QEMU appends (O_APPEND), so
+    truncating under it is safe. Returns whether it rotated."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size <= cap:
+        return False                          # a link is never followed, nor truncated
+    tmp = path.with_name(path.name + ".1.tmp")
+    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, os.O_RDWR | nofollow)
+    with os.fdopen(fd, "r+b") as src, \
+            os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | nofollow, 0o600),
+                      "wb") as dst:
+        dst.write(src.read())
+        os.replace(tmp, path.with_name(path.name + ".1"))
+        src.truncate(0)
+    return True
