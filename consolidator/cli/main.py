@@ -690,24 +690,34 @@ def destroy(c: Ctx, purge: bool, yes: bool, instance: str | None) -> None:
     stay unless --purge. Never acts on an inventory: only on what was applied here, or on
     an instance named with --instance."""
     from ..daemon import protocol
-    scope = _scope(c, instance)
-    if scope is None:
-        raise UsageError(f"the state dir {c.state_dir} records no fleet: nothing to destroy",
-                         hint="to remove an instance's leftovers by name, pass "
-                              "--instance NAME")
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"Destroy every guest and network of instance {scope.instance} "
-                      f"(state dir {c.state_dir})?", abort=True)
     try:
-        with protocol.connect(Path(c.state_dir), start=False) as client:
-            pid = client.call("ping").get("pid")
-            res = client.call("destroy", purge=purge)
-        # "the supervisor has stopped" is said only once it has: its exit, not its reply
-        if isinstance(pid, int) and not protocol.wait_exit(pid, timeout=15):
-            res["failures"].append({"target": f"supervisor {pid}", "action": "stop",
-                                    "error": "still running 15 s after destroy"})
+        client: Any = protocol.connect(Path(c.state_dir), start=False)
     except SupervisorUnreachable:
-        res = _destroy_offline(c, scope, purge)
+        client = None
+    with client or contextlib.nullcontext():
+        info = client.call("ping") if client is not None else {}
+        name = info.get("instance")
+        if name is None or (instance is not None and instance != name):
+            # no supervisor, or one without a fleet: what the state dir records decides
+            # (the reading of which costs the schema's import, so not on the common path)
+            scope = _scope(c, instance)
+            if scope is None:
+                raise UsageError(f"the state dir {c.state_dir} records no fleet: nothing to "
+                                 "destroy", hint="to remove an instance's leftovers by name, "
+                                                 "pass --instance NAME")
+            name = scope.instance
+        if not yes and sys.stdin.isatty():
+            click.confirm(f"Destroy every guest and network of instance {name} "
+                          f"(state dir {c.state_dir})?", abort=True)
+        if client is None:
+            res = _destroy_offline(c, scope, purge)
+        else:
+            pid = info.get("pid")
+            res = client.call("destroy", purge=purge)
+    # "the supervisor has stopped" is said only once it has: its exit, not its reply
+    if client is not None and isinstance(pid, int) and not protocol.wait_exit(pid, timeout=15):
+        res["failures"].append({"target": f"supervisor {pid}", "action": "stop",
+                                "error": "still running 15 s after destroy"})
     for r in res["removed"]:
         out.print(f"removed {r}", markup=False)
     for f in res["failures"]:

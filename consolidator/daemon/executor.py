@@ -262,9 +262,13 @@ class Executor:
         self.fabric.unwire_guest(intent.name, len(intent.nics))
         self.cgroups.remove_guest(intent.name)
 
-    async def stop_guest(self, intent: GuestIntent, g: Guest, timeout: float = 10.0) -> None:
+    async def stop_guest(self, intent: GuestIntent, g: Guest, timeout: float = 10.0,
+                         undo: bool = True) -> None:
         await g.shutdown(timeout=timeout)
-        await asyncio.to_thread(self.teardown_guest, intent, g)
+        if undo:
+            await asyncio.to_thread(self.teardown_guest, intent, g)
+        else:
+            g.abandon()
 
     def remove_guest(self, name: str, nics: int | None = None) -> None:
         """The kernel objects of a guest that goes (its files are the state dir's)."""

@@ -147,9 +147,11 @@ class Lifecycle:
             g.monitor = self._tasks.spawn(self._monitor(g), f"monitor-{g.name}")
 
     # ------------------------------------------------------------------ stop
-    async def stop(self, g: GuestRuntime, timeout: float = 10.0, **why: Any) -> None:
-        """Stop gracefully (power button, QMP quit, SIGKILL) and undo what starting made.
-        ``why`` goes into the stopping event."""
+    async def stop(self, g: GuestRuntime, timeout: float = 10.0, *, undo: bool = True,
+                   **why: Any) -> None:
+        """Stop gracefully (power button, QMP quit, SIGKILL) and undo what starting made;
+        ``undo=False`` leaves that to the caller (destroy removes the whole instance in
+        one pass). ``why`` goes into the stopping event."""
         ex = self.executor
         assert ex is not None
         pending, g.pending_restart = g.pending_restart, None
@@ -159,7 +161,7 @@ class Lifecycle:
         guest = g.guest
         if guest is not None and guest.alive() and g.state is not S.ORPHANED:
             self.runtime.transition(g, S.STOPPING, "stopping", **why)
-            await ex.stop_guest(g.intent, guest, timeout=timeout)
+            await ex.stop_guest(g.intent, guest, timeout=timeout, undo=undo)
             self.runtime.transition(g, S.STOPPED, "stopped", facts={"pid": None},
                                     how=guest.exit.describe() if guest.exit else None)
             return

@@ -233,7 +233,8 @@ class Api:
                        emit: EmitFn) -> Any:
         rt = self.runtime
         if op == "ping":
-            return {"pid": os.getpid(), "protocol": protocol.PROTOCOL, "index": rt.index}
+            return {"pid": os.getpid(), "protocol": protocol.PROTOCOL, "index": rt.index,
+                    "instance": rt.fleet.instance if rt.fleet else None}
         if op == "status":
             return self.status(bool(args.get("explain")))
         if op == "logs":

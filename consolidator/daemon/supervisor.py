@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import grp
 import os
+import sys
 import signal
 import time
 from typing import Any
@@ -261,8 +262,11 @@ class Supervisor:
         failures: list[dict[str, str]] = []
         running = [g for g in self.runtime.guests.values()
                    if g.state.active and self.lifecycle.executor is not None]
-        results = await asyncio.gather(*(self.lifecycle.stop(g, timeout=5) for g in running),
-                                       return_exceptions=True)
+        # each guest stops, and its objects go with all the instance's below, in one pass
+        # (undoing each guest's wiring first cost an nft load and a netns each: 2.5x the
+        # bare powerdown of 8)
+        results = await asyncio.gather(*(self.lifecycle.stop(g, timeout=5, undo=False)
+                                         for g in running), return_exceptions=True)
         for g, r in zip(running, results):
             if isinstance(r, BaseException):
                 msg = f"{type(r).__name__}: {r}"
@@ -292,3 +296,8 @@ class Supervisor:
 def main(state_dir: str) -> None:
     sup = Supervisor(state_dir)
     asyncio.run(sup.run())
+    # shut down cleanly (history closed, sockets gone, lock released): skip tearing down
+    # some 700 modules, 50-80 ms that ``destroy`` would otherwise wait for
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -538,22 +538,31 @@ guests:
 
 
 def test_destroy_reports_what_it_could_not_do(tmp_path):
-    """A cgroup that cannot be removed (a child cgroup inside it) makes the guest's stop
-    fail. Regression: destroy gathered the stops with return_exceptions and dropped the
-    results: exit 0, nothing said."""
+    """A cgroup that cannot be removed (a process in a child cgroup of the guest's, which
+    the guest's kill does not reach) makes the teardown fail: destroy says so and exits 1,
+    having removed all the rest. Regression: destroy gathered its steps with
+    return_exceptions and dropped the results: exit 0, nothing said."""
+    from consolidator.daemon import teardown
     with cli_fleet(tmp_path, ONE) as f:
         f.cli("apply")
         hold = detect().subtree(f.instance)["pids"] / "guests" / "solo" / "hold"
         hold.mkdir()
+        squatter = subprocess.Popen(["sleep", "120"])
+        (hold / "cgroup.procs").write_text(str(squatter.pid))
         try:
             res = f.cli("destroy", "--yes", check=False)
+            left = leftovers(f.instance)
         finally:
-            with contextlib.suppress(OSError):
-                hold.rmdir()
+            squatter.kill()
+            squatter.wait()
+            teardown.collect(teardown.Scope(f.instance, f.fabric))
         assert res.returncode == 1, res.stdout + res.stderr
-        assert "failed: stop guest solo" in res.stderr and "hold" not in res.stdout
-        assert "cannot remove cgroup" in res.stderr
-        assert leftovers(f.instance) == []       # the rest was torn down all the same
+        assert f"failed: remove instance {f.instance}" in res.stderr, res.stderr
+        assert "hold" in res.stderr and "destroyed" in res.stdout
+        # the rest was torn down all the same: only the squatter and its cgroups stay
+        assert f"process {squatter.pid} sleep" in left, left
+        assert all(x.startswith("cgroup") or x == f"process {squatter.pid} sleep"
+                   for x in left), left
 
 
 def test_destroy_never_touches_an_instance_it_did_not_create(tmp_path):
