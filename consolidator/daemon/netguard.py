@@ -42,24 +42,24 @@ class NetGuard:
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
         changes: nft.Changes | None = None
-        watched: tuple[int, str | None] | None = None      # (id of the fabric, its netns)
+        watched: Any = None               # the fabric listened to (None: none yet)
         last_full = time.monotonic()
         try:
             while True:
                 ex = self.lifecycle.executor
-                key = (id(ex.fabric), ex.fabric.netns) if ex is not None else None
-                if key != watched:
+                fabric = ex.fabric if ex is not None else None
+                if fabric is not watched:
                     if changes is not None:
                         loop.remove_reader(changes.fileno())
                         changes.close()
                         changes = None
-                    watched = key
-                    if ex is not None:
-                        changes = self._listen(ex.fabric.netns)
+                    watched = fabric
+                    if fabric is not None:
+                        changes = self._listen(fabric.netns)
                         if changes is not None:
                             loop.add_reader(changes.fileno(), woken.set)
                             woken.set()       # what changed before it listened is checked
-                        elif ex.fabric.netns is not None and not ns.exists(ex.fabric.netns):
+                        elif fabric.netns is not None and not ns.exists(fabric.netns):
                             watched = None    # the netns is not made yet: listen later
                 wait = POLL_S if changes is None else 5.0   # 5 s: to follow a new fabric
                 with contextlib.suppress(asyncio.TimeoutError):

@@ -127,28 +127,20 @@ class Snapshot:
     guests: dict[str, GuestObs]
 
 
-def schedstat(pid: int, held: HeldFiles | None = None) -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting) summed over the process's threads. With
-    ``held``, each thread's file stays open between calls (a thread that ended is let go)."""
+def schedstat(pid: int, held: HeldFiles) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting) summed over the process's threads. Each
+    thread's file stays open in ``held`` between calls; a thread that ended is let go."""
     run = wait = 0
     base = f"/proc/{pid}/task/"
     seen = set()
     for tid in os.listdir(base):
         path = base + tid + "/schedstat"
         with contextlib.suppress(OSError, ValueError, IndexError):
-            if held is not None:
-                fields = held.read(path).split()
-                seen.add(path)
-            else:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    fields = os.read(fd, 128).split()
-                finally:
-                    os.close(fd)
+            fields = held.read(path).split()
+            seen.add(path)
             run += int(fields[0])
             wait += int(fields[1])
-    if held is not None:
-        held.keep_only(base, seen)
+    held.keep_only(base, seen)
     return run, wait
 
 
