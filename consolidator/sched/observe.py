@@ -11,7 +11,8 @@ Per guest:
   With them, the range of sizes the balloon may have had when they were taken.
   A guest cannot change its memory without running, so a guest is asked again only
   once it has run ``quiet_cpu_s`` of CPU since it was last asked (20 ms: a few MiB of
-  page touching under TCG), or ``refresh_after`` (10 s) has passed; its last answer
+  page touching under TCG), its balloon has moved, or ``refresh_after`` (3 s) has
+  passed; its last answer
   stands meanwhile, judged stale or not as of when it was given. The cgroup is read
   first, so a guest that starts allocating is asked in the very tick it is seen running,
   and a hung guest (no CPU, stats no longer updated) shows stale within ``refresh_after``.
@@ -116,6 +117,7 @@ class _Asked:
     mono: float
     t: float                              # wall clock
     cpu_ns: int | None                    # the guest's CPU counter then
+    balloon: int | None                   # the balloon's size then
     stats: Any
 
 
@@ -152,7 +154,7 @@ def _proc_stat(held: HeldFiles) -> tuple[int, int]:
 
 
 QUIET_CPU_S = 0.020     # a guest that ran less since its stats were asked: ask later
-REFRESH_AFTER_S = 10.0  # ... but no later than this
+REFRESH_AFTER_S = 3.0   # ... but no later than this: the policy converges as when asked
 
 
 class Observer:
@@ -186,7 +188,8 @@ class Observer:
             self.forget(gone)                     # its held files go with it
         host = self._host(mono)
         cgroup = {t.name: self._cgroup(t.name, usage) for t in guests}
-        due = [t for t in guests if self._stats_due(t.name, cgroup[t.name], mono)]
+        due = [t for t in guests
+               if self._stats_due(t.name, cgroup[t.name], t.probe.balloon_actual, mono)]
         answers = await asyncio.gather(*(self._guest_stats(t.probe) for t in due))
         self.stats_asked += len(due)
         errors: dict[str, str | None] = {}
@@ -194,7 +197,7 @@ class Observer:
             errors[t.name] = st_err
             cs = cgroup[t.name]
             self._stats[t.name] = _Asked(mono, now, cs.cpu_usage_ns if isinstance(
-                cs, CgroupUsage) else None, st)
+                cs, CgroupUsage) else None, t.probe.balloon_actual, st)
         out: dict[str, GuestObs] = {}
         for t in guests:
             out[t.name] = self._guest(t.name, t.probe, cgroup[t.name],
@@ -211,12 +214,14 @@ class Observer:
         except (OSError, ValueError, ConsolidatorError) as e:
             return f"cgroup usage: {type(e).__name__}: {e}"
 
-    def _stats_due(self, name: str, cs: CgroupUsage | str | None, mono: float) -> bool:
+    def _stats_due(self, name: str, cs: CgroupUsage | str | None, balloon: int | None,
+                   mono: float) -> bool:
         """Ask a guest for its stats this tick unless it has hardly run since it was
-        last asked, and that was recently."""
+        last asked, that was recently, and its balloon has not moved since (a working set
+        is its stats against the balloon they were taken with)."""
         asked = self._stats.get(name)
         if asked is None or asked.stats is None or asked.cpu_ns is None \
-                or not isinstance(cs, CgroupUsage):
+                or not isinstance(cs, CgroupUsage) or balloon != asked.balloon:
             return True
         return mono - asked.mono >= self.refresh_after or \
             cs.cpu_usage_ns - asked.cpu_ns >= self.quiet_cpu_ns

@@ -118,3 +118,20 @@ def test_without_a_cgroup_reading_a_guest_is_asked_every_tick():
     for _ in range(3):
         observe(obs, None, probe)
     assert probe.asked == 3
+
+
+def test_a_quiet_guest_whose_balloon_moved_is_asked_again():
+    """Its working set is its stats against the balloon they were taken with: a balloon
+    that moved since makes the last answer wrong, however little the guest ran."""
+    probe = Counting()
+    obs = Observer(ncpu=2)
+
+    def usage(name: str) -> CgroupUsage:
+        return CgroupUsage(0, 64 << 20)
+
+    observe(obs, usage, probe)
+    observe(obs, usage, probe)
+    assert probe.asked == 1
+    probe.balloon_actual = 200 << 20
+    observe(obs, usage, probe)
+    assert probe.asked == 2
