@@ -486,7 +486,12 @@ def apply(c: Ctx, wait: bool, prune: bool, purge: bool, allow_restart: bool, dry
     # (an invalid inventory still applies nothing: a supervisor that runs changes nothing
     # until it is told to)
     early = None if dry_run else protocol.start_early(Path(c.state_dir))
-    text, fleet = c.inventory()
+    try:
+        text, fleet = c.inventory()
+    except BaseException:
+        if early is not None:              # started for this apply only: it goes again
+            protocol.stop_early(early)
+        raise
     plain = c.log_format == "json" or not err.is_terminal
     if fleet.host.runas == "root":
         err.print("warning: host.runas: root: every guest's QEMU runs as root; a guest "

@@ -129,6 +129,19 @@ def start_early(state_root: Path) -> subprocess.Popen[bytes] | None:
     return child
 
 
+def stop_early(child: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a supervisor :func:`start_early` started, when the command it was started for
+    failed before using it (an invalid inventory): a failed apply leaves no daemon behind
+    where none ran. SIGTERM: it shuts down cleanly, or dies before it made anything."""
+    import subprocess
+    child.terminate()
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def connect(state_root: Path, *, start: bool = True, wait: float = 15.0,
             child: subprocess.Popen[bytes] | None = None) -> Client:
     """Connect to the state dir's supervisor, starting it detached when it is not running

@@ -278,6 +278,11 @@ def test_invalid_inventory_touches_nothing(tmp_path):
         assert re.search(r"inventory.yaml:\d+:\d+: guests.web.vcpus: ", res.stderr)
         assert not (f.state / "supervisor" / "api.sock").exists()
         assert leftovers(f.instance) == []
+        # apply starts the supervisor while it validates: a failed one leaves none behind
+        import psutil
+        daemons = [p.pid for p in psutil.process_iter(["cmdline"])
+                   if str(f.state) in " ".join(p.info["cmdline"] or [])]
+        assert daemons == []
 
 
 BROKEN = """

@@ -82,6 +82,12 @@ class Fleet:
     def destroy(self) -> None:
         subprocess.run([sys.executable, "-m", "consolidator", "destroy", "--yes", "--purge"],
                        env=self.env, capture_output=True, cwd=ROOT)
+        try:                                # a supervisor with no fleet: destroy refuses
+            sup = self.supervisor()
+            sup.terminate()
+            sup.wait(15)
+        except Exception:  # noqa: BLE001 - none runs (no pid file, or it is gone): fine
+            pass
         from consolidator.daemon import teardown
         teardown.collect(teardown.Scope(self.inst, f"{self.inst}-fab"))
         shutil.rmtree(self.dir, ignore_errors=True)
