@@ -182,9 +182,6 @@ class HeldFiles:
             for path in [p for p in self._fds if p.startswith(prefix) and p not in paths]:
                 self._drop(path)
 
-    def __len__(self) -> int:
-        return len(self._fds)
-
     def close(self) -> None:
         self.forget("")
 

@@ -533,9 +533,6 @@ class CgroupDriver:
             if path:
                 self._held.forget(path)
 
-    def close(self) -> None:
-        self._held.close()
-
 
 _HOST = HeldFiles()
 
