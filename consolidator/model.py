@@ -27,9 +27,11 @@ from pydantic import BaseModel, ConfigDict
 
 from .hostfacts import HostFacts
 from .inventory import Inventory, load_inventory, validate
-from .inventory.derive import budget, derive_mac, image_roots, resolved_image, usable_cpus
+from .inventory.derive import (budget, derive_mac, guest_devices, image_roots, resolve_path,
+                               resolved_image, usable_cpus)
 from .inventory.schema import (BUILTIN_IMAGES, CpuSpec, HostSpec, ImageSpec, MemorySpec,
                                NetworkSpec, Size)
+from .osinfo import DeviceDefaults, UnknownOs, device_defaults, lookup
 from .units import human_size
 
 
@@ -79,10 +81,19 @@ class NicIntent(_Frozen):
     ip: str | None = None          # address only, no prefix
     prefix: int                     # from the network's subnet
     gateway: str | None = None      # the network's gateway, if any
+    model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
 
     @property
     def cidr(self) -> str | None:
         return f"{self.ip}/{self.prefix}" if self.ip else None
+
+
+class DiskIntent(_Frozen):
+    """A data disk: ``<guest dir>/data-<name>.qcow2``."""
+
+    name: str
+    size: Size
+    bus: Literal["virtio", "scsi", "sata", "ide"]
 
 
 class GuestIntent(_Frozen):
@@ -96,6 +107,18 @@ class GuestIntent(_Frozen):
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     autostart: bool = True
     labels: dict[str, str] = {}
+    # devices, resolved: the guest's keys, its image's, its OS profile's, the defaults
+    os: str | None = None
+    firmware: Literal["bios", "uefi"] | None = None     # None: QEMU loads a kernel
+    machine: Literal["pc", "q35"] | None = None         # None: the launcher's choice
+    disk_bus: Literal["virtio", "scsi", "sata", "ide"] = "virtio"
+    display: Literal["none", "vga"] = "none"
+    rtc: Literal["utc", "localtime"] = "utc"
+    hyperv: bool = False
+    cdrom: str | None = None
+    boot: tuple[Literal["cdrom", "disk"], ...] = ()
+    disks: tuple[DiskIntent, ...] = ()
+    ready: str = "marker"           # marker | agent | none | tcp:PORT | serial:REGEX
 
     @property
     def memory_min(self) -> int:
@@ -144,23 +167,42 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
                                                           **inv.images}.items()}
     guests = {}
     for name, g in inv.guests.items():
+        img = images[g.image]
+        dev = guest_devices(g, img, os_defaults(g.os or img.os))
         nics = []
         for i, nic in enumerate(g.nics):
             net = inv.networks[nic.network]
             nics.append(NicIntent(network=nic.network,
                                   mac=nic.mac or derive_mac(inv.instance, name, i),
                                   ip=nic_address(nic.ip), prefix=net.subnet.prefixlen,
-                                  gateway=nic_address(net.gateway)))
+                                  gateway=nic_address(net.gateway),
+                                  model=dev["nic_models"][i]))
+        del dev["nic_models"]
+        if g.cdrom:
+            dev["cdrom"] = str(resolve_path(g.cdrom, base_dir).resolve())
+        disks = tuple(DiskIntent(name=d.name or f"data{i}", size=d.size,
+                                 bus=d.bus or dev["disk_bus"]) for i, d in enumerate(g.disks))
         mem = g.memory
         guests[name] = GuestIntent(
-            name=name, image=g.image, image_spec=images[g.image], vcpus=g.vcpus, cpu=g.cpu,
+            name=name, image=g.image, image_spec=img, vcpus=g.vcpus, cpu=g.cpu,
             memory=MemorySpec(max=mem.max, min=mem.max if mem.min is None else mem.min,
                               shares=mem.shares),
-            nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels)
+            nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels,
+            disks=disks, **dev)
     return Fleet(instance=inv.instance, host=inv.host, budget=budget(inv.host, facts),
                  usable_cpus=max(usable_cpus(inv.host, facts), 0.0),
                  image_roots=image_roots(inv.host, base_dir, state_dir), images=images,
                  networks=dict(inv.networks), guests=guests)
+
+
+def os_defaults(short_id: str | None) -> DeviceDefaults | None:
+    """The device defaults of an OS profile (None: no profile, or one validation refused)."""
+    if not short_id:
+        return None
+    try:
+        return device_defaults(lookup(short_id))
+    except (UnknownOs, LookupError, OSError):
+        return None
 
 
 def parse_fleet(text: str, file: str, facts: HostFacts, base_dir: Path | None = None,

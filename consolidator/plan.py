@@ -127,6 +127,18 @@ GUEST_FIELDS: dict[str, Impact] = {
     "restart": Impact.LIVE,
     "autostart": Impact.LIVE,
     "labels": Impact.LIVE,
+    "cpu.model": Impact.RESTART,
+    "os": Impact.LIVE,              # a profile acts through the devices it defaults
+    "firmware": Impact.RESTART,
+    "machine": Impact.RESTART,
+    "disk_bus": Impact.RESTART,
+    "display": Impact.RESTART,
+    "rtc": Impact.RESTART,
+    "hyperv": Impact.RESTART,
+    "cdrom": Impact.RESTART,
+    "boot": Impact.RESTART,
+    "disks": Impact.RESTART,        # added, removed or moved; a grow alone is live (below)
+    "ready": Impact.LIVE,           # how the next start is judged
 }
 # Host settings are read by the supervisor; none of them touches a running guest.
 HOST_FIELDS: dict[str, Impact] = {f: Impact.LIVE for f in HostSpec.model_fields}
@@ -175,8 +187,29 @@ def diff_fields(old: dict[str, Any], new: dict[str, Any], table: dict[str, Impac
 
 
 def guest_changes(old: GuestIntent, new: GuestIntent) -> tuple[Change, ...]:
-    return diff_fields(old.model_dump(mode="json"), new.model_dump(mode="json"), GUEST_FIELDS,
-                       skip=("name",))
+    """Field changes; data disks compare by name: a larger size is a live resize, a
+    smaller one is refused (:class:`PlanError`), anything else restarts."""
+    changes = diff_fields(old.model_dump(mode="json"), new.model_dump(mode="json"),
+                          GUEST_FIELDS, skip=("name", "disks"))
+    if old.disks == new.disks:
+        return changes
+    before = {d.name: d for d in old.disks}
+    for d in new.disks:
+        was = before.get(d.name)
+        if was is not None and d.size < was.size:
+            raise PlanError(f"guest {new.name}: data disk {d.name} would shrink from "
+                            f"{was.size} to {d.size} bytes, which loses data",
+                            hint="keep its size, or add a new disk and move the data")
+    resized = [(before[d.name], d) for d in new.disks
+               if d.name in before and before[d.name].size != d.size]
+    same_shape = [(d.name, d.bus) for d in old.disks] == [(d.name, d.bus) for d in new.disks]
+    if same_shape and resized:
+        extra = tuple(Change(f"disks.{a.name}.size", a.size, b.size, Impact.LIVE)
+                      for a, b in resized)
+    else:
+        extra = (Change("disks", [d.model_dump(mode="json") for d in old.disks],
+                        [d.model_dump(mode="json") for d in new.disks], Impact.RESTART),)
+    return tuple(sorted(changes + extra, key=lambda c: c.field))
 
 
 def network_changes(old: NetworkSpec, new: NetworkSpec) -> tuple[Change, ...]:
@@ -482,7 +515,8 @@ def _with_changes(old: GuestIntent, changes: Iterable[Change]) -> GuestIntent:
         *parents, leaf = c.field.split(".")
         d = data
         for k in parents:
-            d = d[k]
+            # a list of named entries (data disks) is walked by name
+            d = next(x for x in d if x["name"] == k) if isinstance(d, list) else d[k]
         d[leaf] = c.new
     return GuestIntent.model_validate(data)
 

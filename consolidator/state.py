@@ -8,6 +8,8 @@ Layout (format 1), mode 0700 throughout::
     <state>/guests/<name>/record.json   a guest as defined/launched (intent, state, pid, ...)
     <state>/guests/<name>/log.jsonl  its serial lines and supervisor events
     <state>/guests/<name>/disk.qcow2 its disk overlay: kept until an explicit purge
+    <state>/guests/<name>/data-<disk>.qcow2   its data disks: kept until an explicit purge
+    <state>/guests/<name>/efivars.fd its UEFI variable store: kept with its disks
     <state>/guests/<name>/run/       QMP and console sockets, pidfile (0700)
     <state>/images/                  the image cache
     <state>/history.sqlite           samples for reports
@@ -41,7 +43,7 @@ FORMAT = 1
 FORMAT_TAG = f"consolidator-state {FORMAT}\n"
 DEFAULT_STATE_DIR = _DEFAULT_STATE_DIR
 #: A guest's files that hold its data: kept by destroy and prune unless purged.
-DISK_SUFFIXES = (".qcow2",)
+DISK_SUFFIXES = (".qcow2", ".fd")        # overlays, data disks, UEFI variable stores
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
@@ -256,6 +258,11 @@ class StateDir:
             self.remove_network_record(n)
         with contextlib.suppress(FileNotFoundError):
             self.applied_path.unlink()
+
+    def kept_disks(self) -> list[str]:
+        """Disks of guests no longer recorded (kept by a destroy or prune without purge)."""
+        return [str(p) for g in self._guest_dirs_without_record()
+                for p in sorted(self.guest_dir(g).iterdir()) if p.suffix in DISK_SUFFIXES]
 
     def _guest_dirs_without_record(self) -> list[str]:
         if not self.guests_dir.is_dir():

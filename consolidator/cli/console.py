@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -140,3 +141,38 @@ def print_logs_remote(fetch: Callable[[int, int | None], dict[str, Any]], consol
         res = fetch(0, res["offset"])
         for e in res["entries"]:
             console.print(_format(e))
+
+
+def forward_vnc(sock: Path, name: str, port: int, say: Callable[[str], None]) -> None:
+    """Serve 127.0.0.1:``port`` until interrupted; each connection is piped to ``sock``."""
+    import asyncio
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            gr, gw = await asyncio.open_unix_connection(str(sock))
+        except OSError as e:
+            say(f"vnc {name}: cannot reach the guest's screen: {e}")
+            w.close()
+            return
+        await asyncio.gather(pipe(r, gw), pipe(gr, w))
+
+    async def main() -> None:
+        server = await asyncio.start_server(client, "127.0.0.1", port)
+        bound = server.sockets[0].getsockname()[1]
+        say(f"vnc {name}: 127.0.0.1:{bound} (display :{bound - 5900}); Ctrl-C ends"
+            if bound >= 5900 else f"vnc {name}: 127.0.0.1:{bound}; Ctrl-C ends")
+        async with server:
+            await server.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

@@ -270,18 +270,44 @@ def _image_cache(c: Ctx) -> Path:
 
 @image.command("build")
 @common_options
+@click.argument("kind", type=click.Choice(["tiny", "debian"]), default="tiny")
 @click.option("--kernel", type=click.Path(dir_okay=False), default=None,
-              help="Use this bzImage instead of the host's or Debian's cloud kernel")
+              help="tiny: use this bzImage instead of the host's or Debian's cloud kernel")
+@click.option("--refresh", is_flag=True, help="tiny: fetch Debian's cloud kernel again")
+@click.option("--release", type=click.Choice(["bookworm", "bullseye"]), default="bookworm",
+              show_default=True, help="debian: the release")
+@click.option("--firmware", type=click.Choice(["bios", "uefi"]), default="uefi",
+              show_default=True, help="debian: the bootloader's firmware")
+@click.option("--size", default="4GiB", show_default=True, help="debian: the disk's size")
+@click.option("--mirror", default=None, help="debian: the package mirror (default: the "
+              "host's apt source, else deb.debian.org)")
 @click.option("--force", is_flag=True, help="Rebuild even when a build of the same inputs exists")
-@click.option("--refresh", is_flag=True, help="Fetch Debian's cloud kernel again")
 @handled
-def image_build(c: Ctx, kernel: str | None, force: bool, refresh: bool) -> None:
-    """Build the tiny image (kernel + busybox initramfs). Same inputs give the same bytes."""
+def image_build(c: Ctx, kind: str, kernel: str | None, refresh: bool, release: str,
+                firmware: str, size: str, mirror: str | None, force: bool) -> None:
+    """Build an image into the cache. Same inputs give the same image.
+
+    \b
+    tiny    the builtin image: a kernel and a busybox initramfs (seconds)
+    debian  a bootable Debian disk from Debian's packages (debootstrap): a kernel, a
+            bootloader for the firmware, systemd, cloud-init and the QEMU guest agent,
+            saved as a compressed qcow2 (minutes; root)
+    """
     import time as _t
-    from ..vm.image import build_tiny
     t0 = _t.monotonic()
-    built = build_tiny(_image_cache(c), kernel, force=force, refresh=refresh,
-                       progress=lambda s: err.print(f"[dim]{s}[/]"))
+    say = lambda s: err.print(f"[dim]{s}[/]")   # noqa: E731
+    if kind == "debian":
+        from ..units import parse_size
+        from ..vm.osimage import build_debian
+        img = build_debian(_image_cache(c), release, firmware, size=parse_size(size),
+                           mirror=mirror, force=force, progress=say)
+        m = img.manifest
+        out.print(f"debian image {img.dir.name}: {m['os']}, {firmware}, "
+                  f"{len(m['packages'])} packages, {m['outputs']['disk.qcow2']['size'] >> 20} "
+                  f"MiB qcow2 ({_t.monotonic() - t0:.1f}s)\n  disk: {img.disk}", markup=False)
+        return
+    from ..vm.image import build_tiny
+    built = build_tiny(_image_cache(c), kernel, force=force, refresh=refresh, progress=say)
     m = built.manifest
     out.print(f"tiny image {built.dir.name}: kernel {m['kernel']['source']}, "
               f"initrd sha256 {m['outputs']['initrd.cpio']['sha256'][:16]}..., "
@@ -297,17 +323,25 @@ def image_list(c: Ctx, as_json: bool) -> None:
     from rich.table import Table
     from ..units import human_size
     from ..vm.image import list_images
+    from ..vm.osimage import list_os_images
     images = list_images(_image_cache(c))
+    disks = list_os_images(_image_cache(c))
     if as_json:
-        out.print_json(json.dumps([{"dir": str(i.dir), **i.manifest} for i in images]))
+        out.print_json(json.dumps([{"dir": str(i.dir), **i.manifest} for i in images] +
+                                  [{"dir": str(i.dir), **i.manifest} for i in disks]))
         return
     t = Table(title=f"images in {_image_cache(c)}", title_justify="left")
-    for col in ("name", "kernel", "initrd sha256", "size"):
+    for col in ("name", "what", "sha256", "size"):
         t.add_column(col)
     for i in images:
         o = i.manifest["outputs"]
-        t.add_row(i.dir.name, i.manifest["kernel"]["source"], o["initrd.cpio"]["sha256"][:16],
+        t.add_row(i.dir.name, "kernel " + i.manifest["kernel"]["source"],
+                  o["initrd.cpio"]["sha256"][:16],
                   human_size(o["vmlinuz"]["size"] + o["initrd.cpio"]["size"]))
+    for d in disks:
+        o = d.manifest["outputs"]["disk.qcow2"]
+        t.add_row(d.dir.name, f"{d.manifest['os']} {d.manifest['firmware']} disk "
+                  f"({human_size(o['virtual_size'])})", o["sha256"][:16], human_size(o["size"]))
     show(out, t)
 
 
@@ -323,7 +357,8 @@ def image_rm(c: Ctx, names: tuple[str, ...], all_: bool) -> None:
     cache = _image_cache(c)
     if not names and not all_:
         raise UsageError("name an image (see `consolidator image list`) or pass --all")
-    known = {i.dir.name: i.dir for i in list_images(cache)}
+    from ..vm.osimage import list_os_images
+    known = {i.dir.name: i.dir for i in [*list_images(cache), *list_os_images(cache)]}
     targets = list(known.values()) if all_ else []
     for n in names:
         if n not in known:
@@ -653,6 +688,50 @@ def console(c: Ctx, name: str) -> None:
 
 
 @cli.command()
+@common_options
+@click.argument("name")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The PNG file to write")
+@handled
+def screenshot(c: Ctx, name: str, output: str) -> None:
+    """Save the screen of a guest with display: vga as a PNG (QMP screendump)."""
+    import base64
+    from ..daemon import protocol
+    _guest_name(name)
+    with protocol.connect(Path(c.state_dir), start=False) as client:
+        res = client.call("screenshot", name=name)
+    data = base64.b64decode(res["png"])
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    Path(output).write_bytes(data)
+    out.print(f"{output}: {width}x{height} PNG, {len(data)} bytes", markup=False)
+
+
+@cli.command()
+@common_options
+@click.argument("name")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port on 127.0.0.1 (0: a free one)")
+@handled
+def vnc(c: Ctx, name: str, port: int) -> None:
+    """Forward the screen of a guest with display: vga to a VNC port on 127.0.0.1 while
+    this runs (Ctrl-C ends it). QEMU listens on no TCP port: each viewer connection goes
+    to the guest's unix socket, which the supervisor hands to QEMU."""
+    from .console import forward_vnc
+    _guest_name(name)
+    sock = c.state().guest_dir(name) / "run" / "vnc.sock"
+    if not sock.exists():
+        raise UsageError(f"guest {name} has no screen socket (is it running, with "
+                         "display: vga?)")
+    forward_vnc(sock, name, port, lambda msg: out.print(msg, markup=False))
+
+
+def _guest_name(name: str) -> None:
+    from ..units import DNS_LABEL_RE
+    if not DNS_LABEL_RE.match(name):
+        raise UsageError(f"{name!r} is not a guest name")
+
+
+@cli.command()
 @common_options(file_short=False)
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines")
@@ -683,7 +762,8 @@ def logs(c: Ctx, name: str, follow: bool, lines: int) -> None:
 
 @cli.command()
 @common_options
-@click.option("--purge", is_flag=True, help="Also delete the guests' disk overlays")
+@click.option("--purge", is_flag=True, help="Also delete the guests' disks: overlays, data "
+              "disks, UEFI variable stores (also those an earlier destroy kept)")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 @click.option("--instance", default=None,
               help="The instance to destroy when the state dir records none (its objects "
@@ -706,6 +786,15 @@ def destroy(c: Ctx, purge: bool, yes: bool, instance: str | None) -> None:
             # no supervisor, or one without a fleet: what the state dir records decides
             # (the reading of which costs the schema's import, so not on the common path)
             scope = _scope(c, instance)
+            kept = c.state().kept_disks() if scope is None and purge else []
+            if kept:                # a destroy without --purge left disks: purge them now
+                if not yes and sys.stdin.isatty():
+                    click.confirm(f"Delete {len(kept)} kept disks in {c.state_dir}?",
+                                  abort=True)
+                c.state().clear(purge=True)
+                for k in kept:
+                    out.print(f"deleted {k}", markup=False)
+                return
             if scope is None:
                 raise UsageError(f"the state dir {c.state_dir} records no fleet: nothing to "
                                  "destroy", hint="to remove an instance's leftovers by name, "

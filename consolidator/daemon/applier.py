@@ -151,6 +151,12 @@ class Applier:
         weights = self.weights()
         owned = weights is not None and weights.owns_weight(g.name)
         written = await asyncio.to_thread(ex.apply_live, intent, weight=not owned)
+        for c in a.changes:                 # a data disk grown: QEMU resizes it live
+            if c.field.startswith("disks.") and c.field.endswith(".size") and g.guest:
+                name = c.field.split(".")[1]
+                size = next(d.size for d in intent.disks if d.name == name)
+                await g.guest.resize_disk(name, size)
+                written.append(f"data disk {name}: {size} bytes")
         self.runtime.update_intent(g, intent, "updated", changes=changes, written=written)
         if owned and weights is not None and any(c.field.startswith("cpu.")
                                                  for c in a.changes):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -174,7 +175,8 @@ class Executor:
             self.cgroups.create_guest(intent.name)
             self.cgroups.apply(intent.name, cgroup_settings(intent))
             boot = prepare_boot(intent, self.image_cache, gdir,
-                                roots=self.fleet.image_roots, owner=ident)
+                                roots=self.fleet.image_roots, owner=ident,
+                                uefi=self.fleet.host.uefi)
         except BaseException:
             self.fabric.unwire_guest(intent.name, len(intent.nics))
             with contextlib.suppress(ConsolidatorError):
@@ -183,7 +185,27 @@ class Executor:
         spec = launch_spec(intent, boot, RunPaths.for_guest(gdir), self.virt,
                            taps=wiring.taps)
         hint_pvm = spec.accel.name == "kvm" and spec.pvm_host
-        return wiring, Guest(spec, hint_pvm=hint_pvm), ident
+        # a real OS under TCG takes minutes where the tiny image takes seconds
+        timeout = 90.0 if intent.ready in ("marker", "none") else 600.0
+        return wiring, Guest(spec, hint_pvm=hint_pvm, ready_probe=intent.ready,
+                             ready_timeout=timeout, tcp_probe=self.tcp_probe(intent)), ident
+
+    def tcp_probe(self, intent: GuestIntent) -> Callable[[int], bool] | None:
+        """Connects to the guest's first address from the fabric netns (its networks'
+        gateways are there): blocking, for a worker thread."""
+        ip = next((n.ip for n in intent.nics if n.ip and n.gateway), None)
+        if ip is None:
+            return None
+        where = self.fabric.netns
+
+        def probe(port: int) -> bool:
+            with ns.entered(where):
+                try:
+                    with socket.create_connection((ip, port), timeout=1.0):
+                        return True
+                except OSError:
+                    return False
+        return probe
 
     def placement(self, intent: GuestIntent, wiring: GuestWiring,
                   ident: Identity) -> GuestPlacement:

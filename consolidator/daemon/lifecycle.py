@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import time
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import psutil
 import structlog
 
-from ..errors import ConsolidatorError, QMPError
+from ..errors import AgentError, ConsolidatorError, QMPError
 from ..model import Fleet, GuestState
 from ..vm.guest import Guest
 from ..vm.launch import launch_spec
@@ -145,15 +146,37 @@ class Lifecycle:
     def watch(self, g: GuestRuntime) -> None:
         if g.monitor is None or g.monitor.done():
             g.monitor = self._tasks.spawn(self._monitor(g), f"monitor-{g.name}")
+        if g.intent.ready == "agent" and g.guest is not None:
+            self._tasks.spawn(self._agent_view(g, g.guest), f"agent-{g.name}")
+
+    async def _agent_view(self, g: GuestRuntime, guest: Guest) -> None:
+        """What the guest agent reports (its addresses, its OS), for ``status``: asked
+        at once, then 5 and 30 s later (DHCP and cloud-init come after the agent), then
+        every minute while this QEMU runs. A guest whose agent is silent shows nothing."""
+        agent = guest.agent_client()
+        for pause in itertools.chain((5.0, 25.0), itertools.repeat(60.0)):
+            if not guest.alive() or g.guest is not guest:
+                return
+            try:
+                view: dict[str, Any] = {"interfaces": await agent.interfaces(),
+                                        "at": round(time.time(), 1)}
+                if "os" not in g.agent_view:
+                    view["os"] = await agent.info()
+                g.agent_view = {**g.agent_view, **view}
+            except AgentError as e:
+                g.agent_view = {**g.agent_view, "error": e.message[:200]}
+            await asyncio.sleep(pause)
 
     # ------------------------------------------------------------------ stop
-    async def stop(self, g: GuestRuntime, timeout: float = 10.0, *, undo: bool = True,
+    async def stop(self, g: GuestRuntime, timeout: float | None = None, *, undo: bool = True,
                    **why: Any) -> None:
         """Stop gracefully (power button, QMP quit, SIGKILL) and undo what starting made;
         ``undo=False`` leaves that to the caller (destroy removes the whole instance in
         one pass). ``why`` goes into the stopping event."""
         ex = self.executor
         assert ex is not None
+        if timeout is None:       # a real OS takes longer to shut down than the tiny image
+            timeout = 60.0 if g.intent.firmware else 10.0
         pending, g.pending_restart = g.pending_restart, None
         if pending is not None and not pending.done():
             pending.cancel()        # a restart still waiting, or (destroy) one under way:
@@ -266,7 +289,7 @@ class Lifecycle:
         boot = Boot(**rec["boot"]) if isinstance(rec.get("boot"), dict) else Boot(None, None)
         spec = launch_spec(g.intent, boot, RunPaths.for_guest(self.runtime.state.guest_dir(
             g.name)), ex.virt)
-        guest = g.guest = Guest(spec)
+        guest = g.guest = Guest(spec, ready_probe=g.intent.ready)
         try:
             await guest.adopt(pid)
         except QMPError as e:
@@ -296,4 +319,5 @@ def running_facts(guest: Guest) -> dict[str, Any]:
             "qmp": str(guest.paths.qmp), "machine": guest.spec.machine.name,
             "accel": guest.spec.accel.name, "started_at": time.time(),
             "boot": {"kernel": b.kernel, "initrd": b.initrd, "cmdline": b.cmdline,
-                     "disk": b.disk, "disk_format": b.disk_format, "builtin": b.builtin}}
+                     "disk": b.disk, "disk_format": b.disk_format, "builtin": b.builtin,
+                     "firmware": b.firmware, "cdrom": b.cdrom}}

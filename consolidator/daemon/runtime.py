@@ -51,6 +51,7 @@ class GuestRuntime:
         self.monitor: asyncio.Task[None] | None = None
         self.pending_restart: asyncio.Task[None] | None = None
         self.busy = asyncio.Lock()            # one operation at a time per guest
+        self.agent_view: dict[str, Any] = {}  # what its qemu-ga last reported
 
     @property
     def state(self) -> GuestState:

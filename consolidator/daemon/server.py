@@ -24,6 +24,7 @@ closed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import grp
 import json
@@ -291,6 +292,12 @@ class Api:
             agent = await g.guest.agent()
             return {"reply": await agent.request(args["command"], args.get("arg", ""),
                                                  float(args.get("timeout", 30)))}
+        if op == "screenshot":
+            g = rt.get(args["name"])
+            if g.guest is None or g.state is not GuestState.RUNNING:
+                raise ConflictError(f"guest {g.name} is {g.state.value}, not running")
+            png = await g.guest.screenshot()
+            return {"png": base64.b64encode(png).decode("ascii"), "bytes": len(png)}
         if op == "destroy":
             async with self.apply_lock:
                 self.apply_by = time.strftime("%H:%M:%S") + f" ({session['peer']}, destroy)"

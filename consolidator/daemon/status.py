@@ -52,6 +52,10 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "accel": q.spec.accel.name if q and running else None,
             "uid": (g.facts.get("identity") or {}).get("uid"),
             "errors": list(o.errors) if o is not None else [],
+            "os": g.intent.os,
+            "firmware": g.intent.firmware,
+            "ready": g.intent.ready,
+            "agent": g.agent_view if running and g.agent_view else None,
         }
         if explain:
             row["explain"] = rb.explain.get(n) if rb else None

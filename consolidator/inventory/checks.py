@@ -9,6 +9,7 @@ they checked by :func:`consolidator.model.resolve`, with the same helpers (:mod:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import grp
 import ipaddress
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import osinfo
 from ..hostfacts import HostFacts
 from ..units import human_size
 from .derive import budget as derive_budget
-from .derive import (derive_mac, disk_format, image_roots, memory_room, resolve_path,
-                     usable_cpus)
+from .derive import (derive_mac, disk_format, firmware_boot, guest_devices, image_roots,
+                     memory_room, resolve_path, usable_cpus)
 from .files import disk_problems, inside, regular_file
 from .reporter import Reporter, dotted
 from .schema import (BUILTIN_IMAGES, DNS_LABEL_RE, INSTANCE_RE, GuestSpec, HostSpec, ImageSpec,
@@ -34,6 +36,7 @@ NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CGROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 MIN_GUEST_MEMORY = 32 << 20
+_NO_NET = NetworkSpec(subnet="192.0.2.0/24")     # type: ignore[arg-type]
 
 
 @dataclass
@@ -66,7 +69,7 @@ def run(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
     _forwarding(rep, p.networks)
     instance = p.instance if isinstance(p.instance, str) and INSTANCE_RE.match(p.instance) \
         else "cns"
-    _guests(rep, raw, p, facts, instance)
+    _guests(rep, raw, p, facts, instance, base_dir, roots)
     if p.host is not None:
         _capacity(rep, p.host, p.guests, facts)
 
@@ -151,9 +154,14 @@ def reserved_param(token: str, builtin: bool) -> bool:
 def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path,
            roots: tuple[str, ...]) -> None:
     loc = ("images", name)
-    if not (img.builtin or img.kernel or img.disk):
-        rep.key("I001", loc, "an image needs one of builtin, kernel or disk",
+    if not (img.builtin or img.kernel or img.disk or img.cdrom):
+        rep.key("I001", loc, "an image needs one of builtin, kernel, disk or cdrom",
                 "for the built-in guest write: builtin: tiny")
+    if img.firmware and (img.builtin or img.kernel):
+        rep.value("I014", loc + ("firmware",), "firmware applies to a disk or cdrom boot; "
+                  "this image's kernel is loaded by QEMU")
+    if img.os:
+        _os(rep, loc + ("os",), img.os)
     if img.initrd and img.builtin:
         rep.value("I002", loc + ("initrd",), "a builtin image builds its own initrd; drop initrd")
     elif img.initrd and not img.kernel:
@@ -170,10 +178,15 @@ def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path,
     if img.disk and disk_format(img) is None:
         rep.value("I006", loc + ("disk",), f"cannot tell the format of {img.disk!r}",
                   "add format: qcow2 or format: raw")
-    for f in ("kernel", "initrd", "disk"):
-        v = getattr(img, f)
-        if not v:
-            continue
+    for f in ("kernel", "initrd", "disk", "cdrom"):
+        _file(rep, loc, f, getattr(img, f), base_dir, roots,
+              disk_format(img) if f == "disk" else None)
+
+
+def _file(rep: Reporter, loc: tuple, f: str, v: str | None, base_dir: Path,
+          roots: tuple[str, ...], fmt: str | None = None) -> None:
+    """A file the guest boots from: there, regular, readable, inside the image roots."""
+    if v:
         path = resolve_path(v, base_dir)
         if not path.exists():
             rep.value("I007", loc + (f,), f"no such file: {path}")
@@ -186,9 +199,19 @@ def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path,
             rep.value("I011", loc + (f,), f"{path}{link} is outside the image roots: "
                       f"{', '.join(roots)}", "move it under a root, or list its directory "
                       "in host.image_roots")
-        elif f == "disk" and disk_format(img):
-            for code, message in disk_problems(path, disk_format(img) or "", roots):
+        elif f == "disk" and fmt:
+            for code, message in disk_problems(path, fmt, roots):
                 rep.value(code, loc + (f,), message)
+
+
+def _os(rep: Reporter, loc: tuple, short_id: str) -> None:
+    try:
+        osinfo.lookup(short_id)
+    except osinfo.UnknownOs as e:
+        hint = ("install osinfo-db (Debian's libosinfo database)" if e.empty else
+                f"did you mean {' or '.join(repr(s) for s in e.suggestions)}?"
+                if e.suggestions else "`consolidator os list` shows the known ids")
+        rep.value("I015", loc, f"unknown OS {short_id!r}" if not e.empty else str(e), hint)
 
 
 # ---------------------------------------------------------------------- networks
@@ -255,7 +278,7 @@ def _forwarding(rep: Reporter, nets: dict[str, NetworkSpec | None]) -> None:
 # ------------------------------------------------------------------------ guests
 
 def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
-            instance: str) -> None:
+            instance: str, base_dir: Path, roots: tuple[str, ...]) -> None:
     raw_images = set(raw.get("images", {}) or {}) | set(BUILTIN_IMAGES)
     raw_nets = set((raw.get("networks") or {}) if isinstance(raw.get("networks"), dict) else {})
     ips: dict[tuple[str, str], str] = {}
@@ -268,6 +291,9 @@ def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
             rep.value("I009", loc + ("image",), f"undeclared image {g.image!r}",
                       _suggest(g.image, sorted(raw_images)))
         _cpu(rep, loc, g, facts)
+        img = p.images.get(g.image) or BUILTIN_IMAGES.get(g.image)
+        if img is not None:
+            _devices(rep, loc, g, img, p.host or HostSpec(), base_dir, roots)
         mem = g.memory
         if mem.max < MIN_GUEST_MEMORY:
             rep.value("G001", loc + ("memory", "max"), f"{human_size(mem.max)} is too little "
@@ -309,6 +335,76 @@ def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
                           None if nic.mac else "set mac explicitly on one of them")
             else:
                 macs[mac] = dotted(nloc)
+        if g.ready.startswith("tcp:") and not any(
+                nic.ip and (p.networks.get(nic.network) or _NO_NET).gateway for nic in g.nics):
+            rep.value("G013", loc + ("ready",), "ready: tcp needs a NIC with an address on a "
+                      "network with a gateway (the supervisor connects from there)")
+
+
+def _devices(rep: Reporter, loc: tuple, g: GuestSpec, img: ImageSpec, host: HostSpec,
+             base_dir: Path, roots: tuple[str, ...]) -> None:
+    """Firmware, boot media, buses and probes: what QEMU and the firmware can do."""
+    if g.os:
+        _os(rep, loc + ("os",), g.os)
+    _file(rep, loc, "cdrom", g.cdrom, base_dir, roots)
+    fw_boot = firmware_boot(img, g.cdrom)
+    if g.firmware and not fw_boot:
+        rep.value("I014", loc + ("firmware",), "firmware applies to a disk or cdrom boot; "
+                  f"image {g.image!r} has its kernel loaded by QEMU")
+    short = g.os or img.os
+    profile = None
+    if short:
+        with contextlib.suppress(LookupError, OSError):
+            profile = osinfo.device_defaults(osinfo.lookup(short))
+    dev = guest_devices(g, img, profile)
+    if dev["firmware"] == "uefi":
+        for what in ("code", "vars"):
+            path = getattr(host.uefi, what)
+            if not regular_file(Path(path)):
+                where = ("firmware",) if g.firmware else ()
+                rep.value("I016", loc + where, f"UEFI firmware {what} {path} is not "
+                          "installed", "apt-get install ovmf (or set host.uefi)")
+                break
+    if dev["machine"] == "q35":
+        if dev["disk_bus"] == "ide" and (img.disk or g.disks):
+            rep.value("G010", loc + (("disk_bus",) if g.disk_bus else ()), "q35 has no IDE "
+                      "controller", "use disk_bus: sata (AHCI), or machine: pc")
+        for i, d in enumerate(g.disks):
+            if d.bus == "ide":
+                rep.value("G010", loc + ("disks", i, "bus"), "q35 has no IDE controller",
+                          "use bus: sata (AHCI), or machine: pc")
+    present = {"disk": bool(img.disk or g.disks), "cdrom": bool(dev["cdrom"])}
+    if g.boot:
+        seen: set[str] = set()
+        for i, b in enumerate(g.boot):
+            if not present[b]:
+                rep.value("G011", loc + ("boot", i), f"boot names {b}, but the guest has none")
+            elif b in seen:
+                rep.value("G011", loc + ("boot", i), f"{b} is named twice")
+            seen.add(b)
+        if not fw_boot:
+            rep.value("G011", loc + ("boot",), f"image {g.image!r} has its kernel loaded by "
+                      "QEMU: there is no boot order")
+    names: dict[str, int] = {}
+    for i, d in enumerate(g.disks):
+        name = d.name or f"data{i}"
+        if name in names:
+            rep.value("G012", loc + ("disks", i, "name" if d.name else "size"),
+                      f"a second disk named {name!r}")
+        names[name] = i
+        if d.size < 1 << 20 or d.size % (1 << 20):
+            rep.value("G012", loc + ("disks", i, "size"), f"{d.size} bytes: a data disk is "
+                      "a whole number of MiB, at least 1MiB")
+    kind, _, arg = g.ready.partition(":")
+    if kind == "tcp" and not 1 <= int(arg) <= 65535:
+        rep.value("G013", loc + ("ready",), f"port {arg} is out of range 1-65535")
+    elif kind == "serial":
+        try:
+            re.compile(arg)
+        except re.error as e:
+            rep.value("G013", loc + ("ready",), f"not a regular expression: {e}")
+    elif kind == "agent" and (img.builtin or img.kernel) and not fw_boot:
+        pass                # a user's kernel and initrd may well run an agent
 
 
 def _cpu(rep: Reporter, loc: tuple, g: GuestSpec, facts: HostFacts) -> None:

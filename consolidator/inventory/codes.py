@@ -51,6 +51,9 @@ CODES: dict[str, str] = {
     "I011": "a kernel, initrd or disk outside the image roots (links followed)",
     "I012": "a disk whose backing chain leaves the image roots, or cannot be read",
     "I013": "a disk whose format is not the declared one",
+    "I014": "firmware on an image or guest whose kernel QEMU loads",
+    "I015": "an OS id libosinfo does not know (did you mean ...)",
+    "I016": "UEFI firmware (host.uefi) not installed",
     # networks and addresses
     "A001": "subnet smaller than /30",
     "A002": "an address's prefix differs from its subnet's",
@@ -77,6 +80,10 @@ CODES: dict[str, str] = {
     "G007": "cpu.limit above vcpus",
     "G008": "cpu.pin names CPUs the host does not have",
     "G009": "cpu.reserve above the pinned CPUs",
+    "G010": "an IDE disk on q35, which has no IDE controller",
+    "G011": "a boot order naming a device the guest lacks, twice, or on a kernel boot",
+    "G012": "data disks: a name twice, or a size not a whole number of MiB",
+    "G013": "ready: a tcp port out of range, or a serial pattern that is no regex",
     # the host as a whole
     "C001": "host.reserve.cpus leaves no CPU for guests",
     "C002": "host.reserve.memory is all of the host's RAM",

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..hostfacts import HostFacts
-from .schema import HostSpec, ImageSpec
+from ..osinfo import DeviceDefaults
+from .schema import GuestSpec, HostSpec, ImageSpec
 
 DISK_FORMATS = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
 
@@ -42,7 +43,7 @@ def resolved_image(img: ImageSpec, base_dir: Path) -> ImageSpec:
     """Paths made absolute and the disk format filled in: the supervisor that runs the
     guests does not share the CLI's working directory."""
     upd: dict[str, Any] = {}
-    for f in ("kernel", "initrd", "disk"):
+    for f in ("kernel", "initrd", "disk", "cdrom"):
         v = getattr(img, f)
         if v:
             upd[f] = str(resolve_path(v, base_dir).resolve())
@@ -77,3 +78,45 @@ def budget(host: HostSpec, facts: HostFacts) -> int:
     if host.memory == "auto":
         return max(memory_room(host, facts), 0)
     return int(host.memory)
+
+
+def firmware_boot(img: ImageSpec, guest_cdrom: str | None = None) -> bool:
+    """The guest boots through firmware (from a disk or a cdrom), not a kernel QEMU loads."""
+    return not (img.builtin or img.kernel) and bool(img.disk or img.cdrom or guest_cdrom)
+
+
+def os_id(g: GuestSpec, img: ImageSpec) -> str | None:
+    return g.os or img.os
+
+
+def guest_devices(g: GuestSpec, img: ImageSpec, profile: DeviceDefaults | None
+                  ) -> dict[str, Any]:
+    """Pure: the devices of guest ``g``: its own keys, then its image's, then the OS
+    profile's defaults, then the project's. ``nic_models`` has one entry per NIC."""
+    fw_boot = firmware_boot(img, g.cdrom)
+    p = profile
+    firmware = (g.firmware or img.firmware or (p.firmware if p else "bios")) if fw_boot \
+        else None
+    if g.machine:
+        machine: str | None = g.machine
+    elif fw_boot:
+        machine = p.machine if p else ("q35" if firmware == "uefi" else "pc")
+    else:
+        machine = None                # a kernel boot: the launcher picks (microvm or pc)
+    disk_bus = g.disk_bus or (p.disk_bus if p else "virtio")
+    if machine == "q35" and disk_bus == "ide" and not g.disk_bus:
+        disk_bus = "sata"             # a profile's IDE is the q35's AHCI
+    cdrom = g.cdrom or img.cdrom
+    has_disk = bool(img.disk or g.disks)
+    present = [d for d in ("disk", "cdrom") if d == "disk" and has_disk or d == "cdrom" and cdrom]
+    ready = g.ready
+    if ready == "auto":
+        ready = "marker" if img.builtin else ("agent" if fw_boot else "none")
+    return {
+        "os": os_id(g, img), "firmware": firmware, "machine": machine, "disk_bus": disk_bus,
+        "display": g.display or (p.display if p else "none"),
+        "rtc": g.rtc or (p.rtc if p else "utc"), "hyperv": bool(p and p.hyperv),
+        "cdrom": cdrom, "boot": tuple(g.boot) if g.boot else tuple(present),
+        "ready": ready,
+        "nic_models": tuple(n.model or (p.nic_model if p else "virtio") for n in g.nics),
+    }

@@ -248,6 +248,14 @@ class GuestIds(_Model):
 
 
 
+class Uefi(_Model):
+    """The OVMF build UEFI guests boot: its code (read-only, shared) and the variable store
+    template each guest copies once."""
+
+    code: str = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    vars: str = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
+
 class HostSpec(_Model):
     reserve: HostReserve = HostReserve()
     memory: Literal["auto"] | Size = Field(
@@ -275,11 +283,20 @@ class HostSpec(_Model):
         "auto", description="guests in their host-side start work at once (wiring to "
                             "spawn); auto = host cores; QEMUs then start in parallel")
     restart: RestartLimits = RestartLimits()
+    uefi: Uefi = Uefi()
     history: HistoryRetention = HistoryRetention()
     metrics: Metrics = Metrics()
 
 
 # --------------------------------------------------------------------------- images
+
+Firmware = Literal["bios", "uefi"]
+DiskBus = Literal["virtio", "scsi", "sata", "ide"]
+NicModel = Literal["virtio", "e1000", "rtl8139"]
+OsId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+READY_RE = re.compile(r"^(auto|agent|none|tcp:\d{1,5}|serial:.+)$", re.S)
+
+
 
 class ImageSpec(_Model):
     """One of: ``builtin: tiny``; ``kernel`` (+ ``initrd``, ``cmdline``); ``disk``.
@@ -294,6 +311,14 @@ class ImageSpec(_Model):
     cmdline: str | None = None
     disk: str | None = None
     format: Literal["qcow2", "raw"] | None = None
+    cdrom: str | None = Field(None, description="an ISO (read-only); alone, or install media "
+                                                "beside a disk")
+    firmware: Firmware | None = Field(None, description="bios or uefi, for guests booting "
+                                                        "the disk or the cdrom; default: the "
+                                                        "OS profile's, else bios")
+    os: OsId | None = Field(None, description="libosinfo short id of the OS on the disk "
+                                              "(debian12, centos7, winxp): its device "
+                                              "defaults; a guest's own os wins")
     pvm: bool = Field(False, description="the kernel is known to boot under PVM KVM")
 
 
@@ -317,6 +342,9 @@ class CpuSpec(_Model):
     limit: Annotated[float, Field(gt=0, le=4096)] | None = Field(
         None, description="hard cap in cores")
     pin: CpuList = None
+    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = Field(
+        None, description="QEMU CPU model (qemu64, Nehalem, ...); default: host under "
+                          "hardware KVM, else qemu64")
 
 
 class MemorySpec(_Model):
@@ -330,6 +358,20 @@ class NicSpec(_Model):
     network: str
     ip: Address = None
     mac: Mac = None
+    model: NicModel | None = Field(None, description="virtio, or e1000/rtl8139 for an OS "
+                                                     "without virtio; default: the OS "
+                                                     "profile's, else virtio")
+
+
+class DataDisk(_Model):
+    """A disk of the guest's own: a qcow2 in the state dir, kept until --purge."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,19}$")] | None = Field(
+        None, description="default data<i>; the guest sees it as serial <name> "
+                          "(/dev/disk/by-id/*-<name>)")
+    size: Size = Field(description="virtual size; growing it is a live change, shrinking "
+                                   "is refused")
+    bus: DiskBus | None = Field(None, description="default: the guest's disk_bus")
 
 
 class GuestSpec(_Model):
@@ -341,6 +383,30 @@ class GuestSpec(_Model):
     restart: Literal["always", "on-failure", "never"] = "on-failure"
     autostart: bool = True
     labels: dict[str, str] = Field(default_factory=dict)
+    os: OsId | None = Field(None, description="libosinfo short id (debian12, centos7, "
+                                              "winxp): device defaults for that OS")
+    firmware: Firmware | None = Field(None, description="bios or uefi (OVMF, with a "
+                                                        "variable store of the guest's own)")
+    machine: Literal["pc", "q35"] | None = Field(
+        None, description="default: the OS profile's; else q35 for uefi, pc for bios; a "
+                          "kernel-booted guest gets microvm where it boots reliably")
+    disk_bus: DiskBus | None = Field(None, description="bus of the image's disk (and the "
+                                                       "default of data disks)")
+    display: Literal["none", "vga"] | None = Field(
+        None, description="vga: a screen, served as VNC on a unix socket (consolidator "
+                          "vnc, screenshot)")
+    rtc: Literal["utc", "localtime"] | None = Field(None, description="the guest's clock; "
+                                                    "Windows expects localtime")
+    cdrom: str | None = Field(None, description="an ISO for this guest (install media), "
+                                                "read-only")
+    boot: list[Literal["cdrom", "disk"]] | None = Field(
+        None, description="boot order; default [disk, cdrom]: an empty disk falls through "
+                          "to the cdrom")
+    disks: list[DataDisk] = Field(default_factory=list)
+    ready: Annotated[str, Field(pattern=READY_RE.pattern)] = Field(
+        "auto", description="when the guest counts as up: agent (the QEMU guest agent "
+                            "answers), tcp:PORT, serial:REGEX, none; auto: the tiny image's "
+                            "READY line, else the agent")
 
 
 # ------------------------------------------------------------------------ inventory

@@ -58,3 +58,42 @@ def prepare_overlay(base: Path, base_format: str, overlay: Path
     os.chmod(tmp, 0o600)
     os.replace(tmp, overlay)
     return backing_chain(overlay)
+
+
+def virtual_size(path: Path) -> int:
+    info = json.loads(_qemu_img("info", "--output=json", "-U", str(path)))
+    return int(info["virtual-size"])
+
+
+def prepare_data_disk(path: Path, size: int) -> bool:
+    """Make the data disk ``path`` (a qcow2 of ``size`` bytes), or grow it to ``size``;
+    never shrink it. True when it was made."""
+    if path.exists():
+        if virtual_size(path) < size:
+            _qemu_img("resize", "-q", "-f", "qcow2", str(path), str(size))
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    _qemu_img("create", "-q", "-f", "qcow2", str(tmp), str(size))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return True
+
+
+def prepare_vars(template: Path, dest: Path) -> None:
+    """The guest's own UEFI variable store: a copy of ``template`` made once, then kept
+    (boot entries and settings live in it), with the guest's disks."""
+    if dest.exists():
+        return
+    try:
+        data = template.read_bytes()
+    except OSError as e:
+        raise ImageError(f"UEFI variable store template {template}: {e.strerror}",
+                         hint="apt-get install ovmf") from None
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)

@@ -22,7 +22,9 @@ import asyncio
 import contextlib
 import enum
 import fcntl
+import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,16 +32,18 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import structlog
 
 from .. import linux
 from ..files import rotate_log
-from ..errors import ConflictError, LaunchError, QMPError, ReadyTimeout, RunstateError
+from ..errors import (AgentError, ConflictError, LaunchError, QMPError, ReadyTimeout,
+                      RunstateError)
 from .agent import Agent
 from .handles import Opened
 from .qemu import LaunchSpec, build_argv
+from .qga import GuestAgent
 from .qmp import QMP, GuestStats
 
 READY_MARK = b"CONSOLIDATOR-READY"
@@ -78,6 +82,7 @@ class ExitInfo:
     signal: int | None        # the signal that killed it, if any
     shutdown_reason: str | None = None   # from QMP's SHUTDOWN event
     requested: bool = False   # we asked it to stop
+    asked: str | None = None  # how: agent (qemu-ga), powerdown (ACPI), quit (QMP)
 
     @property
     def clean(self) -> bool:
@@ -93,7 +98,10 @@ class ExitInfo:
             how = f"exit status {self.exitcode}"
         else:
             how = "exited"
-        return how + (f" ({self.shutdown_reason})" if self.shutdown_reason else "")
+        why = [w for w in (self.shutdown_reason,
+                           f"asked through the {self.asked}" if self.asked == "agent" else
+                           f"asked by {self.asked}" if self.asked else None) if w]
+        return how + (f" ({', '.join(why)})" if why else "")
 
 
 class Placement(Protocol):
@@ -134,14 +142,19 @@ class Guest:
     def __init__(self, spec: LaunchSpec, *, ready_timeout: float = 90.0,
                  qmp_timeout: float = 15.0, placement: Placement | None = None,
                  ready_probe: str | None = None, binary: str = "qemu-system-x86_64",
-                 hint_pvm: bool = False) -> None:
+                 hint_pvm: bool = False,
+                 tcp_probe: Callable[[int], bool] | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.paths = spec.paths
         self.ready_timeout = ready_timeout
         self.qmp_timeout = qmp_timeout
         self.placement = placement
-        self.ready_probe = ready_probe or ("serial" if spec.boot.builtin else "qmp")
+        # marker: the tiny image's READY line; agent: qemu-ga answers guest-ping;
+        # tcp:PORT: the guest's first address accepts on PORT (``tcp_probe`` connects);
+        # serial:REGEX: a serial line matches; none: QEMU runs
+        self.ready_probe = ready_probe or ("marker" if spec.boot.builtin else "none")
+        self.tcp_probe = tcp_probe
         self.binary = binary
         self.hint_pvm = hint_pvm
         self.log = structlog.get_logger("guest").bind(guest=spec.name)
@@ -163,6 +176,8 @@ class Guest:
         self._lock_fd: int | None = None
         self._event_task: asyncio.Task[None] | None = None
         self._stop_requested = False
+        self._shutdown_how: str | None = None     # agent, powerdown or quit: what was asked
+        self._vnc_server: asyncio.AbstractServer | None = None
         self._serial_offset = 0
         self._shutdown_reason: str | None = None
         self._on_phase: Callable[[str], None] = lambda phase: None
@@ -216,6 +231,7 @@ class Guest:
         self.exit = None
         self._stop_requested = False
         self._shutdown_reason = None
+        self._shutdown_how = None
         try:
             self._pre_launch()
             self._on_phase("launch")
@@ -306,7 +322,8 @@ class Guest:
             # is clean, and vanishing without one (SIGKILL, say) is not clean.
             sig = None
             code = {None: None, "guest-panic": 1}.get(self._shutdown_reason, 0)
-        self.exit = ExitInfo(code, sig, self._shutdown_reason, self._stop_requested)
+        self.exit = ExitInfo(code, sig, self._shutdown_reason, self._stop_requested,
+                             self._shutdown_how)
         if self._exited is not None:
             self._exited.set()
         if self._state in (Runstate.RUNNING, Runstate.STARTING) and not self._stop_requested:
@@ -373,6 +390,7 @@ class Guest:
         self._event_task = asyncio.create_task(self._watch_events(), name=f"{self.name}-events")
         await self.qmp.enable_stats(1)
         self.balloon_actual = await self.qmp.balloon()
+        await self._serve_vnc()
         self._to(Runstate.RUNNING)
         self.log.info("guest.adopted", pid=pid)
 
@@ -381,8 +399,16 @@ class Guest:
         await self.qmp.connect(str(self.paths.qmp), timeout=self.qmp_timeout, alive=self.alive)
         self._event_task = asyncio.create_task(self._watch_events(), name=f"{self.name}-events")
         self._on_phase("boot")
-        if self.ready_probe == "serial":
-            await self._wait_ready()
+        await self._serve_vnc()             # the screen is there to watch the boot
+        probe, _, arg = self.ready_probe.partition(":")
+        if probe == "marker":
+            await self._wait_ready(lambda buf: READY_MARK in buf)
+        elif probe == "serial":
+            pattern = re.compile(arg.encode(errors="replace"), re.M)
+            await self._wait_ready(lambda buf: pattern.search(buf) is not None)
+        elif probe in ("agent", "tcp"):
+            await self._wait_ready(None, probe=self._probe_agent if probe == "agent"
+                                   else functools.partial(self._probe_tcp, int(arg)))
         else:
             status = await self.qmp.status()
             if status not in ("running", "prelaunch"):
@@ -390,9 +416,72 @@ class Guest:
         await self.qmp.enable_stats(1)
         self.balloon_actual = await self.qmp.balloon()
 
-    async def _wait_ready(self) -> None:
+    async def _serve_vnc(self) -> None:
+        """For a guest with a screen: listen on ``run/vnc.sock`` (root's, 0600) and give
+        each connection to QEMU's VNC server. QEMU listens on nothing itself."""
+        if self.spec.display != "vga" or self._vnc_server is not None:
+            return
+        path = self.paths.vnc
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+        async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            sock = w.get_extra_info("socket")
+            try:
+                if self.qmp is not None and sock is not None:
+                    await self.qmp.add_vnc_client(sock.fileno())
+            except QMPError as e:
+                self.log.warning("guest.vnc_client_failed", error=str(e)[:200])
+            finally:
+                w.close()           # QEMU holds its own copy of the connection
+
+        self._vnc_server = await asyncio.start_unix_server(client, str(path))
+        os.chmod(path, 0o600)
+
+    async def screenshot(self, max_bytes: int = 16 << 20) -> bytes:
+        """The screen as PNG, through QMP screendump into a file QEMU gets as an fd."""
+        if self.spec.display != "vga":
+            raise ConflictError(f"guest {self.name} has no screen (display: none)")
+        if self.qmp is None:
+            raise ConflictError(f"guest {self.name} is not running")
+        path = self.paths.dir / "screen.png"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                     os.O_CLOEXEC, 0o600)
+        try:
+            await self.qmp.screendump_to(fd)
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) > max_bytes:
+            raise LaunchError(f"guest {self.name}: screendump gave no PNG")
+        return data
+
+    def agent_client(self) -> GuestAgent:
+        """A client of the guest's qemu-ga (guests other than the tiny image)."""
+        return GuestAgent(self.name, str(self.paths.agent))
+
+    async def _probe_agent(self) -> bool:
+        try:
+            await self.agent_client().ping(timeout=2.0)
+            return True
+        except AgentError:
+            return False
+
+    async def _probe_tcp(self, port: int) -> bool:
+        if self.tcp_probe is None:
+            raise LaunchError(f"guest {self.name}: ready: tcp:{port} needs an address")
+        return await asyncio.to_thread(self.tcp_probe, port)
+
+    async def _wait_ready(self, seen: Callable[[bytes], bool] | None,
+                          probe: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Until ``seen`` matches the serial output since launch (the last 4 KiB), or
+        ``probe`` answers true (asked at most every 0.5 s)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ready_timeout
+        next_probe = loop.time()
         with open(self.paths.serial_log, "rb") as f:
             f.seek(self._serial_offset)
             buf = b""
@@ -400,14 +489,22 @@ class Guest:
                 chunk = f.read()
                 if chunk:
                     buf = (buf + chunk)[-4096:]
-                    if READY_MARK in buf:
-                        line = buf[buf.index(READY_MARK):].split(b"\n", 1)[0]
+                    if seen is not None and seen(buf):
                         # the runtime logs the transition (guest.ready); this is its detail
                         self.log.debug("guest.ready_line",
-                                       line=line.decode(errors="replace").strip(),
+                                       line=buf.rsplit(b"\n", 2)[-2 if buf.endswith(b"\n")
+                                                                  else -1]
+                                       .decode(errors="replace").strip()[:200],
                                        after=round(time.monotonic() -
                                                    self.transitions[-1].mono, 3))
                         return
+                if probe is not None and loop.time() >= next_probe:
+                    if await probe():
+                        self.log.debug("guest.ready_probe", probe=self.ready_probe,
+                                       after=round(time.monotonic() -
+                                                   self.transitions[-1].mono, 3))
+                        return
+                    next_probe = loop.time() + 0.5
                 if not self.alive():
                     raise LaunchError(f"guest {self.name}: QEMU exited during boot")
                 if loop.time() > deadline:
@@ -417,7 +514,8 @@ class Guest:
                                 "stock kernels hang there before their first printk; unmark "
                                 "pvm: true on the image to use TCG")
                     raise ReadyTimeout(
-                        f"guest {self.name}: not READY within {self.ready_timeout:g}s; "
+                        f"guest {self.name}: not ready ({self.ready_probe}) within "
+                        f"{self.ready_timeout:g}s; "
                         f"last serial lines:\n  " + "\n  ".join(
                             tail(self.paths.serial_log, 12).splitlines() or ["(nothing)"]),
                         serial_tail=tail(self.paths.serial_log), hint=hint, argv=self.argv)
@@ -491,6 +589,13 @@ class Guest:
                            error_class="Disconnected", command="balloon")
         await self.qmp.set_balloon(size)
 
+    async def resize_disk(self, name: str, size: int) -> None:
+        """Grow data disk ``name`` to ``size`` bytes while the guest runs (never shrinks:
+        the plan refuses that)."""
+        if self.qmp is None:
+            raise LaunchError(f"guest {self.name}: no QMP to resize disk {name}")
+        await self.qmp.block_resize(f"data-{name}", size)
+
     async def agent(self, timeout: float = 10.0) -> Agent:
         """The guest agent connection (builtin image), connected on first use."""
         self._require("talk to the agent", Runstate.RUNNING)
@@ -516,16 +621,25 @@ class Guest:
         self._stop_requested = True
         start = time.monotonic()
         steps: list[tuple[str, float]] = [("powerdown", timeout * 0.7), ("quit", timeout * 0.2)]
+        if not self.spec.boot.builtin and self.ready_probe == "agent":
+            # a real OS with qemu-ga: ask it to shut down, as `virsh shutdown --mode agent`
+            steps = [("agent", timeout * 0.5), ("powerdown", timeout * 0.3),
+                     ("quit", timeout * 0.1)]
         try:
             for step, budget in steps:
                 if not self.alive():
                     break
                 try:
-                    if self.qmp is not None:
+                    if step == "agent":
+                        await self.agent_client().shutdown()
+                        self._shutdown_how = "agent"
+                    elif self.qmp is not None:
                         await (self.qmp.powerdown() if step == "powerdown" else self.qmp.quit())
-                except QMPError as e:
+                        self._shutdown_how = step
+                except (QMPError, AgentError) as e:
                     self.log.debug("guest.shutdown_step_failed", step=step,
-                                   error_class=e.error_class)
+                                   error=str(e)[:200])
+                    continue
                 with contextlib.suppress(asyncio.TimeoutError):
                     await self.wait_exit(budget)
             if self.alive():
@@ -552,6 +666,11 @@ class Guest:
         if self._agent is not None:
             await self._agent.close()
             self._agent = None
+        if self._vnc_server is not None:
+            self._vnc_server.close()
+            self._vnc_server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.vnc.unlink()
         if self.qmp is not None:
             await self.qmp.close()
             self.qmp = None

@@ -53,7 +53,18 @@ class Opened:
                          for i, (path, fmt) in enumerate(chain))
         vhost = tuple(self._file(Path("/dev/vhost-net"), os.O_RDWR, name, "vhost")
                       for _ in spec.nics) if spec.vhost else ()
-        return Handles(qmp, console, agent, serial, kernel, initrd, disk, taps, vhost)
+        ro, rw = os.O_RDONLY | os.O_NOFOLLOW, os.O_RDWR | os.O_NOFOLLOW
+        code = vars_ = None
+        if boot.firmware == "uefi":
+            if not boot.uefi_code or not boot.uefi_vars:
+                raise LaunchError(f"guest {name}: UEFI without its firmware files")
+            code = self._file(Path(boot.uefi_code), os.O_RDONLY, name, "UEFI firmware")
+            vars_ = self._file(Path(boot.uefi_vars), rw, name, "UEFI variable store")
+        cdrom = self._file(Path(boot.cdrom), ro, name, "cdrom") if boot.cdrom else None
+        data = tuple(self._file(Path(d.path), rw, name, f"data disk {d.name}")
+                     for d in boot.data)
+        return Handles(qmp, console, agent, serial, kernel, initrd, disk, taps, vhost,
+                       uefi_code=code, uefi_vars=vars_, cdrom=cdrom, data=data)
 
     def _listen(self, path: Path) -> int:
         with contextlib.suppress(FileNotFoundError):

@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ImageError
 from ..hostfacts import host_tsc_khz
 from ..inventory.files import disk_problems, inside, regular_file
+from ..inventory.schema import Uefi
 from ..model import GuestIntent
 from .accel import KvmFacts, KvmKind, choose_accel, probe_kvm
-from .disk import own, prepare_overlay
+from .disk import own, prepare_data_disk, prepare_overlay, prepare_vars
 from .identity import Identity
 from .image import BuiltImage, build_tiny
-from .qemu import Boot, LaunchSpec, RunPaths, TapNic, choose_machine, guest_uuid
+from .qemu import Boot, DataDisk, LaunchSpec, RunPaths, TapNic, choose_machine, guest_uuid
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ def check_image_files(intent: GuestIntent, roots: tuple[str, ...]) -> None:
     file inside the image roots, and a disk's chain stays inside them in its format (a
     file swapped for a link, or a base rewritten, since the inventory was validated)."""
     img = intent.image_spec
-    for what in ("kernel", "initrd", "disk"):
-        path = getattr(img, what)
+    files = [(w, getattr(img, w)) for w in ("kernel", "initrd", "disk")]
+    for what, path in files + [("cdrom", intent.cdrom)]:
         if not path:
             continue
         if not regular_file(path) or not inside(path, roots):
@@ -57,7 +59,7 @@ def check_image_files(intent: GuestIntent, roots: tuple[str, ...]) -> None:
 
 def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
                  built: BuiltImage | None = None, roots: tuple[str, ...] = (),
-                 owner: Identity | None = None) -> Boot:
+                 owner: Identity | None = None, uefi: Uefi | None = None) -> Boot:
     """Boot files for the guest: builds the tiny image if needed, makes the disk overlay
     (owned by ``owner``, the uid its QEMU runs as) and reads its chain. With ``roots``,
     the image's files are checked against them first, and the chain below the overlay
@@ -76,23 +78,49 @@ def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
         if outside:
             raise ImageError(f"guest {intent.name}: its disk's chain reaches "
                              f"{outside[0]}, outside the image roots")
+    writable = []
+    data = []
+    for d in intent.disks:
+        path = guest_dir / f"data-{d.name}.qcow2"
+        prepare_data_disk(path, d.size)
+        writable.append(path)
+        data.append(DataDisk(d.name, str(path), d.bus))
+    fw: dict[str, Any] = {}
+    if intent.firmware:
+        fw = {"firmware": intent.firmware, "cdrom": intent.cdrom}
+        if intent.firmware == "uefi":
+            uefi = uefi or Uefi()
+            vars_ = guest_dir / "efivars.fd"
+            prepare_vars(Path(uefi.vars), vars_)
+            writable.append(vars_)
+            fw.update(uefi_code=uefi.code, uefi_vars=str(vars_))
+    if owner is not None:
+        for path in writable:
+            own(path, owner.uid, owner.gid)
     if img.builtin:
         built = built or build_tiny(cache, img.kernel)
         return Boot(str(built.kernel), str(built.initrd), img.cmdline or "", disk, "qcow2",
-                    builtin=True, chain=chain)
+                    builtin=True, chain=chain, data=tuple(data), **fw)
     return Boot(img.kernel, img.initrd, img.cmdline or "", disk, "qcow2", builtin=False,
-                chain=chain)
+                chain=chain, data=tuple(data), **fw)
 
 
 def launch_spec(intent: GuestIntent, boot: Boot, paths: RunPaths, host: VirtHost, *,
                 taps: tuple[str, ...] = (), tb_size_mib: int | None = None) -> LaunchSpec:
     """Pure: everything QEMU's argv depends on."""
     accel = choose_accel(host.kvm, image_pvm=intent.image_spec.pvm)
-    machine = choose_machine(accel, tsc_khz=host.tsc_khz, firmware_boot=boot.kernel is None)
-    nics = tuple(TapNic(tap, n.mac, n.cidr, n.gateway) for tap, n in zip(taps, intent.nics))
+    legacy = (intent.display != "none" or any(n.model != "virtio" for n in intent.nics) or
+              any(b != "virtio" for b in [intent.disk_bus if boot.disk else "virtio",
+                                           *(d.bus for d in intent.disks)]))
+    machine = choose_machine(accel, tsc_khz=host.tsc_khz, firmware_boot=boot.kernel is None,
+                             wanted=intent.machine, legacy_devices=legacy)
+    nics = tuple(TapNic(tap, n.mac, n.cidr, n.gateway, n.model)
+                 for tap, n in zip(taps, intent.nics))
     extra = {"tb_size_mib": tb_size_mib} if tb_size_mib else {}
     return LaunchSpec(
         name=intent.name, vcpus=intent.vcpus, memory_mib=intent.memory.max >> 20, boot=boot,
         paths=paths, accel=accel, machine=machine, nics=nics, tsc_khz=host.tsc_khz,
         pvm_host=host.kvm.kind is KvmKind.PVM, uuid=guest_uuid(paths.dir.parent),
-        vhost=accel.name == "kvm" and host.vhost_net, **extra)
+        vhost=accel.name == "kvm" and host.vhost_net, disk_bus=intent.disk_bus,
+        display=intent.display, rtc=intent.rtc, cpu_model=intent.cpu.model,
+        hyperv=intent.hyperv, boot_order=intent.boot, **extra)

@@ -52,8 +52,14 @@ DEFAULT_TB_SIZE_MIB = 64
 # set*id stays denied: an escaped QEMU cannot regain root even where a setuid helper is
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 SERIAL_FDSET = 1
+UEFI_FDSET = 2                  # code 2, variable store 3
+CDROM_FDSET = 4
 DISK_FDSET = 10                 # disk layer i is fd set DISK_FDSET + i
+DATA_FDSET = 40                 # data disk i is fd set DATA_FDSET + i
 AGENT_PORT = "org.consolidator.agent"
+QGA_PORT = "org.qemu.guest_agent.0"
+NIC_DEVICES = {"e1000": "e1000", "rtl8139": "rtl8139"}      # virtio: per transport
+HYPERV = "hv_relaxed,hv_vapic,hv_spinlocks=0x1fff,hv_time"
 
 
 @dataclass(frozen=True)
@@ -67,10 +73,17 @@ class Machine:
         return "device" if self.name == "microvm" else "pci"
 
 
-def choose_machine(accel: Accel, *, tsc_khz: int | None, firmware_boot: bool) -> Machine:
-    """Pure: microvm where it boots reliably, pc otherwise."""
+def choose_machine(accel: Accel, *, tsc_khz: int | None, firmware_boot: bool,
+                   wanted: str | None = None, legacy_devices: bool = False) -> Machine:
+    """Pure: the inventory's machine (or its OS profile's) if it names one; else microvm
+    where it boots reliably, pc otherwise."""
+    if wanted:
+        return Machine(wanted, f"{wanted}: the inventory's (or its OS profile's) choice")
     if firmware_boot:
         return Machine("pc", "pc: the image boots through firmware from its disk")
+    if legacy_devices:
+        return Machine("pc", "pc: the guest has devices microvm lacks (an emulated disk "
+                             "bus, NIC or screen)")
     if accel.name == "kvm":
         return Machine("microvm", "microvm: fastest boot; KVM gives the guest kvmclock")
     if tsc_khz:
@@ -112,8 +125,13 @@ class RunPaths:
     def lock(self) -> Path:
         return self.dir / "lock"
 
+    @property
+    def vnc(self) -> Path:
+        """The screen, VNC: the supervisor listens and hands each connection to QEMU."""
+        return self.dir / "vnc.sock"
+
     def sockets(self) -> tuple[Path, ...]:
-        return (self.qmp, self.console, self.agent)
+        return (self.qmp, self.console, self.agent, self.vnc)
 
     @classmethod
     def for_guest(cls, guest_dir: Path) -> "RunPaths":
@@ -130,6 +148,18 @@ class Boot:
     builtin: bool = False          # the tiny image: consolidator.* params, READY on serial
     # the disk's chain as read when it was checked: (path, format), the overlay first
     chain: tuple[tuple[str, str], ...] = ()
+    firmware: str | None = None    # bios | uefi: boots through firmware (disk or cdrom)
+    uefi_code: str | None = None   # OVMF's code, shared and read-only
+    uefi_vars: str | None = None   # the guest's own copy of the variable store
+    cdrom: str | None = None       # an ISO, read-only
+    data: tuple["DataDisk", ...] = ()
+
+
+@dataclass(frozen=True)
+class DataDisk:
+    name: str                      # also the device's serial: /dev/disk/by-id/*-<name>
+    path: str                      # a qcow2 of the guest's own
+    bus: str
 
 
 @dataclass(frozen=True)
@@ -138,6 +168,7 @@ class TapNic:
     mac: str
     cidr: str | None = None        # address/prefix the guest configures
     gateway: str | None = None
+    model: str = "virtio"
 
 
 @dataclass(frozen=True)
@@ -155,7 +186,18 @@ class LaunchSpec:
     uuid: str | None = None        # the SMBIOS uuid; also how a restarted supervisor knows it
     tb_size_mib: int = DEFAULT_TB_SIZE_MIB
     vhost: bool = False
+    disk_bus: str = "virtio"
+    display: str = "none"          # none | vga
+    rtc: str = "utc"               # utc | localtime
+    cpu_model: str | None = None   # the inventory's; None: cpu_model() decides
+    hyperv: bool = False           # Hyper-V enlightenments, under KVM
+    boot_order: tuple[str, ...] = ()   # of "disk", "cdrom"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def agent_port(self) -> str:
+        """The tiny image runs consolidator's agent; every other guest qemu-ga."""
+        return AGENT_PORT if self.boot.builtin else QGA_PORT
 
 
 @dataclass(frozen=True)
@@ -177,11 +219,16 @@ class Handles:
     disk: tuple[DiskLayer, ...] = ()   # the guest's overlay first, then its backing chain
     taps: tuple[int, ...] = ()         # one per NIC
     vhost: tuple[int, ...] = ()        # one per NIC, or none
+    uefi_code: int | None = None
+    uefi_vars: int | None = None
+    cdrom: int | None = None
+    data: tuple[int, ...] = ()         # one per data disk
 
     def fds(self) -> tuple[int, ...]:
-        one = (self.qmp, self.console, self.agent, self.serial_log, self.kernel, self.initrd)
+        one = (self.qmp, self.console, self.agent, self.serial_log, self.kernel, self.initrd,
+               self.uefi_code, self.uefi_vars, self.cdrom)
         return tuple(f for f in one if f is not None) + \
-            tuple(d.fd for d in self.disk) + self.taps + self.vhost
+            tuple(d.fd for d in self.disk) + self.taps + self.vhost + self.data
 
 
 def guest_uuid(guest_dir: Path) -> str:
@@ -232,41 +279,134 @@ def cpu_model(spec: LaunchSpec) -> str:
     never enters high-resolution or tickless mode and takes HZ (250) timer interrupts a
     second, each emulated: 2.2 % of a host core per idle TCG guest against 0.4 % with ARAT
     (measured here). QEMU's APIC timer is a host timer, so ARAT is true of it."""
-    if spec.accel.name == "kvm" and not spec.pvm_host:
-        return "host"
-    return "qemu64,+arat"
+    if spec.cpu_model:
+        model = opt_value(spec.cpu_model)
+    elif spec.accel.name == "kvm" and not spec.pvm_host:
+        model = "host"
+    else:
+        model = "qemu64,+arat"
+    if spec.hyperv and spec.accel.name == "kvm":
+        model += "," + HYPERV
+    return model
 
 
-def disk_args(layers: tuple[DiskLayer, ...], bus: str) -> list[str]:
+def _node(fd: int, fdset: int, node: str, driver: str, *, read_only: bool,
+          backing: str | None = None) -> list[str]:
+    """Pure: a file on an fd set and its format node (``node``) on top."""
+    extra = ",read-only=on" if read_only else ",discard=unmap"
+    fmt = f"driver={opt_value(driver)},node-name={node},file={node}-file{extra}"
+    if backing:
+        fmt += f",backing={backing}"
+    return ["-add-fd", f"fd={fd},set={fdset}",
+            "-blockdev", f"driver=file,node-name={node}-file,filename=/dev/fdset/{fdset}{extra}",
+            "-blockdev", fmt]
+
+
+def disk_args(layers: tuple[DiskLayer, ...]) -> list[str]:
     """Pure: the disk as a chain of ``-blockdev`` nodes on fd sets, the base first (a node
     must exist before the node that names it as its backing). Layers below the top are
-    read-only."""
+    read-only. The device that shows node ``disk0`` to the guest is added by :class:`Bays`."""
     argv: list[str] = []
     node = ["disk0" if i == 0 else f"disk0-b{i}" for i in range(len(layers))]
     for i in reversed(range(len(layers))):
-        layer, fdset = layers[i], DISK_FDSET + i
-        top = i == 0
-        extra = ",discard=unmap" if top else ",read-only=on"
-        fmt = f"driver={opt_value(layer.format)},node-name={node[i]},file={node[i]}-file{extra}"
-        if i + 1 < len(layers):
-            fmt += f",backing={node[i + 1]}"
-        argv += ["-add-fd", f"fd={layer.fd},set={fdset}",
-                 "-blockdev", f"driver=file,node-name={node[i]}-file,"
-                              f"filename=/dev/fdset/{fdset}{extra}",
-                 "-blockdev", fmt]
-    if layers:
-        argv += ["-device", f"virtio-blk-{bus},drive=disk0"]
+        argv += _node(layers[i].fd, DISK_FDSET + i, node[i], layers[i].format,
+                      read_only=i > 0, backing=node[i + 1] if i + 1 < len(layers) else None)
     return argv
+
+
+class Bays:
+    """Pure: where each disk and cdrom plugs in, adding controllers on first use.
+
+    virtio: a virtio-blk device of its own. scsi: one virtio-scsi controller. sata: the
+    q35's built-in AHCI (ports ide.0-5), or an AHCI controller added to pc. ide: the pc's
+    PIIX IDE (two buses, two units each); q35 has none (validation refuses it)."""
+
+    def __init__(self, machine: str, virtio: str) -> None:
+        self.machine, self.virtio = machine, virtio
+        self.argv: list[str] = []
+        self._scsi = self._ahci = False
+        self._port = 0
+        self._ide = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    def attach(self, bus: str, drive: str, *, cdrom: bool = False, serial: str | None = None,
+               bootindex: int | None = None) -> None:
+        opts = f"drive={drive}"
+        if serial:
+            opts += f",serial={opt_value(serial)}"
+        if bootindex is not None:
+            opts += f",bootindex={bootindex}"
+        kind = "cd" if cdrom else "hd"
+        if bus == "virtio" and not cdrom:
+            self.argv += ["-device", f"virtio-blk-{self.virtio},{opts}"]
+        elif bus == "scsi":
+            if not self._scsi:
+                self.argv += ["-device", f"virtio-scsi-{self.virtio},id=scsi0"]
+                self._scsi = True
+            self.argv += ["-device", f"scsi-{kind},bus=scsi0.0,{opts}"]
+        elif bus == "ide" and self.machine == "pc" and self._ide:
+            b, unit = self._ide.pop(0)
+            self.argv += ["-device", f"ide-{kind},bus=ide.{b},unit={unit},{opts}"]
+        else:                                           # sata (and a cdrom on q35)
+            if self.machine == "q35":
+                port = f"ide.{self._port}"
+            else:
+                if not self._ahci:
+                    self.argv += ["-device", "ahci,id=ahci0"]
+                    self._ahci = True
+                port = f"ahci0.{self._port}"
+            if self._port >= 6:
+                raise ValueError("more than 6 SATA devices")
+            self._port += 1
+            self.argv += ["-device", f"ide-{kind},bus={port},{opts}"]
+
+
+def storage_args(spec: LaunchSpec, h: Handles) -> list[str]:
+    """Pure: firmware flash, the disk chain, the data disks and the cdrom, with their
+    devices and boot order (``bootindex``: the order of ``spec.boot_order``; "disk" is the
+    image's disk, or the first data disk when the image has none)."""
+    boot = spec.boot
+    argv: list[str] = []
+    bays = Bays(spec.machine.name, spec.machine.virtio)
+    order = {d: i for i, d in enumerate(spec.boot_order)}
+    if boot.disk:
+        if not h.disk:
+            raise ValueError("a disk needs its layers' descriptors")
+        argv += disk_args(h.disk)
+        bays.attach(spec.disk_bus, "disk0", bootindex=order.get("disk"))
+    if len(h.data) != len(boot.data):
+        raise ValueError("every data disk needs its descriptor")
+    for i, (d, fd) in enumerate(zip(boot.data, h.data)):
+        argv += _node(fd, DATA_FDSET + i, f"data-{d.name}", "qcow2", read_only=False)
+        first = i == 0 and not boot.disk
+        bays.attach(d.bus, f"data-{d.name}", serial=d.name,
+                    bootindex=order.get("disk") if first else None)
+    if boot.cdrom:
+        if h.cdrom is None:
+            raise ValueError("a cdrom needs its descriptor")
+        argv += _node(h.cdrom, CDROM_FDSET, "cd0", "raw", read_only=True)
+        bus = "scsi" if spec.disk_bus == "scsi" else ("ide" if spec.machine.name == "pc"
+                                                      else "sata")
+        bays.attach(bus, "cd0", cdrom=True, bootindex=order.get("cdrom"))
+    return argv + bays.argv
+
+
+def uefi_args(h: Handles) -> list[str]:
+    """Pure: OVMF's code (read-only) and the guest's variable store as pflash nodes."""
+    if h.uefi_code is None or h.uefi_vars is None:
+        raise ValueError("UEFI needs its code's and variable store's descriptors")
+    return (_node(h.uefi_code, UEFI_FDSET, "fw-code", "raw", read_only=True) +
+            _node(h.uefi_vars, UEFI_FDSET + 1, "fw-vars", "raw", read_only=False))
 
 
 def build_argv(spec: LaunchSpec, h: Handles, binary: str = "qemu-system-x86_64") -> list[str]:
     """Pure: the full QEMU argv for ``spec``, its files and sockets the descriptors ``h``."""
     m, v = spec.machine, spec.machine.virtio
     q = opt_value
+    uefi = spec.boot.firmware == "uefi"
     if m.name == "microvm":
         machine = "microvm,acpi=on,auto-kernel-cmdline=off,pit=on,pic=on,rtc=on"
     else:
-        machine = m.name
+        machine = m.name + (",pflash0=fw-code,pflash1=fw-vars" if uefi else "")
     if spec.accel.name == "tcg":
         accel = f"tcg,tb-size={spec.tb_size_mib}"
     else:
@@ -278,6 +418,10 @@ def build_argv(spec: LaunchSpec, h: Handles, binary: str = "qemu-system-x86_64")
     if spec.uuid:
         argv += ["-uuid", spec.uuid]
     argv += ["-cpu", cpu_model(spec)]
+    if spec.rtc == "localtime":
+        argv += ["-rtc", "base=localtime"]
+    if uefi:
+        argv += uefi_args(h)
     if spec.boot.kernel:
         if h.kernel is None:
             raise ValueError("a kernel boot needs the kernel's descriptor")
@@ -295,19 +439,20 @@ def build_argv(spec: LaunchSpec, h: Handles, binary: str = "qemu-system-x86_64")
              "-mon", "chardev=qmp,mode=control"]
     argv += ["-device", f"virtio-serial-{v},id=vser0",
              "-chardev", f"socket,id=agent,fd={h.agent},server=on,wait=off",
-             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}"]
+             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={spec.agent_port}"]
     argv += ["-device", f"virtio-balloon-{v},id=balloon0,deflate-on-oom=on,"
                         "free-page-reporting=on"]
     if len(h.taps) != len(spec.nics) or (spec.vhost and len(h.vhost) != len(spec.nics)):
         raise ValueError("every NIC needs its tap's descriptor (and vhost's, with vhost)")
     for i, nic in enumerate(spec.nics):
         vhost = f"vhost=on,vhostfd={h.vhost[i]}" if spec.vhost else "vhost=off"
+        model = NIC_DEVICES.get(nic.model, f"virtio-net-{v}")
         argv += ["-netdev", f"tap,id=net{i},fd={h.taps[i]},{vhost}",
-                 "-device", f"virtio-net-{v},netdev=net{i},mac={q(nic.mac)}"]
-    if spec.boot.disk:
-        if not h.disk:
-            raise ValueError("a disk needs its layers' descriptors")
-        argv += disk_args(h.disk, v)
+                 "-device", f"{model},netdev=net{i},mac={q(nic.mac)}"]
+    argv += storage_args(spec, h)
+    if spec.display == "vga":
+        # a VNC server without a listener: clients come through QMP add_client
+        argv += ["-device", "VGA", "-vnc", "none"]
     argv += ["-device", "pvpanic", "-action", "panic=exit-failure"]
     argv += ["-sandbox", SANDBOX]
     argv += list(spec.extra_args)

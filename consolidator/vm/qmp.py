@@ -49,10 +49,14 @@ class GuestStats:
                    g("stat-swap-in"), int(reply.get("last-update", 0)))
 
 
+SCREEN_FDSET = 90
+
+
 class QMP:
     def __init__(self, name: str) -> None:
         self.name = name
         self._client = QMPClient(name)
+        self._fd_lock = asyncio.Lock()       # one descriptor in flight at a time
 
     async def connect(self, path: str, *, timeout: float = 10.0,
                       alive: Callable[[], bool] = lambda: True) -> None:
@@ -109,6 +113,30 @@ class QMP:
     async def guest_stats(self) -> GuestStats:
         return GuestStats.from_qom(await self.execute(
             "qom-get", {"path": BALLOON, "property": "guest-stats"}))
+
+    async def block_resize(self, node: str, size: int) -> None:
+        await self.execute("block_resize", {"node-name": node, "size": size})
+
+    async def screendump_to(self, fd: int) -> None:
+        """The screen as PNG (QEMU 7.2 writes PNG) into ``fd``, opened O_WRONLY: QEMU
+        opens nothing by path, so the file reaches it as an fd set of one."""
+        async with self._fd_lock:
+            self._client.send_fd_scm(fd)
+            await self.execute("add-fd", {"fdset-id": SCREEN_FDSET})
+            try:
+                await self.execute("screendump", {"filename": f"/dev/fdset/{SCREEN_FDSET}",
+                                                  "format": "png"}, timeout=15.0)
+            finally:
+                with contextlib.suppress(QMPError):
+                    await self.execute("remove-fd", {"fdset-id": SCREEN_FDSET})
+
+    async def add_vnc_client(self, fd: int) -> None:
+        """Hand QEMU's VNC server one accepted connection (its listener is ours)."""
+        async with self._fd_lock:
+            self._client.send_fd_scm(fd)
+            await self.execute("getfd", {"fdname": "vnc-client"})
+            await self.execute("add_client", {"protocol": "vnc", "fdname": "vnc-client",
+                                              "skipauth": True})
 
     async def powerdown(self) -> None:
         await self.execute("system_powerdown")
