@@ -41,6 +41,7 @@ MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
 
 # x86_64 syscall numbers (pidfd_open is the same on aarch64; pivot_root is 41 there).
 SYS_PIDFD_OPEN = 434
@@ -102,6 +103,13 @@ def pivot_root(new_root: str, put_old: str) -> None:
     ffi, lib = _lib()
     _check(lib.syscall(SYS_PIVOT_ROOT, ffi.new("char[]", new_root.encode()),  # type: ignore
                        ffi.new("char[]", put_old.encode())), "pivot_root")
+
+
+def parent_death_signal(sig: int) -> None:
+    """The calling process gets ``sig`` when its parent thread dies (for a child
+    before exec: a helper that must not outlive the supervisor)."""
+    ffi, lib = _lib()
+    _check(lib.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl")  # type: ignore[attr-defined]
 
 
 def no_new_privs() -> None:

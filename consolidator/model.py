@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict
 from .hostfacts import HostFacts
 from .inventory import Inventory, load_inventory, validate
 from .inventory.derive import (budget, derive_mac, guest_devices, image_roots, resolve_path,
-                               resolved_image, usable_cpus)
-from .inventory.schema import (BUILTIN_IMAGES, CpuSpec, HostSpec, ImageSpec, MemorySpec,
-                               NetworkSpec, Size)
+                               resolved_image, usable_cpus, user_data_text)
+from .inventory.schema import (BUILTIN_IMAGES, CpuSpec, GuestSpec, HostSpec, ImageSpec,
+                               MemorySpec, NetworkSpec, Size)
 from .osinfo import DeviceDefaults, UnknownOs, device_defaults, lookup
 from .units import human_size
 
@@ -119,6 +119,7 @@ class GuestIntent(_Frozen):
     boot: tuple[Literal["cdrom", "disk"], ...] = ()
     disks: tuple[DiskIntent, ...] = ()
     ready: str = "marker"           # marker | agent | none | tcp:PORT | serial:REGEX
+    cloud_init: str | None = None   # the seed's user-data (None: no seed)
 
     @property
     def memory_min(self) -> int:
@@ -188,11 +189,18 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
             memory=MemorySpec(max=mem.max, min=mem.max if mem.min is None else mem.min,
                               shares=mem.shares),
             nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels,
-            disks=disks, **dev)
+            disks=disks, cloud_init=_user_data(g, base_dir), **dev)
     return Fleet(instance=inv.instance, host=inv.host, budget=budget(inv.host, facts),
                  usable_cpus=max(usable_cpus(inv.host, facts), 0.0),
                  image_roots=image_roots(inv.host, base_dir, state_dir), images=images,
                  networks=dict(inv.networks), guests=guests)
+
+
+def _user_data(g: GuestSpec, base_dir: Path) -> str | None:
+    """What the seed carries; a seed with no user-data still names and addresses it."""
+    if g.cloud_init is None:
+        return None
+    return user_data_text(g, base_dir) or "#cloud-config\n{}\n"
 
 
 def os_defaults(short_id: str | None) -> DeviceDefaults | None:

@@ -139,6 +139,9 @@ GUEST_FIELDS: dict[str, Impact] = {
     "boot": Impact.RESTART,
     "disks": Impact.RESTART,        # added, removed or moved; a grow alone is live (below)
     "ready": Impact.LIVE,           # how the next start is judged
+    # cloud-init reads its seed at every boot but runs user-data once per instance-id,
+    # which changes only when the guest is replaced: recorded now, the plan says so
+    "cloud_init": Impact.LIVE,
 }
 # Host settings are read by the supervisor; none of them touches a running guest.
 HOST_FIELDS: dict[str, Impact] = {f: Impact.LIVE for f in HostSpec.model_fields}
@@ -147,6 +150,7 @@ NETWORK_FIELDS: dict[str, Impact] = {
     "gateway": Impact.LIVE,
     "nat": Impact.LIVE,
     "forward_to": Impact.LIVE,
+    "dhcp": Impact.LIVE,
 }
 # Compared as a whole rather than field by field.
 _ATOMIC = {"nics", "labels"}
@@ -449,6 +453,12 @@ def plan(desired: Fleet, observed: Observed, *, prune: bool = False, purge: bool
                 actions.append(StartGuest(name, Impact.LIVE, intent=want))
             continue
         ch = guest_changes(have.intent, want)
+        if any(c.field == "cloud_init" for c in ch):
+            replaced = any(c.impact is Impact.REPLACE for c in ch)
+            notes.append(f"guest {name}: its user-data changed; " + (
+                "it is replaced, so cloud-init runs the new user-data" if replaced else
+                "cloud-init runs user-data once per instance, so the new one takes effect "
+                "only when the guest is replaced (its disk made anew)"))
         touches_replaced = any(n.network in replaced_nets for n in have.intent.nics)
         on_blocked = any(n.network in blocked_nets for n in want.nics + have.intent.nics)
         heavy = tuple(c for c in ch if c.impact is not Impact.LIVE or

@@ -22,13 +22,14 @@ import structlog
 
 from ..errors import ConsolidatorError
 from ..model import Fleet, GuestIntent, GuestState
-from ..plan import (Action, CreateGuest, CreateNetwork, Plan, RemoveGuest, RemoveNetwork,
+from ..plan import (PHASES, Action, CreateGuest, CreateNetwork, Plan, RemoveGuest, RemoveNetwork,
                     StartGuest, StopGuest, UpdateGuest, UpdateHost, UpdateNetwork, phase)
 from .executor import Executor
 from .lifecycle import EmitFn, Lifecycle
 from .runtime import GuestRuntime, Runtime
 
 log = structlog.get_logger("supervisor")
+START_PHASE = next(i for i, kinds in enumerate(PHASES) if StartGuest in kinds)
 
 
 class Weights(Protocol):
@@ -39,7 +40,8 @@ class Weights(Protocol):
     async def respec(self, name: str, intent: GuestIntent) -> None: ...
 
 
-async def run_phases(actions: tuple[Action, ...], run: Callable[[Action], Awaitable[None]]
+async def run_phases(actions: tuple[Action, ...], run: Callable[[Action], Awaitable[None]],
+                     before: dict[int, Callable[[], Awaitable[None]]] | None = None
                      ) -> list[dict[str, str]]:
     """Run ``actions`` phase by phase; within a phase, each target's actions in order and
     the targets concurrently. A failed action is reported and skips the later actions
@@ -67,16 +69,21 @@ async def run_phases(actions: tuple[Action, ...], run: Callable[[Action], Awaita
     for a in actions:
         by_phase.setdefault(phase(a), {}).setdefault((a.target, a.name), []).append(a)
     for ph in sorted(by_phase):
+        if before and ph in before:
+            await before[ph]()
         await asyncio.gather(*(chain(t, batch) for t, batch in by_phase[ph].items()))
     return failures
 
 
 class Applier:
     def __init__(self, runtime: Runtime, lifecycle: Lifecycle,
-                 weights: Callable[[], Weights | None]) -> None:
+                 weights: Callable[[], Weights | None],
+                 networks_ready: Callable[[], Awaitable[None]] | None = None) -> None:
         self.runtime = runtime
         self.lifecycle = lifecycle
         self.weights = weights
+        # the networks' services (DHCP, DNS) follow the fleet before guests start
+        self.networks_ready = networks_ready
 
     async def apply(self, desired: Fleet, inventory_text: str, p: Plan, *, purge: bool,
                     emit: EmitFn) -> dict[str, Any]:
@@ -93,7 +100,11 @@ class Applier:
         async def run(a: Action) -> None:
             await self._action(a, ex, emit, purge)
 
-        failures = await run_phases(p.actions, run)
+        ready = self.networks_ready
+        failures = await run_phases(p.actions, run,
+                                    before={START_PHASE: ready} if ready else None)
+        if ready is not None:
+            await ready()
         self.runtime.set_fleet(desired, inventory_text, complete=True)
         return {"ok": not failures, "failures": failures,
                 "pending": [x.to_json() for x in p.pending], "notes": list(p.notes),

@@ -176,7 +176,7 @@ class Executor:
             self.cgroups.apply(intent.name, cgroup_settings(intent))
             boot = prepare_boot(intent, self.image_cache, gdir,
                                 roots=self.fleet.image_roots, owner=ident,
-                                uefi=self.fleet.host.uefi)
+                                uefi=self.fleet.host.uefi, networks=self.fleet.networks)
         except BaseException:
             self.fabric.unwire_guest(intent.name, len(intent.nics))
             with contextlib.suppress(ConsolidatorError):

@@ -27,7 +27,8 @@ def _cpu_percent(g: GuestRuntime, rb: Rebalancer | None) -> float | None:
 
 def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
              explain: bool = False, metrics: dict[str, Any] | None = None,
-             net_guard: dict[str, Any] | None = None) -> dict[str, Any]:
+             net_guard: dict[str, Any] | None = None,
+             dhcp: dict[str, Any] | None = None) -> dict[str, Any]:
     now = time.time()
     snap = rb.last if rb else None
     guests = []
@@ -64,7 +65,8 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
     return {"format": 1, "instance": runtime.instance, "index": runtime.index,
             "supervisor": {"pid": os.getpid(), "uptime_s": round(now - started, 1)},
             "networks": [{"name": n, "subnet": str(s.subnet), "gateway": s.gateway,
-                          "nat": s.nat} for n, s in sorted(runtime.networks.items())],
+                          "nat": s.nat, "dhcp": (dhcp or {}).get(n)}
+                         for n, s in sorted(runtime.networks.items())],
             "metrics": metrics or {"listen": None, "serving": False, "error": None},
             "net_guard": net_guard or {"restores": 0, "last_restore": None, "error": None},
             "rebalancer": ({"enabled": rb.active, "ticks": rb.ticks,

@@ -9,6 +9,7 @@ rebalancer     (sched) CPU weights and balloons, through :class:`GuestControls`
 server         the API on the unix socket; status is :mod:`.status`
 metrics        the Prometheus endpoint, from a plain reading
 netguard       the nftables tables stay as loaded (woken by change notifications)
+dhcp           one dnsmasq per network (DHCP, DNS), following the fleet
 =============  ===============================================================
 
 This module only wires them together, holds the daemon's lock, runs its loops and
@@ -38,6 +39,7 @@ from ..state import StateDir, atomic_write
 from ..report import document
 from . import guestlog, metrics, protocol, status, teardown
 from .applier import Applier
+from .dhcp import DhcpServers
 from .executor import nic_wiring
 from .lifecycle import Lifecycle
 from .netguard import NetGuard
@@ -80,7 +82,9 @@ class Supervisor:
         self.lifecycle = Lifecycle(self.runtime)
         self.recorder = Recorder(self.runtime)
         self.rebalancer: Rebalancer | None = None
-        self.applier = Applier(self.runtime, self.lifecycle, lambda: self.rebalancer)
+        self.dhcp = DhcpServers(self.runtime, self.lifecycle)
+        self.applier = Applier(self.runtime, self.lifecycle, lambda: self.rebalancer,
+                               networks_ready=self.dhcp.sync)
         self.net_guard = NetGuard(self.lifecycle)
         self.metrics = metrics.MetricsServer(
             lambda: metrics.reading(self.runtime, self.rebalancer))
@@ -128,6 +132,7 @@ class Supervisor:
             self._tasks.spawn(self.recorder.maintain(), "history-maintenance")
             self._tasks.spawn(self._housekeeping(), "housekeeping")
             self._tasks.spawn(self.net_guard.watch(), "net-guard")
+            await self.dhcp.sync()
             self._follow_fleet()
             log.info("supervisor.ready", pid=os.getpid(), state_dir=str(self.state.root),
                      guests=len(self.runtime.guests), index=self.runtime.index)
@@ -163,6 +168,8 @@ class Supervisor:
             await self.rebalancer.close()
         self.recorder.close()
         self.metrics.stop()
+        with contextlib.suppress(Exception):
+            await self.dhcp.close(keep_netns=True)
         self._tasks.cancel_all()
         await self.lifecycle.close()
         with contextlib.suppress(FileNotFoundError):
@@ -253,7 +260,7 @@ class Supervisor:
     def status(self, explain: bool = False) -> dict[str, Any]:
         return status.document(self.runtime, self.rebalancer, started=self.started,
                                explain=explain, metrics=self.metrics.state(),
-                               net_guard=self.net_guard.state())
+                               net_guard=self.net_guard.state(), dhcp=self.dhcp.state())
 
     # =============================================================== destroy
     async def destroy(self, purge: bool) -> dict[str, Any]:
@@ -274,6 +281,7 @@ class Supervisor:
                 log.warning("destroy.stop_failed", guest=g.name, error=msg)
         for g in self.runtime.guests.values():
             self.lifecycle.forget(g)
+        await self.dhcp.close()
         if self.lifecycle.executor is not None:
             self.lifecycle.executor.fabric.disarm()   # its tables go now: not to restore
         scope = self.lifecycle.executor.scope if self.lifecycle.executor else \

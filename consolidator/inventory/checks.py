@@ -25,7 +25,8 @@ from ..hostfacts import HostFacts
 from ..units import human_size
 from .derive import budget as derive_budget
 from .derive import (derive_mac, disk_format, firmware_boot, guest_devices, image_roots,
-                     memory_room, resolve_path, usable_cpus)
+                     memory_room, resolve_path, service_address, usable_cpus,
+                     user_data_text)
 from .files import disk_problems, inside, regular_file
 from .reporter import Reporter, dotted
 from .schema import (BUILTIN_IMAGES, DNS_LABEL_RE, INSTANCE_RE, GuestSpec, HostSpec, ImageSpec,
@@ -317,6 +318,10 @@ def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
                     if net.gateway and iface.ip == ipaddress.ip_interface(net.gateway).ip:
                         rep.value("A009", nloc + ("ip",), f"{ip} is the gateway of network "
                                   f"{nic.network!r}")
+                    elif net.dhcp and not net.gateway and ip == service_address(net):
+                        rep.value("A016", nloc + ("ip",), f"{ip} is where isolated network "
+                                  f"{nic.network!r} serves DHCP and DNS",
+                                  "use another address, or dhcp: false on the network")
                     elif (nic.network, ip) in ips:
                         rep.value("A010", nloc + ("ip",), f"{ip} is already used by "
                                   f"{ips[(nic.network, ip)]}")
@@ -395,6 +400,15 @@ def _devices(rep: Reporter, loc: tuple, g: GuestSpec, img: ImageSpec, host: Host
         if d.size < 1 << 20 or d.size % (1 << 20):
             rep.value("G012", loc + ("disks", i, "size"), f"{d.size} bytes: a data disk is "
                       "a whole number of MiB, at least 1MiB")
+    if g.cloud_init is not None:
+        if not fw_boot:
+            rep.value("G014", loc + ("cloud_init",), f"image {g.image!r} has its kernel "
+                      "loaded by QEMU; a cloud-init seed is for disk images")
+        try:
+            user_data_text(g, base_dir)
+        except (OSError, ValueError) as e:
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            rep.value("G014", loc + ("cloud_init", "user_data"), f"user-data: {msg}")
     kind, _, arg = g.ready.partition(":")
     if kind == "tcp" and not 1 <= int(arg) <= 65535:
         rep.value("G013", loc + ("ready",), f"port {arg} is out of range 1-65535")

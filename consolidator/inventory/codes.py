@@ -70,6 +70,7 @@ CODES: dict[str, str] = {
     "A013": "a MAC used twice",
     "A014": "forward_to names an undeclared network",
     "A015": "forward_to a network itself, or between networks without both gateways",
+    "A016": "a guest address is an isolated network's DHCP/DNS service address (its last)",
     # one guest's resources
     "G001": "memory.max under 32 MiB",
     "G002": "memory.max not a whole number of MiB",
@@ -84,6 +85,7 @@ CODES: dict[str, str] = {
     "G011": "a boot order naming a device the guest lacks, twice, or on a kernel boot",
     "G012": "data disks: a name twice, or a size not a whole number of MiB",
     "G013": "ready: a tcp port out of range, or a serial pattern that is no regex",
+    "G014": "cloud_init: user-data unreadable or not valid YAML, or a kernel-booted image",
     # the host as a whole
     "C001": "host.reserve.cpus leaves no CPU for guests",
     "C002": "host.reserve.memory is all of the host's RAM",

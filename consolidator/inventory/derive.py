@@ -7,13 +7,16 @@ build the fleet, so what was validated is exactly what runs.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..hostfacts import HostFacts
 from ..osinfo import DeviceDefaults
-from .schema import GuestSpec, HostSpec, ImageSpec
+from .schema import GuestSpec, HostSpec, ImageSpec, NetworkSpec
 
 DISK_FORMATS = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
 
@@ -80,6 +83,14 @@ def budget(host: HostSpec, facts: HostFacts) -> int:
     return int(host.memory)
 
 
+def service_address(net: NetworkSpec) -> str:
+    """Where a network's DHCP and DNS answer: its gateway, or (isolated) its last usable
+    address, which validation keeps from guests."""
+    if net.gateway:
+        return str(ipaddress.ip_interface(net.gateway).ip)
+    return str(net.subnet.broadcast_address - 1)
+
+
 def firmware_boot(img: ImageSpec, guest_cdrom: str | None = None) -> bool:
     """The guest boots through firmware (from a disk or a cdrom), not a kernel QEMU loads."""
     return not (img.builtin or img.kernel) and bool(img.disk or img.cdrom or guest_cdrom)
@@ -120,3 +131,30 @@ def guest_devices(g: GuestSpec, img: ImageSpec, profile: DeviceDefaults | None
         "ready": ready,
         "nic_models": tuple(n.model or (p.nic_model if p else "virtio") for n in g.nics),
     }
+
+
+def user_data_text(g: GuestSpec, base_dir: Path) -> str | None:
+    """The user-data a guest's seed carries: the mapping as #cloud-config, or the file's
+    text. Raises OSError (unreadable file) or ValueError (a #cloud-config that is no
+    YAML mapping)."""
+    ci = g.cloud_init
+    if ci is None or ci.user_data is None:
+        return None
+    if isinstance(ci.user_data, dict):
+        return "#cloud-config\n" + yaml.safe_dump(ci.user_data, sort_keys=False)
+    text = resolve_path(ci.user_data, base_dir).read_text()
+    if len(text) > 16 << 10:
+        raise ValueError("user-data is over 16 KiB")
+    if text.startswith("#cloud-config"):
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ValueError(f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if doc is not None and not isinstance(doc, dict):
+            raise ValueError("a #cloud-config must be a YAML mapping")
+    elif not text.startswith(("#!", "#include", "#cloud-boothook", "Content-Type:")):
+        raise ValueError("user-data starts with #cloud-config, #! (a script), #include "
+                         "or a MIME header")
+    return text

@@ -332,6 +332,10 @@ class NetworkSpec(_Model):
     forward_to: list[str] = Field(
         default_factory=list, description="networks its guests may open connections to, "
         "routed by the host (both need a gateway); nothing else crosses between networks")
+    dhcp: bool = Field(True, description="DHCP (static leases: each NIC's declared address) "
+                                         "and DNS (guests by name) from a dnsmasq of its "
+                                         "own; isolated networks get it at their last "
+                                         "address, which guests may not use")
 
 
 # --------------------------------------------------------------------------- guests
@@ -374,6 +378,15 @@ class DataDisk(_Model):
     bus: DiskBus | None = Field(None, description="default: the guest's disk_bus")
 
 
+class CloudInit(_Model):
+    """A NoCloud seed (an ISO labelled cidata): meta-data (instance-id, hostname = the
+    guest's name), network-config from the inventory, and this user-data."""
+
+    user_data: str | dict[str, Any] | None = Field(
+        None, description="a file (relative to the inventory), or the #cloud-config "
+                          "itself as a mapping")
+
+
 class GuestSpec(_Model):
     image: str = "tiny"
     vcpus: int = Field(1, ge=1, le=255)
@@ -403,6 +416,7 @@ class GuestSpec(_Model):
         None, description="boot order; default [disk, cdrom]: an empty disk falls through "
                           "to the cdrom")
     disks: list[DataDisk] = Field(default_factory=list)
+    cloud_init: CloudInit | None = Field(None, description="attach a cloud-init NoCloud seed")
     ready: Annotated[str, Field(pattern=READY_RE.pattern)] = Field(
         "auto", description="when the guest counts as up: agent (the QEMU guest agent "
                             "answers), tcp:PORT, serial:REGEX, none; auto: the tiny image's "

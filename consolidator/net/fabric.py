@@ -36,7 +36,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import NetError
 from ..inventory.schema import NetworkSpec
-from . import names, nft
+from . import dhcp, names, nft
 from . import netns as ns
 
 @dataclass(frozen=True)
@@ -227,7 +227,8 @@ class Fabric:
     def _net_rule(self, name: str, spec: NetworkSpec) -> nft.NetRule:
         return nft.NetRule(name, names.bridge(self.instance, name), str(spec.subnet), spec.nat,
                            self._default_route_ifname() if spec.nat else None,
-                           tuple(names.bridge(self.instance, o) for o in spec.forward_to))
+                           tuple(names.bridge(self.instance, o) for o in spec.forward_to),
+                           bool(spec.dhcp and spec.gateway))
 
     def _check_address_free(self, ipr: IPRoute, addr: str, br: str) -> None:
         for a in ipr.get_addr(family=2):
@@ -246,6 +247,7 @@ class Fabric:
         return None
 
     def remove_network(self, name: str) -> None:
+        self.remove_service(name)
         br = names.bridge(self.instance, name)
         if self.netns is not None and not ns.exists(self.netns):
             self.nets.pop(name, None)
@@ -256,6 +258,37 @@ class Fabric:
             found = ipr.link_lookup(ifname=br)
             if found and _kind(ipr.get_links(found[0])[0]) == "bridge":
                 ipr.link("del", index=found[0])
+
+    # --------------------------------------------------- DHCP of isolated networks
+    def ensure_service(self, name: str, spec: NetworkSpec) -> str:
+        """An isolated network's service netns: a veth from its bridge, holding the
+        network's service address (the host keeps none on it). Returns the netns."""
+        netns_name = dhcp.service_netns(self.instance, name)
+        port = dhcp.service_port(self.instance, name)
+        addr, plen = dhcp.service_address(spec), spec.subnet.prefixlen
+        if ns.create(netns_name):
+            ns.sysctl(netns_name, "net.ipv6.conf.all.disable_ipv6", "1")
+            ns.sysctl(netns_name, "net.ipv6.conf.default.disable_ipv6", "1")
+        with ns.iproute(self.netns) as fab, ns.iproute(netns_name) as sns:
+            brs = fab.link_lookup(ifname=names.bridge(self.instance, name))
+            if not brs:
+                raise NetError(f"network {name} has no bridge")
+            self._ensure_veth(fab, sns, port, dhcp.SERVICE_PEER, netns_name)
+            fab.link("set", index=fab.link_lookup(ifname=port)[0], master=brs[0], state="up")
+            peer = sns.link_lookup(ifname=dhcp.SERVICE_PEER)[0]
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                    for a in sns.get_addr(index=peer, family=2)}
+            for a, p_ in have - {(addr, plen)}:
+                sns.addr("del", index=peer, address=a, prefixlen=p_)
+            if (addr, plen) not in have:
+                sns.addr("add", index=peer, address=addr, prefixlen=plen)
+            sns.link("set", index=peer, state="up")
+            sns.link("set", index=sns.link_lookup(ifname="lo")[0], state="up")
+        return netns_name
+
+    def remove_service(self, name: str) -> None:
+        """The service netns goes, and its veth with it."""
+        ns.remove(dhcp.service_netns(self.instance, name))
 
     # ------------------------------------------------------------------- guests
     def wire_guest(self, guest: str, nics: list[NicWiring]) -> GuestWiring:

@@ -16,7 +16,8 @@ is never a moment with half of it. Three tables, in the fabric netns:
   only with ``nat: true`` (to interfaces that are not the instance's bridges) or to the
   networks it lists in ``forward_to``; replies come back; nothing else enters or leaves
   the instance's bridges through the host. Towards the host itself a guest may ping
-  its gateway and answer what the host opened, nothing more.
+  its gateway, ask its DHCP and DNS server (where the network has ``dhcp``) and answer
+  what the host opened, nothing more.
 - ``ip {inst}_nat``: one masquerade rule per ``nat: true`` network (no table without one).
 
 The builders are pure (they return JSON documents); :func:`apply` runs them.
@@ -49,6 +50,7 @@ class NetRule:
     nat: bool = False
     out_ifname: str | None = None            # the default route's device, for nat
     forward_to: tuple[str, ...] = ()         # bridges this network may route to
+    dhcp: bool = False                       # the host serves DHCP and DNS on it
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,12 @@ def port_rules(port: PortRule) -> list[list[dict[str, Any]]]:
              [_match("arp", "saddr ether", "!=", port.mac), drop]]
     if port.ips:
         ips = {"set": list(port.ips)}
-        rules += [[_match("arp", "saddr ip", "!=", ips), drop],
+        # a DHCP client has no address yet: its ARP probes (RFC 5227) and its requests
+        # come from 0.0.0.0, and only those may
+        rules += [[_match("arp", "saddr ip", "!=", {"set": [*port.ips, "0.0.0.0"]}), drop],
+                  [_match("ip", "saddr", "==", "0.0.0.0"),
+                   _match("ip", "daddr", "==", "255.255.255.255"),
+                   _match("udp", "sport", "==", 68), _match("udp", "dport", "==", 67), ACCEPT],
                   [_match("ip", "saddr", "!=", ips), drop]]
     else:  # a NIC without an address may not speak IPv4 at all
         rules += [[_match("ether", "type", "==", "ip"), drop],
@@ -134,6 +141,7 @@ def filter_table(instance: str, nets: list[NetRule]) -> Doc:
             doc.append({"add": {"element": {**t, "name": name, "elem": elems}}})
     set_("bridges", "ifname", bridges)
     set_("natted", "ifname", natted)
+    set_("served", "ifname", sorted(n.bridge for n in nets if n.dhcp))
     set_("routes", ["ifname", "ifname"], [{"concat": list(p)} for p in pairs])
     established = {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                              "right": ["established", "related"]}}
@@ -150,6 +158,10 @@ def filter_table(instance: str, nets: list[NetRule]) -> Doc:
     to_host = [
         [_meta("iifname", "==", "@bridges"), established, ACCEPT],
         [_meta("iifname", "==", "@bridges"), _meta("l4proto", "==", "icmp"), ACCEPT],
+        # DHCP and DNS where the host serves them (dnsmasq on the gateway address)
+        [_meta("iifname", "==", "@served"), _match("udp", "dport", "==", {"set": [53, 67]}),
+         ACCEPT],
+        [_meta("iifname", "==", "@served"), _match("tcp", "dport", "==", 53), ACCEPT],
         [_meta("iifname", "==", "@bridges"), DROP],
     ]
     for chain, hook, rules in (("forward", "forward", forward), ("input", "input", to_host)):

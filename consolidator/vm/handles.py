@@ -61,10 +61,11 @@ class Opened:
             code = self._file(Path(boot.uefi_code), os.O_RDONLY, name, "UEFI firmware")
             vars_ = self._file(Path(boot.uefi_vars), rw, name, "UEFI variable store")
         cdrom = self._file(Path(boot.cdrom), ro, name, "cdrom") if boot.cdrom else None
+        seed = self._file(Path(boot.seed), ro, name, "cloud-init seed") if boot.seed else None
         data = tuple(self._file(Path(d.path), rw, name, f"data disk {d.name}")
                      for d in boot.data)
         return Handles(qmp, console, agent, serial, kernel, initrd, disk, taps, vhost,
-                       uefi_code=code, uefi_vars=vars_, cdrom=cdrom, data=data)
+                       uefi_code=code, uefi_vars=vars_, cdrom=cdrom, data=data, seed=seed)
 
     def _listen(self, path: Path) -> int:
         with contextlib.suppress(FileNotFoundError):

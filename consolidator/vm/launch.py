@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,14 @@ from typing import Any
 from ..errors import ImageError
 from ..hostfacts import host_tsc_khz
 from ..inventory.files import disk_problems, inside, regular_file
-from ..inventory.schema import Uefi
+from ..inventory.schema import NetworkSpec, Uefi
 from ..model import GuestIntent
 from .accel import KvmFacts, KvmKind, choose_accel, probe_kvm
 from .disk import own, prepare_data_disk, prepare_overlay, prepare_vars
 from .identity import Identity
 from .image import BuiltImage, build_tiny
+from .seed import build as build_seed
+from .seed import dns_servers
 from .qemu import Boot, DataDisk, LaunchSpec, RunPaths, TapNic, choose_machine, guest_uuid
 
 
@@ -57,9 +60,21 @@ def check_image_files(intent: GuestIntent, roots: tuple[str, ...]) -> None:
                                  + "; ".join(m for _, m in problems))
 
 
+def instance_id(guest_dir: Path, fresh: bool) -> str:
+    """cloud-init's instance-id for the guest: kept in its dir, new when its disk is made
+    anew (``fresh``), so user-data runs once per disk, as on a cloud."""
+    p = guest_dir / "instance-id"
+    if not fresh and p.exists():
+        return p.read_text().strip()
+    iid = f"{guest_dir.name}-{uuid.uuid4().hex[:12]}"
+    p.write_text(iid + "\n")
+    return iid
+
+
 def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
                  built: BuiltImage | None = None, roots: tuple[str, ...] = (),
-                 owner: Identity | None = None, uefi: Uefi | None = None) -> Boot:
+                 owner: Identity | None = None, uefi: Uefi | None = None,
+                 networks: dict[str, NetworkSpec] | None = None) -> Boot:
     """Boot files for the guest: builds the tiny image if needed, makes the disk overlay
     (owned by ``owner``, the uid its QEMU runs as) and reads its chain. With ``roots``,
     the image's files are checked against them first, and the chain below the overlay
@@ -68,9 +83,12 @@ def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
     if roots:
         check_image_files(intent, roots)
     disk, chain = None, ()
+    fresh = False
     if img.disk:
         overlay = guest_dir / "disk.qcow2"
+        before = overlay.stat().st_ino if overlay.exists() else None
         chain = prepare_overlay(Path(img.disk), img.format or "raw", overlay)
+        fresh = before != overlay.stat().st_ino
         if owner is not None:
             own(overlay, owner.uid, owner.gid)
         disk = str(overlay)
@@ -94,6 +112,11 @@ def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
             prepare_vars(Path(uefi.vars), vars_)
             writable.append(vars_)
             fw.update(uefi_code=uefi.code, uefi_vars=str(vars_))
+    if intent.cloud_init is not None:
+        seed_path = guest_dir / "cidata.iso"
+        build_seed(intent, instance_id(guest_dir, fresh), dns_servers(networks or {}),
+                   seed_path)
+        fw["seed"] = str(seed_path)
     if owner is not None:
         for path in writable:
             own(path, owner.uid, owner.gid)

@@ -54,6 +54,7 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 SERIAL_FDSET = 1
 UEFI_FDSET = 2                  # code 2, variable store 3
 CDROM_FDSET = 4
+SEED_FDSET = 5
 DISK_FDSET = 10                 # disk layer i is fd set DISK_FDSET + i
 DATA_FDSET = 40                 # data disk i is fd set DATA_FDSET + i
 AGENT_PORT = "org.consolidator.agent"
@@ -153,6 +154,7 @@ class Boot:
     uefi_vars: str | None = None   # the guest's own copy of the variable store
     cdrom: str | None = None       # an ISO, read-only
     data: tuple["DataDisk", ...] = ()
+    seed: str | None = None        # the cloud-init NoCloud seed (an ISO), read-only
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,11 @@ class Handles:
     uefi_vars: int | None = None
     cdrom: int | None = None
     data: tuple[int, ...] = ()         # one per data disk
+    seed: int | None = None
 
     def fds(self) -> tuple[int, ...]:
         one = (self.qmp, self.console, self.agent, self.serial_log, self.kernel, self.initrd,
-               self.uefi_code, self.uefi_vars, self.cdrom)
+               self.uefi_code, self.uefi_vars, self.cdrom, self.seed)
         return tuple(f for f in one if f is not None) + \
             tuple(d.fd for d in self.disk) + self.taps + self.vhost + self.data
 
@@ -387,6 +390,13 @@ def storage_args(spec: LaunchSpec, h: Handles) -> list[str]:
         bus = "scsi" if spec.disk_bus == "scsi" else ("ide" if spec.machine.name == "pc"
                                                       else "sata")
         bays.attach(bus, "cd0", cdrom=True, bootindex=order.get("cdrom"))
+    if boot.seed:
+        if h.seed is None:
+            raise ValueError("the cloud-init seed needs its descriptor")
+        argv += _node(h.seed, SEED_FDSET, "seed", "raw", read_only=True)
+        bus = "scsi" if spec.disk_bus == "scsi" else ("ide" if spec.machine.name == "pc"
+                                                      else "sata")
+        bays.attach(bus, "seed", cdrom=True)
     return argv + bays.argv
 
 
