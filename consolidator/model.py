@@ -120,6 +120,7 @@ class GuestIntent(_Frozen):
     disks: tuple[DiskIntent, ...] = ()
     ready: str = "marker"           # marker | agent | none | tcp:PORT | serial:REGEX
     cloud_init: str | None = None   # the seed's user-data (None: no seed)
+    ready_timeout: float = 90.0
 
     @property
     def memory_min(self) -> int:
@@ -189,7 +190,8 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
             memory=MemorySpec(max=mem.max, min=mem.max if mem.min is None else mem.min,
                               shares=mem.shares),
             nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels,
-            disks=disks, cloud_init=_user_data(g, base_dir), **dev)
+            disks=disks, cloud_init=_user_data(g, base_dir),
+            ready_timeout=g.ready_timeout or (600.0 if dev["firmware"] else 90.0), **dev)
     return Fleet(instance=inv.instance, host=inv.host, budget=budget(inv.host, facts),
                  usable_cpus=max(usable_cpus(inv.host, facts), 0.0),
                  image_roots=image_roots(inv.host, base_dir, state_dir), images=images,

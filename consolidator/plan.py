@@ -139,6 +139,7 @@ GUEST_FIELDS: dict[str, Impact] = {
     "boot": Impact.RESTART,
     "disks": Impact.RESTART,        # added, removed or moved; a grow alone is live (below)
     "ready": Impact.LIVE,           # how the next start is judged
+    "ready_timeout": Impact.LIVE,
     # cloud-init reads its seed at every boot but runs user-data once per instance-id,
     # which changes only when the guest is replaced: recorded now, the plan says so
     "cloud_init": Impact.LIVE,

@@ -9,9 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 nftables e2fsprogs
-              python3 python3-venv ca-certificates)
-# the test suite also opens the HTML report in headless Chromium
-TEST_APT_PACKAGES=(chromium fonts-dejavu-core)
+              python3 python3-venv ca-certificates
+              # real operating systems: UEFI firmware, libosinfo's OS database, DHCP/DNS
+              ovmf osinfo-db dnsmasq-base
+              # `consolidator image build debian`
+              debootstrap fdisk dosfstools mtools)
+# the test suite also opens the HTML report in headless Chromium, and boots Debian's
+# installer from an ISO it makes with grub-mkrescue (BIOS and UEFI)
+TEST_APT_PACKAGES=(chromium fonts-dejavu-core debian-installer-12-netboot-amd64
+                   grub-common grub-pc-bin grub-efi-amd64-bin xorriso)
 VENV=${CONSOLIDATOR_VENV:-.venv}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -65,6 +71,15 @@ case "$cmd" in
         exec "$VENV/bin/consolidator" apply "$@"
         ;;
     test)
+        # the real-OS tests boot Debian disks built from Debian's packages: built once
+        # per machine (minutes), then cached by their inputs like every image
+        export CONSOLIDATOR_IMAGE_CACHE=${CONSOLIDATOR_IMAGE_CACHE:-/var/tmp/consolidator-test-images}
+        for spec in bookworm:uefi bullseye:bios; do
+            release=${spec%:*} firmware=${spec#*:}
+            say "image build debian --release $release --firmware $firmware (cached in $CONSOLIDATOR_IMAGE_CACHE)"
+            "$VENV/bin/consolidator" image build debian --release "$release" \
+                --firmware "$firmware" >&2
+        done
         say "ruff (pyflakes checks)"
         "$VENV/bin/ruff" check consolidator tools tests
         say "lint-imports (the layering contract in pyproject.toml)"

@@ -185,10 +185,9 @@ class Executor:
         spec = launch_spec(intent, boot, RunPaths.for_guest(gdir), self.virt,
                            taps=wiring.taps)
         hint_pvm = spec.accel.name == "kvm" and spec.pvm_host
-        # a real OS under TCG takes minutes where the tiny image takes seconds
-        timeout = 90.0 if intent.ready in ("marker", "none") else 600.0
         return wiring, Guest(spec, hint_pvm=hint_pvm, ready_probe=intent.ready,
-                             ready_timeout=timeout, tcp_probe=self.tcp_probe(intent)), ident
+                             ready_timeout=intent.ready_timeout,
+                             tcp_probe=self.tcp_probe(intent)), ident
 
     def tcp_probe(self, intent: GuestIntent) -> Callable[[int], bool] | None:
         """Connects to the guest's first address from the fabric netns (its networks'

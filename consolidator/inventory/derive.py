@@ -127,7 +127,9 @@ def guest_devices(g: GuestSpec, img: ImageSpec, profile: DeviceDefaults | None
         "os": os_id(g, img), "firmware": firmware, "machine": machine, "disk_bus": disk_bus,
         "display": g.display or (p.display if p else "none"),
         "rtc": g.rtc or (p.rtc if p else "utc"), "hyperv": bool(p and p.hyperv),
-        "cdrom": cdrom, "boot": tuple(g.boot) if g.boot else tuple(present),
+        # a kernel QEMU loads boots first (it takes bootindex 0): no order to give
+        "cdrom": cdrom, "boot": (tuple(g.boot) if g.boot else tuple(present)) if fw_boot
+        else (),
         "ready": ready,
         "nic_models": tuple(n.model or (p.nic_model if p else "virtio") for n in g.nics),
     }

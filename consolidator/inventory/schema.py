@@ -417,6 +417,10 @@ class GuestSpec(_Model):
                           "to the cdrom")
     disks: list[DataDisk] = Field(default_factory=list)
     cloud_init: CloudInit | None = Field(None, description="attach a cloud-init NoCloud seed")
+    ready_timeout: Duration | None = Field(
+        None, description="how long a start may take to be ready; default 90s for the tiny "
+                          "image and kernels, 10m for disk and cdrom boots (a real OS "
+                          "under TCG takes minutes)")
     ready: Annotated[str, Field(pattern=READY_RE.pattern)] = Field(
         "auto", description="when the guest counts as up: agent (the QEMU guest agent "
                             "answers), tcp:PORT, serial:REGEX, none; auto: the tiny image's "

@@ -178,6 +178,7 @@ class Guest:
         self._stop_requested = False
         self._shutdown_how: str | None = None     # agent, powerdown or quit: what was asked
         self._vnc_server: asyncio.AbstractServer | None = None
+        self._clock_task: asyncio.Task[None] | None = None
         self._serial_offset = 0
         self._shutdown_reason: str | None = None
         self._on_phase: Callable[[str], None] = lambda phase: None
@@ -459,6 +460,13 @@ class Guest:
             raise LaunchError(f"guest {self.name}: screendump gave no PNG")
         return data
 
+    async def _set_clock(self) -> None:
+        try:
+            await self.agent_client().set_time()
+            self.log.info("guest.clock_set", after="resume")
+        except AgentError as e:
+            self.log.warning("guest.clock_not_set", error=str(e)[:200])
+
     def agent_client(self) -> GuestAgent:
         """A client of the guest's qemu-ga (guests other than the tiny image)."""
         return GuestAgent(self.name, str(self.paths.agent))
@@ -533,6 +541,10 @@ class Guest:
                     t = (ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6) or time.time()
                     self._balloon_log.append(
                         (t, int((ev.get("data") or {}).get("actual", 0)) or None))
+                elif ev["event"] == "RESUME" and self.ready_probe == "agent" and \
+                        self._state is Runstate.RUNNING:
+                    # its clock stood still while it was paused: set it, as libvirt does
+                    self._clock_task = asyncio.create_task(self._set_clock())
                 self.log.debug("guest.event", qmp_event=ev["event"], data=ev.get("data"))
         except asyncio.CancelledError:
             raise

@@ -13,6 +13,7 @@ parses as addresses and names, bounded in number and length.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import random
@@ -129,6 +130,28 @@ class GuestAgent:
         ret = await self.execute("guest-get-osinfo")
         return {k: str(v)[:128] for k, v in (ret or {}).items()
                 if k in ("id", "name", "pretty-name", "version", "kernel-release")}
+
+    async def run(self, argv: list[str], *, timeout: float = 60.0,
+                  max_output: int = 1 << 20) -> tuple[int, str]:
+        """Run ``argv`` in the guest (guest-exec) and wait: (exit code, stdout+stderr)."""
+        ret = await self.execute("guest-exec", {"path": argv[0], "arg": argv[1:],
+                                                "capture-output": True})
+        pid = int(ret["pid"])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            st = await self.execute("guest-exec-status", {"pid": pid})
+            if st.get("exited"):
+                out = b"".join(base64.b64decode(st.get(k, "") or "")
+                               for k in ("out-data", "err-data"))
+                return int(st.get("exitcode", -1)), out[:max_output].decode(errors="replace")
+            if loop.time() > deadline:
+                raise AgentError(f"{self.name}: {argv[0]} still running after {timeout:g}s",
+                                 timeout=True)
+            await asyncio.sleep(0.2)
+
+    async def hostname(self) -> str:
+        return str((await self.execute("guest-get-host-name")).get("host-name", ""))[:255]
 
     async def fsfreeze(self) -> int:
         return int(await self.execute("guest-fsfreeze-freeze", timeout=30.0))

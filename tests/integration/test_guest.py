@@ -177,7 +177,7 @@ def test_ready_timeout_stops_and_leaves_nothing(make_guest):
         return ei.value
 
     err = asyncio.run(body())
-    assert "not READY within 0.3s" in err.message and err.argv
+    assert "not ready (marker) within 0.3s" in err.message and err.argv
     assert g.state is Runstate.CRASHED
     assert g.proc is not None and g.proc.poll() is not None
     assert not psutil.pid_exists(g.proc.pid) or \

@@ -26,11 +26,17 @@ def rules_of(doc: nft.Doc, chain: str) -> list[list[dict]]:
 def test_a_port_chain_checks_mac_arp_ip_dhcp_and_ethertype_then_accepts():
     rules = nft.port_rules(WEB)
     fields = [r[0]["match"]["left"]["payload"]["field"] for r in rules[:-1]]
-    assert fields == ["saddr", "saddr ether", "saddr ip", "saddr", "sport", "type"]
-    assert rules[4][0]["match"] == {"op": "==", "left": {"payload": {
+    assert fields == ["saddr", "saddr ether", "saddr ip", "saddr", "saddr", "sport", "type"]
+    # ARP: its own address, or 0.0.0.0 (a DHCP client's probe)
+    assert rules[2][0]["match"]["right"] == {"set": [*WEB.ips, "0.0.0.0"]}
+    # the one thing 0.0.0.0 may send: a DHCP request, broadcast, client to server port
+    assert [m["match"]["right"] for m in rules[3][:-1]] == ["0.0.0.0", "255.255.255.255",
+                                                            68, 67]
+    assert rules[3][-1] == nft.ACCEPT
+    assert rules[5][0]["match"] == {"op": "==", "left": {"payload": {
         "protocol": "udp", "field": "sport"}}, "right": 67}
-    assert rules[5][0]["match"]["right"] == {"set": ["ip", "arp"]}
-    assert all(r[-1] == nft.DROP for r in rules[:-1])
+    assert rules[6][0]["match"]["right"] == {"set": ["ip", "arp"]}
+    assert all(r[-1] == nft.DROP for i, r in enumerate(rules[:-1]) if i != 3)
     assert rules[-1] == [nft.ACCEPT]       # what passed every check leaves the base chain
 
 
