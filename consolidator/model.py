@@ -27,8 +27,9 @@ from pydantic import BaseModel, ConfigDict
 
 from .hostfacts import HostFacts
 from .inventory import Inventory, load_inventory, validate
-from .inventory.derive import (budget, derive_mac, guest_devices, image_roots, resolve_path,
-                               resolved_image, usable_cpus, user_data_text)
+from .inventory.derive import (allocate_addresses, budget, derive_mac, guest_devices,
+                               image_roots, resolve_path, resolved_image, usable_cpus,
+                               user_data_text)
 from .inventory.schema import (BUILTIN_IMAGES, CpuSpec, GuestSpec, HostSpec, ImageSpec,
                                MemorySpec, NetworkSpec, Size)
 from .osinfo import DeviceDefaults, UnknownOs, device_defaults, lookup
@@ -82,6 +83,7 @@ class NicIntent(_Frozen):
     prefix: int                     # from the network's subnet
     gateway: str | None = None      # the network's gateway, if any
     model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
+    allocated: bool = False         # ip chosen by consolidator (the inventory gave none)
 
     @property
     def cidr(self) -> str | None:
@@ -167,6 +169,8 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
     """The fleet a *validated* inventory describes on this host."""
     images = {n: resolved_image(s, base_dir) for n, s in {**BUILTIN_IMAGES,
                                                           **inv.images}.items()}
+    allocated = allocate_addresses(inv.instance, dict(inv.networks), dict(inv.guests),
+                                   previous_allocations(state_dir))
     guests = {}
     for name, g in inv.guests.items():
         img = images[g.image]
@@ -174,9 +178,11 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
         nics = []
         for i, nic in enumerate(g.nics):
             net = inv.networks[nic.network]
+            auto = allocated.get((name, i))
             nics.append(NicIntent(network=nic.network,
                                   mac=nic.mac or derive_mac(inv.instance, name, i),
-                                  ip=nic_address(nic.ip), prefix=net.subnet.prefixlen,
+                                  ip=nic_address(nic.ip) or auto, allocated=bool(auto),
+                                  prefix=net.subnet.prefixlen,
                                   gateway=nic_address(net.gateway),
                                   model=dev["nic_models"][i]))
         del dev["nic_models"]
@@ -196,6 +202,18 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
                  usable_cpus=max(usable_cpus(inv.host, facts), 0.0),
                  image_roots=image_roots(inv.host, base_dir, state_dir), images=images,
                  networks=dict(inv.networks), guests=guests)
+
+
+def previous_allocations(state_dir: Path | None) -> dict[tuple[str, int], str]:
+    """The addresses consolidator chose for NICs in the fleet last applied here."""
+    if state_dir is None:
+        return {}
+    try:
+        fleet = json.loads((Path(state_dir) / "applied.json").read_text())["fleet"]
+        return {(g, i): n["ip"] for g, spec in fleet["guests"].items()
+                for i, n in enumerate(spec["nics"]) if n.get("allocated") and n.get("ip")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _user_data(g: GuestSpec, base_dir: Path) -> str | None:

@@ -92,8 +92,8 @@ class Client:
                 raise SupervisorError("the supervisor closed the connection",
                                       hint="see its log: <state>/supervisor/log.jsonl")
             msg = json.loads(line)
-            if msg.get("id") != rid:
-                continue
+            if msg.get("id") != rid and not (msg.get("id") == 0 and "error" in msg):
+                continue            # (a request refused before its id was read: id 0)
             if "event" in msg:
                 if on_event:
                     on_event(msg["event"])

@@ -68,6 +68,7 @@ ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "agent": {"name": ((str,), _REQ), "command": ((str,), _REQ), "arg": ((str,), _OPT),
               "timeout": ((int, float), _OPT)},
     "destroy": {"purge": ((bool,), _OPT)},
+    "screenshot": {"name": ((str,), _REQ)},
     "logs": {"name": ((str,), _REQ), "lines": ((int,), _OPT), "offset": ((int,), _OPT)},
     "report": {"window": ((str,), _OPT), "shapes": ((list,), _OPT), "tiered": ((bool,), _OPT),
                "headroom": ((int, float), _OPT)},

@@ -160,3 +160,51 @@ def user_data_text(g: GuestSpec, base_dir: Path) -> str | None:
         raise ValueError("user-data starts with #cloud-config, #! (a script), #include "
                          "or a MIME header")
     return text
+
+
+def allocate_addresses(instance: str, networks: dict[str, NetworkSpec],
+                       guests: dict[str, GuestSpec],
+                       previous: dict[tuple[str, int], str]) -> dict[tuple[str, int], str]:
+    """Pure: an address for each NIC that declares none, on a network with DHCP, so its
+    MAC gets a lease like the others. A NIC keeps the address it had (``previous``, from
+    the fleet last applied) while that is free; a new one starts at a place its own name
+    fixes (a hash) and takes the next free address, in name order: so adding or removing
+    other guests never moves it."""
+    taken: dict[str, set[str]] = {}
+    for name, net in networks.items():
+        t = {str(net.subnet.network_address), str(net.subnet.broadcast_address)}
+        if net.gateway:
+            t.add(str(ipaddress.ip_interface(net.gateway).ip))
+        if net.dhcp:
+            t.add(service_address(net))
+        taken[name] = t
+    wanted: list[tuple[str, int, str]] = []
+    for g in sorted(guests):
+        for i, nic in enumerate(guests[g].nics):
+            if nic.network not in networks:
+                continue
+            if nic.ip:
+                taken[nic.network].add(str(ipaddress.ip_interface(nic.ip).ip))
+            elif networks[nic.network].dhcp:
+                wanted.append((g, i, nic.network))
+    out: dict[tuple[str, int], str] = {}
+    for g, i, net in wanted:                    # kept addresses first: they never move
+        prev = previous.get((g, i))
+        if prev and prev not in taken[net] and \
+                ipaddress.ip_address(prev) in networks[net].subnet:
+            out[(g, i)] = prev
+            taken[net].add(prev)
+    for g, i, net in wanted:
+        if (g, i) in out:
+            continue
+        subnet = networks[net].subnet
+        size = subnet.num_addresses
+        start = int.from_bytes(hashlib.sha256(f"{instance}/{g}/{i}".encode()).digest()[:4],
+                               "big") % size
+        for k in range(size):
+            ip = str(subnet.network_address + (start + k) % size)
+            if ip not in taken[net]:
+                out[(g, i)] = ip
+                taken[net].add(ip)
+                break
+    return out

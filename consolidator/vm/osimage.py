@@ -88,8 +88,10 @@ def partition_script(firmware: str, size: int) -> str:
 
 def network_units() -> dict[str, str]:
     """Pure: files the image gets under /etc/systemd/network."""
+    # the DHCP server's domain is the network's name: as a search domain, a single-label
+    # name (``db``) resolves as ``db.<network>`` (resolved sends no single label to DNS)
     return {"90-dhcp.network": "[Match]\nName=eth* en*\n\n[Network]\nDHCP=ipv4\n"
-                               "\n[DHCPv4]\nUseHostname=false\n"}
+                               "\n[DHCPv4]\nUseHostname=false\nUseDomains=yes\n"}
 
 
 @dataclass(frozen=True)

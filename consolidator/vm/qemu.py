@@ -383,20 +383,18 @@ def storage_args(spec: LaunchSpec, h: Handles) -> list[str]:
         first = i == 0 and not boot.disk
         bays.attach(d.bus, f"data-{d.name}", serial=d.name,
                     bootindex=order.get("disk") if first else None)
-    if boot.cdrom:
-        if h.cdrom is None:
-            raise ValueError("a cdrom needs its descriptor")
-        argv += _node(h.cdrom, CDROM_FDSET, "cd0", "raw", read_only=True)
-        bus = "scsi" if spec.disk_bus == "scsi" else ("ide" if spec.machine.name == "pc"
-                                                      else "sata")
-        bays.attach(bus, "cd0", cdrom=True, bootindex=order.get("cdrom"))
-    if boot.seed:
-        if h.seed is None:
-            raise ValueError("the cloud-init seed needs its descriptor")
-        argv += _node(h.seed, SEED_FDSET, "seed", "raw", read_only=True)
-        bus = "scsi" if spec.disk_bus == "scsi" else ("ide" if spec.machine.name == "pc"
-                                                      else "sata")
-        bays.attach(bus, "seed", cdrom=True)
+    # cdroms: on the disks' SCSI controller, else IDE on pc and AHCI on q35 (every
+    # firmware and OS of the last 25 years boots and reads those)
+    cd_bus = "scsi" if spec.disk_bus == "scsi" else \
+        ("ide" if spec.machine.name == "pc" else "sata")
+    for path, fd, fdset, node, what in ((boot.cdrom, h.cdrom, CDROM_FDSET, "cd0", "cdrom"),
+                                        (boot.seed, h.seed, SEED_FDSET, "seed", "seed")):
+        if not path:
+            continue
+        if fd is None:
+            raise ValueError(f"the {what} needs its descriptor")
+        argv += _node(fd, fdset, node, "raw", read_only=True)
+        bays.attach(cd_bus, node, cdrom=True, bootindex=order.get(what))
     return argv + bays.argv
 
 

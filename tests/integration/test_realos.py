@@ -160,14 +160,16 @@ def event(f: CliFleet, guest: str, name: str) -> list[dict]:
 
 # --------------------------------------------------------- Debian 12, UEFI
 
-DEB12 = """
+HEAD = """
 version: 1
 instance: {inst}
 host:
   fabric_netns: {inst}-fab
-  image_roots: [@CACHE@]
+  image_roots: [@ROOT@]
   metrics: {{enabled: false}}
-images:
+"""
+
+DEB12 = HEAD + """images:
   deb12: {{disk: @DISK@, os: debian12, firmware: uefi}}
 networks:
   front: {{subnet: 10.61.0.0/24, gateway: 10.61.0.1}}
@@ -189,7 +191,7 @@ guests:
 
 @pytest.mark.timeout(1500)
 def test_debian12_uefi_cloud_init_agent_and_a_data_disk(tmp_path, bookworm_uefi):
-    text = DEB12.replace("@CACHE@", str(IMAGE_CACHE)).replace("@DISK@", str(bookworm_uefi))
+    text = DEB12.replace("@ROOT@", str(IMAGE_CACHE)).replace("@DISK@", str(bookworm_uefi))
     with cli_fleet(tmp_path, text.replace("@SIZE@", "1GiB")) as f:
         f.cli("apply", timeout=900)
         web = f.guests()["web"]
@@ -244,14 +246,7 @@ def test_debian12_uefi_cloud_init_agent_and_a_data_disk(tmp_path, bookworm_uefi)
 
 # ------------------------------------------------- Debian 11, legacy devices
 
-DEB11 = """
-version: 1
-instance: {inst}
-host:
-  fabric_netns: {inst}-fab
-  image_roots: [@CACHE@]
-  metrics: {{enabled: false}}
-images:
+DEB11 = HEAD + """images:
   deb11: {{disk: @DISK@}}
 networks:
   lan: {{subnet: 10.62.0.0/24, gateway: 10.62.0.1}}
@@ -273,7 +268,7 @@ guests:
 
 @pytest.mark.timeout(1200)
 def test_debian11_bios_legacy_devices_dhcp_dns_and_a_screen(tmp_path, bullseye_bios):
-    text = DEB11.replace("@CACHE@", str(IMAGE_CACHE)).replace("@DISK@", str(bullseye_bios))
+    text = DEB11.replace("@ROOT@", str(IMAGE_CACHE)).replace("@DISK@", str(bullseye_bios))
     with cli_fleet(tmp_path, text) as f:
         f.cli("apply", timeout=900)
         g = f.guests()
@@ -283,7 +278,7 @@ def test_debian11_bios_legacy_devices_dhcp_dns_and_a_screen(tmp_path, bullseye_b
             "10.62.0.20/24" in i["addresses"]
             for i in (f.guests()["old"]["agent"] or {}).get("interfaces", [])), 120)
         res = f.cli("agent", "db", "sh", "ping", "-c", "1", "-W", "3", "10.62.0.20")
-        assert "1 packets received" in res.stdout or " 0% packet loss" in res.stdout, res.stdout
+        assert res.stdout.startswith("rc=0 "), res.stdout        # from the tiny guest db
         lease = (f.state / "networks" / "lan.leases").read_text()
         assert "10.62.0.20" in lease
         # and it resolves the other guest by name, from the network's dnsmasq
@@ -325,14 +320,7 @@ def test_debian11_bios_legacy_devices_dhcp_dns_and_a_screen(tmp_path, bullseye_b
 
 # ------------------------------------------------------------- the installer
 
-INSTALLER = """
-version: 1
-instance: {inst}
-host:
-  fabric_netns: {inst}-fab
-  image_roots: [@ISODIR@]
-  metrics: {{enabled: false}}
-images:
+INSTALLER = HEAD + """images:
   installer: {{cdrom: @ISO@}}
 guests:
   inst:
@@ -349,7 +337,7 @@ guests:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
 def test_installer_from_iso_on_a_blank_disk(tmp_path, installer_iso, firmware):
-    text = (INSTALLER.replace("@ISODIR@", str(installer_iso.parent))
+    text = (INSTALLER.replace("@ROOT@", str(installer_iso.parent))
             .replace("@ISO@", str(installer_iso)).replace("@FW@", firmware))
     with cli_fleet(tmp_path, text) as f:
         f.cli("apply", timeout=300)

@@ -168,8 +168,9 @@ def test_network_config_from_the_inventory(tmp_path):
     assert eth0["addresses"] == ["10.5.0.9/24"]
     assert eth0["routes"] == [{"to": "0.0.0.0/0", "via": "10.5.0.1"}]
     assert eth0["nameservers"] == {"addresses": ["10.5.0.1"], "search": ["lan"]}
-    assert eth1 == {"match": {"macaddress": a.nics[1].mac}, "set-name": "eth1",
-                    "dhcp4": True}
+    # no address declared: consolidator allocated one, and the seed gives it like the other
+    assert a.nics[1].allocated and eth1["addresses"] == [f"{a.nics[1].ip}/24"]
+    assert "routes" not in eth1
 
 
 @pytest.mark.skipif(not shutil.which("isoinfo") and not shutil.which("xorriso"),
@@ -184,6 +185,35 @@ def test_the_seed_is_an_iso_labelled_cidata(tmp_path):
     assert "Volume Id    : cidata" in out
     for name in ("meta-data", "network-config", "user-data"):
         assert f"/{name}'" in out
+
+
+# ---------------------------------------------------------- address allocation
+
+def test_allocated_addresses_stay_put(tmp_path):
+    from consolidator.inventory.derive import allocate_addresses
+    from consolidator.inventory.schema import GuestSpec, NetworkSpec
+    nets = {"lan": NetworkSpec(subnet="10.5.0.0/29", gateway="10.5.0.1"),
+            "iso": NetworkSpec(subnet="10.6.0.0/24"), "off": NetworkSpec(
+                subnet="10.7.0.0/24", dhcp=False)}
+
+    def guests(*names: str, declare: str | None = None) -> dict[str, GuestSpec]:
+        out = {n: GuestSpec(nics=[{"network": "lan"}, {"network": "off"}]) for n in names}
+        if declare:
+            out["d"] = GuestSpec(nics=[{"network": "lan", "ip": declare}])
+        return out
+    one = allocate_addresses("t", nets, guests("a", "b"), {})
+    assert set(one) == {("a", 0), ("b", 0)}                 # none on a dhcp: false network
+    assert {one[("a", 0)], one[("b", 0)]} <= {f"10.5.0.{i}" for i in range(2, 7)}
+    # more guests: the first two keep theirs, given what was applied before
+    more = allocate_addresses("t", nets, guests("a", "b", "c", "e"), one)
+    assert more[("a", 0)] == one[("a", 0)] and more[("b", 0)] == one[("b", 0)]
+    assert len(set(more.values())) == 4
+    # a declared address wins; the allocated one it collides with moves, nothing else
+    taken = one[("a", 0)]
+    moved = allocate_addresses("t", nets, guests("a", "b", declare=taken), one)
+    assert moved[("a", 0)] != taken and moved[("b", 0)] == one[("b", 0)]
+    iso = allocate_addresses("t", nets, {"x": GuestSpec(nics=[{"network": "iso"}])}, {})
+    assert iso[("x", 0)] not in ("10.6.0.254", "10.6.0.0", "10.6.0.255")
 
 
 # ------------------------------------------------------------------ dnsmasq
