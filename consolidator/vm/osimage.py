@@ -349,11 +349,14 @@ def _configure(root: Path, release: str) -> None:
     cfg.mkdir(parents=True, exist_ok=True)
     # C.UTF-8 needs no locale-gen (en_US would: seconds under TCG, and an error without
     # the locales package); no SSH server, so no host keys to make
+    # bullseye's cloud-init (20.4) has no networkd renderer: there the network comes from
+    # DHCP alone, which gives the same inventory address (a static lease)
+    network = "network: {config: disabled}\n" if release == "bullseye" else \
+        "system_info:\n  network:\n    renderers: [networkd]\n"
     (cfg / "90-consolidator.cfg").write_text(
         "datasource_list: [NoCloud, None]\n"
         "locale: C.UTF-8\n"
-        "ssh_genkeytypes: []\n"
-        "system_info:\n  network:\n    renderers: [networkd]\n")
+        "ssh_genkeytypes: []\n" + network)
     (root / "etc/default").mkdir(exist_ok=True)
 
 
