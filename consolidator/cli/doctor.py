@@ -157,6 +157,7 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
                           None if ok else f"apt-get install {pkg}"))
     facts.append(kernel_source_fact(images_dir))
     host = host or HostSpec()
+    facts += realos_facts(host)
     if host.metrics.enabled:
         facts.append(metrics_fact(host.metrics.listen))
     facts.append(qemu_user_fact(host))
@@ -176,6 +177,27 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
                    if layout.backend != "none" else {}},
         "facts": [asdict(f) for f in facts],
     }
+
+
+def realos_facts(host: HostSpec) -> list[Fact]:
+    """What real operating systems need: none is required for the tiny image."""
+    from .. import osinfo
+    out = []
+    uefi = all(os.path.isfile(p) for p in (host.uefi.code, host.uefi.vars))
+    out.append(Fact("UEFI firmware", host.uefi.code if uefi else "not installed", uefi, False,
+                    None if uefi else "apt-get install ovmf (guests with firmware: uefi)"))
+    n = len(osinfo.short_ids())
+    out.append(Fact("OS profiles (libosinfo)", f"{n} OS ids" if n else "no database", n > 0,
+                    False, None if n else "apt-get install osinfo-db (guests with os:)"))
+    dns = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin")
+    out.append(Fact("dnsmasq", dns or "not found", dns is not None, False,
+                    None if dns else "apt-get install dnsmasq-base (networks with dhcp)"))
+    tools = [t for t in ("debootstrap", "sfdisk", "mkfs.vfat", "mcopy") if not shutil.which(t)]
+    out.append(Fact("image builder", "ready" if not tools else "lacks " + ", ".join(tools),
+                    not tools, False, None if not tools else
+                    "apt-get install debootstrap fdisk dosfstools mtools "
+                    "(consolidator image build debian)"))
+    return out
 
 
 def qemu_user_fact(host: HostSpec) -> Fact:
