@@ -350,3 +350,38 @@ def test_installer_from_iso_on_a_blank_disk(tmp_path, installer_iso, firmware):
             return shot != colours(first) and top[2] > 120 and top[0] < 80 and share > 0.3
         assert until("the installer's screen", installer, 400, every=5)
     assert leftovers(f.instance) == []
+
+
+# ------------------------------------------------------------- ready probes
+
+PROBES = """
+version: 1
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, metrics: {{enabled: false}}}}
+networks:
+  lan: {{subnet: 10.63.0.0/24, gateway: 10.63.0.1}}
+guests:
+  web:
+    ready: tcp:80
+    memory: {{max: 128MiB}}
+    nics: [{{network: lan, ip: 10.63.0.10}}]
+  mute:
+    ready: "serial:NEVER-PRINTED"
+    ready_timeout: 8s
+    memory: {{max: 128MiB}}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_probe_that_never_answers_fails_its_start_and_the_others_go_on(tmp_path):
+    with cli_fleet(tmp_path, PROBES) as f:
+        res = f.cli("apply", check=False)
+        assert res.returncode == 1
+        g = f.guests()
+        # tcp:80: the busybox httpd of the tiny image accepted from the fabric
+        assert g["web"]["state"] == "running" and g["web"]["ready"] == "tcp:80"
+        assert g["mute"]["state"] == "crashed"
+        failed = event(f, "mute", "start_failed")[-1]
+        assert "not ready (serial:NEVER-PRINTED) within 8s" in failed["error"]
+        assert failed["serial_tail"]                      # the last lines it printed
+    assert leftovers(f.instance) == []

@@ -259,3 +259,18 @@ def test_the_real_os_example_validates(tmp_path):
     f = parse_fleet(text, "real-os.yaml", FACTS, base_dir=tmp_path)
     assert f.guests["web"].firmware == "uefi" and f.guests["web"].machine == "q35"
     assert f.guests["old"].nics[0].model == "e1000" and f.guests["old"].disk_bus == "sata"
+
+
+def test_plan_says_a_user_data_change_waits_for_a_new_instance(tmp_path):
+    from consolidator.model import GuestState
+    from consolidator.plan import Observed, ObservedGuest, plan
+
+    def f(text: str):
+        return fleet(tmp_path, f"  a: {{image: inst, cloud_init: {{user_data: {text}}}}}\n")
+    old, new = f("{runcmd: [[a]]}"), f("{runcmd: [[b]]}")
+    observed = Observed(instance=old.instance, host=old.host, networks=dict(old.networks),
+                        guests={"a": ObservedGuest(old.guests["a"], GuestState.RUNNING)})
+    p = plan(new, observed)
+    (a,) = p.actions
+    assert a.kind == "update" and a.impact is Impact.LIVE
+    assert any("takes effect only when the guest is replaced" in n for n in p.notes)
