@@ -34,10 +34,16 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return out
 
 
+#: where QEMU (Debian's build) finds option ROMs, and the VGA BIOS `-device VGA` loads
+FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu")
+VGA_BIOS = "vgabios-stdvga.bin"
+
+
 @dataclass(frozen=True)
 class HostFacts:
     cpus: tuple[int, ...]        # online CPU ids
     memory_total: int            # bytes
+    screen: bool = True          # QEMU can give a guest a screen: its VGA BIOS is there
 
     @property
     def ncpus(self) -> int:
@@ -50,7 +56,8 @@ class HostFacts:
                 cpus = parse_cpulist(f.read())
         except OSError:
             cpus = tuple(range(os.cpu_count() or 1))
-        return cls(cpus=cpus, memory_total=read_meminfo()["MemTotal"])
+        return cls(cpus=cpus, memory_total=read_meminfo()["MemTotal"],
+                   screen=any(os.path.isfile(os.path.join(d, VGA_BIOS)) for d in FIRMWARE_DIRS))
 
 
 _TSC_KMSG = re.compile(r"tsc: (?:Refined TSC clocksource calibration|Detected): ([\d.]+) MHz")

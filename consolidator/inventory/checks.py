@@ -294,7 +294,7 @@ def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
         _cpu(rep, loc, g, facts)
         img = p.images.get(g.image) or BUILTIN_IMAGES.get(g.image)
         if img is not None:
-            _devices(rep, loc, g, img, p.host or HostSpec(), base_dir, roots)
+            _devices(rep, loc, g, img, p.host or HostSpec(), base_dir, roots, facts)
         mem = g.memory
         if mem.max < MIN_GUEST_MEMORY:
             rep.value("G001", loc + ("memory", "max"), f"{human_size(mem.max)} is too little "
@@ -347,7 +347,7 @@ def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
 
 
 def _devices(rep: Reporter, loc: tuple, g: GuestSpec, img: ImageSpec, host: HostSpec,
-             base_dir: Path, roots: tuple[str, ...]) -> None:
+             base_dir: Path, roots: tuple[str, ...], facts: HostFacts) -> None:
     """Firmware, boot media, buses and probes: what QEMU and the firmware can do."""
     if g.os:
         _os(rep, loc + ("os",), g.os)
@@ -370,6 +370,11 @@ def _devices(rep: Reporter, loc: tuple, g: GuestSpec, img: ImageSpec, host: Host
                 rep.value("I016", loc + where, f"UEFI firmware {what} {path} is not "
                           "installed", "apt-get install ovmf (or set host.uefi)")
                 break
+    if dev["display"] == "vga" and not facts.screen:
+        rep.value("G015", loc + (("display",) if g.display else ("os",)), "display: vga, "
+                  "but QEMU cannot show a screen on this host: its VGA BIOS "
+                  "(vgabios-stdvga.bin) is missing", "apt-get install seabios, or display: "
+                  "none")
     if dev["machine"] == "q35":
         if dev["disk_bus"] == "ide" and (img.disk or g.disks):
             rep.value("G010", loc + (("disk_bus",) if g.disk_bus else ()), "q35 has no IDE "

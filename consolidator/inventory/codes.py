@@ -86,6 +86,7 @@ CODES: dict[str, str] = {
     "G012": "data disks: a name twice, or a size not a whole number of MiB",
     "G013": "ready: a tcp port out of range, or a serial pattern that is no regex",
     "G014": "cloud_init: user-data unreadable or not valid YAML, or a kernel-booted image",
+    "G015": "display: vga where QEMU cannot show a screen (no VGA BIOS)",
     # the host as a whole
     "C001": "host.reserve.cpus leaves no CPU for guests",
     "C002": "host.reserve.memory is all of the host's RAM",

@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bare import BareFleet  # noqa: E402
 
 CACHE = os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images")
 
@@ -143,37 +145,15 @@ async def powerdown(qmp_paths: list[Path], procs: list[subprocess.Popen]) -> flo
 def bare(n: int, idle: float) -> dict[str, float]:
     """The floor: netns, taps, bridge and cgroups made first (untimed), then the same
     argv spawned in parallel with the same placement, READY watched on serial logs."""
-    from consolidator.daemon.executor import Executor
-    from consolidator.hostfacts import HostFacts
-    from consolidator.model import parse_fleet
-    from consolidator.state import StateDir
-    from consolidator.vm.handles import Opened
-    from consolidator.vm.qemu import build_argv
-    inst = "b" + uuid.uuid4().hex[:7]
-    d = Path(tempfile.mkdtemp(prefix="bench-bare-"))
-    fleet = parse_fleet(inventory(inst, n), "b.yaml", HostFacts.probe())
-    ex = Executor(fleet, StateDir(d / "state").ensure())
     os.environ["CONSOLIDATOR_IMAGE_CACHE"] = CACHE
-    ex.image_cache = Path(CACHE)
-    procs = []
+    b = BareFleet(lambda inst, _d: inventory(inst, n))
     try:
-        for name, spec in fleet.networks.items():
-            ex.create_network(name, spec)
-        prepared = [ex.prepare_guest(g) for g in fleet.guests.values()]
-        for _, g, _ in prepared:
-            g.paths.dir.mkdir(parents=True, exist_ok=True)
-            g.paths.serial_log.touch()
+        b.ex.image_cache = Path(CACHE)
+        prepared = b.prepare()
         t0 = time.monotonic()
-        for (wiring, g, ident), intent in zip(prepared, fleet.guests.values()):
-            pl = ex.placement(intent, wiring, ident)        # the same uid, jail, cgroup, netns
-            opened = Opened(g.spec, pl.tap_fds)
-            procs.append(subprocess.Popen(build_argv(g.spec, opened.handles),
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          pass_fds=opened.handles.fds(),
-                                          preexec_fn=pl.preexec))
-            opened.close()
-            pl.close()
-        pending = {g.paths.serial_log for _, g, _ in prepared}
+        for guest in prepared:
+            b.spawn(*guest)
+        pending = {g.paths.serial_log for _, _, g, _ in prepared}
         while pending:
             for p in list(pending):
                 if b"CONSOLIDATOR-READY" in p.read_bytes():
@@ -181,16 +161,11 @@ def bare(n: int, idle: float) -> dict[str, float]:
             time.sleep(0.01)
         ready = time.monotonic() - t0
         time.sleep(5)                       # settle, as the product's run does
-        qemu_idle = idle_cpu([p.pid for p in procs], idle)
-        down = asyncio.run(powerdown([g.paths.qmp for _, g, _ in prepared], procs))
+        qemu_idle = idle_cpu([p.pid for p in b.procs], idle)
+        down = asyncio.run(powerdown([g.paths.qmp for _, _, g, _ in prepared], b.procs))
         return {"ready": ready, "qemu_idle": qemu_idle, "down": down}
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        ex.destroy()
-        ex.ids.release_state(str(ex.state.root.resolve()))
-        shutil.rmtree(d, ignore_errors=True)
+        b.close()
 
 
 def main() -> None:

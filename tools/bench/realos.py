@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bare import BareFleet  # noqa: E402
 
 CACHE = Path(os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images"))
 
@@ -134,42 +136,16 @@ def product(disk: Path, n_leases: int) -> dict[str, float]:
 
 def bare(disk: Path) -> float:
     """The same argv, spawned by hand in the same placement; the agent polled alike."""
-    from consolidator.daemon.executor import Executor
-    from consolidator.hostfacts import HostFacts
-    from consolidator.model import parse_fleet
-    from consolidator.state import StateDir
-    from consolidator.vm.handles import Opened
-    from consolidator.vm.qemu import build_argv
     from consolidator.vm.qga import GuestAgent
-    inst = "r" + uuid.uuid4().hex[:7]
-    d = Path(tempfile.mkdtemp(prefix="bench-bare-"))
-    fleet = parse_fleet(inventory(inst, disk, "52:54:00:aa:bb:cc"), "b.yaml",
-                        HostFacts.probe(), base_dir=d)
-    ex = Executor(fleet, StateDir(d / "state").ensure())
-    proc = None
+    b = BareFleet(lambda inst, _d: inventory(inst, disk, "52:54:00:aa:bb:cc"), "r")
     try:
-        for name, spec in fleet.networks.items():
-            ex.create_network(name, spec)
-        intent = fleet.guests["web"]
-        wiring, g, ident = ex.prepare_guest(intent)
-        g.paths.dir.mkdir(parents=True, exist_ok=True)
-        pl = ex.placement(intent, wiring, ident)
-        opened = Opened(g.spec, pl.tap_fds)
+        ((intent, wiring, g, ident),) = b.prepare(["web"])
         t0 = time.monotonic()
-        proc = subprocess.Popen(build_argv(g.spec, opened.handles), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, pass_fds=opened.handles.fds(),
-                                preexec_fn=pl.preexec)
-        opened.close()
-        pl.close()
+        b.spawn(intent, wiring, g, ident)
         asyncio.run(GuestAgent("web", str(g.paths.agent)).wait(900))
         return time.monotonic() - t0
     finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        ex.destroy()
-        ex.ids.release_state(str(ex.state.root.resolve()))
-        shutil.rmtree(d, ignore_errors=True)
+        b.close()
 
 
 def main() -> None:
