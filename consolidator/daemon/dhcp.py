@@ -4,9 +4,11 @@
 once the networks exist and before guests start, and again at the end; the supervisor
 at startup). A server whose configuration (:class:`consolidator.net.dhcp.Service`) is
 unchanged is left alone. A server that dies is started again, after 1, 2, 4 ... 30 s,
-and ``status`` shows its restarts. Processes are spawned from the event loop's thread:
-``PR_SET_PDEATHSIG`` fires when the spawning *thread* ends, and the worker threads of
-``asyncio.to_thread`` come and go.
+and ``status`` shows its restarts. Each runs in a cgroup of the instance (``guests/dhcp.<network>``), emptied before a start:
+dnsmasq drops to its own user, which clears ``PR_SET_PDEATHSIG``, so one whose supervisor
+died is still there, holding its address, until a new supervisor, ``destroy`` or ``gc``
+clears it. (It is spawned from the event loop's thread anyway: the signal covers the
+moment before the drop, and it follows the spawning *thread*.)
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class DhcpServers:
                 await asyncio.to_thread(ex.fabric.ensure_service, name, self._spec(name))
             leases, logf = self._paths(name)
             rotate_log(logf, LOG_CAP)
-            srv.proc = dhcp.spawn(svc, leases, logf)   # this thread: see the docstring
+            procs = await asyncio.to_thread(self._cgroup, name)
+            srv.proc = dhcp.spawn(svc, leases, logf, procs)   # this thread: see docstring
         except Exception as e:  # noqa: BLE001 - reported in status, retried
             srv.error = f"{type(e).__name__}: {e}"
             log.warning("dhcp.start_failed", network=name, error=srv.error)
@@ -103,6 +106,16 @@ class DhcpServers:
         asyncio.get_running_loop().add_reader(srv.pidfd, self._exited, name, srv)
         log.info("dhcp.started", network=name, pid=srv.proc.pid, address=svc.address,
                  hosts=len(svc.hosts), netns=svc.netns)
+
+    def _cgroup(self, name: str) -> list[Any]:
+        """The server's cgroup, emptied first: a dnsmasq an earlier supervisor left there
+        (it outlives its parent once it has dropped to its user) holds the address."""
+        ex = self.lifecycle.executor
+        assert ex is not None and ex.cgroups is not None
+        cg = dhcp.cgroup_name(name)
+        ex.cgroups.create_guest(cg)
+        ex.cgroups.kill(cg)
+        return ex.cgroups.procs_files(cg)
 
     def _spec(self, name: str) -> Any:
         fleet = self.runtime.fleet
@@ -161,6 +174,11 @@ class DhcpServers:
                 srv.proc.kill()
                 await asyncio.to_thread(srv.proc.wait)
         ex = self.lifecycle.executor
+        if ex is not None and ex.cgroups is not None:
+            cg = dhcp.cgroup_name(name)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(ex.cgroups.kill, cg)
+                await asyncio.to_thread(ex.cgroups.remove_guest, cg)
         if ex is not None and srv.service.netns != ex.fabric.netns and not keep_netns:
             await asyncio.to_thread(ex.fabric.remove_service, name)
         log.info("dhcp.stopped", network=name)

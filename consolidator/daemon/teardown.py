@@ -75,7 +75,7 @@ def scan(scope: Scope) -> list[Leftover]:
     driver = CgroupDriver(detect(), inst, scope.cgroup_parent)
     for guest in driver.guests_present():
         for pid in sorted(driver.pids(guest)):
-            found.append(Leftover("process", str(pid), f"guest {guest}"))
+            found.append(Leftover("process", str(pid), _whose(guest)))
     for n in ns.listing():
         if names.netns_is_ours(inst, n):
             found.append(Leftover("netns", n, "/run/netns"))
@@ -93,6 +93,12 @@ def scan(scope: Scope) -> list[Leftover]:
     return found
 
 
+def _whose(group: str) -> str:
+    """A cgroup of ``guests/``: a guest's, or (a dot no guest name has) a service's."""
+    kind, dot, net = group.partition(".")
+    return f"the {kind} of network {net}" if dot else f"guest {group}"
+
+
 def collect(scope: Scope) -> list[str]:
     """Remove every kernel object of ``scope``'s instance, processes first. Returns what
     went. A fabric netns goes only when it carries the instance's prefix."""
@@ -102,7 +108,7 @@ def collect(scope: Scope) -> list[str]:
     for guest in driver.guests_present():
         if driver.pids(guest):
             driver.kill(guest)
-            gone.append(f"processes of guest {guest}")
+            gone.append(f"processes of {_whose(guest)}")
     for where in _netns_candidates(scope):
         gone += Fabric(inst, where).destroy(
             remove_fabric_netns=where is not None and names.netns_is_ours(inst, where))

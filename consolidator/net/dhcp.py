@@ -20,8 +20,9 @@ The host table is on its command line (``--dhcp-host``, ``--host-record``): a ch
 restarts it, which costs guests nothing (their leases are static and last). dnsmasq
 runs as the ``dnsmasq`` user (Debian's, else ``nobody``): it opens its sockets and its
 lease file as root and drops to that user before it reads a packet. It stays in the
-foreground as the supervisor's child and dies with it (``PR_SET_PDEATHSIG``); the next
-supervisor starts it again. Its leases and its log are in the state dir.
+foreground as the supervisor's child, in a cgroup of the instance (:func:`cgroup_name`),
+so a supervisor that starts finds and stops what an earlier one left, and ``destroy``
+and ``gc`` remove it with the guests. Its leases and its log are in the state dir.
 """
 
 from __future__ import annotations
@@ -122,25 +123,39 @@ def argv(s: Service, leases: Path, binary: str = "dnsmasq") -> list[str]:
     return a
 
 
-def spawn(s: Service, leases: Path, log: Path) -> subprocess.Popen[bytes]:
-    """Start dnsmasq for ``s`` in its netns, logging to ``log``. Blocking (short)."""
+def cgroup_name(network: str) -> str:
+    """The cgroup (in the instance's ``guests/`` tree) a network's dnsmasq runs in: a dot
+    no guest name can hold, so it never collides with a guest. Being in the instance's
+    tree is what lets ``destroy``, ``gc`` and a new supervisor find it: dnsmasq drops to
+    its own user, which clears ``PR_SET_PDEATHSIG``, so it outlives a supervisor that
+    dies."""
+    return f"dhcp.{network}"
+
+
+def spawn(s: Service, leases: Path, log: Path, procs: list[Path]) -> subprocess.Popen[bytes]:
+    """Start dnsmasq for ``s`` in its netns and in the cgroup whose ``cgroup.procs``
+    files are ``procs``, logging to ``log``. Blocking (short)."""
     binary = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
     if binary is None:
         raise FileNotFoundError("dnsmasq is not installed (apt-get install dnsmasq-base)")
     target = os.open(ns_path(s.netns), os.O_RDONLY | os.O_CLOEXEC)
     out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                   0o600)
+    groups = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in procs]
 
     def enter() -> None:              # in the child, before exec: syscalls only
+        for fd in groups:
+            os.write(fd, b"0")
         linux.setns(target, linux.CLONE_NEWNET)
+        # cleared again when dnsmasq drops to its user; until then it holds
         linux.parent_death_signal(signal.SIGTERM)
 
     try:
         return subprocess.Popen(argv(s, leases, binary), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=out, preexec_fn=enter, close_fds=True)
     finally:
-        os.close(target)
-        os.close(out)
+        for fd in [target, out, *groups]:
+            os.close(fd)
 
 
 def ns_path(netns: str | None) -> str:

@@ -384,4 +384,22 @@ def test_a_probe_that_never_answers_fails_its_start_and_the_others_go_on(tmp_pat
         failed = event(f, "mute", "start_failed")[-1]
         assert "not ready (serial:NEVER-PRINTED) within 8s" in failed["error"]
         assert failed["serial_tail"]                      # the last lines it printed
+
+        # a dnsmasq outlives a supervisor killed outright (it dropped to its user, which
+        # clears the parent-death signal); the next supervisor clears it from its cgroup
+        import psutil
+        old = f.status()["networks"][0]["dhcp"]["pid"]
+        sup = f.supervisor_pid()
+        os.kill(sup, 9)
+        until("the supervisor gone", lambda: not psutil.pid_exists(sup), 10, 0.1)
+        assert psutil.pid_exists(old)
+        f.cli("start", "web", check=False)                # a new supervisor, the same fleet
+        new = until("a new dnsmasq", lambda: f.status()["networks"][0]["dhcp"]["pid"], 20, 0.5)
+
+        def gone(pid: int) -> bool:     # (an orphan's zombie waits for PID 1 to reap it)
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+        assert new != old and until("the old dnsmasq gone", lambda: gone(old), 10, 0.2)
     assert leftovers(f.instance) == []
