@@ -426,7 +426,7 @@ def test_supervisor_killed_mid_apply_then_apply_converges(tmp_path):
         g = f.guests()
         assert all(x["state"] == "running" for x in g.values()), g
         # exactly one QEMU per guest, each in its own cgroup; nothing else of ours
-        qemus = [x for x in leftovers(f.instance) if x.startswith("process")]
+        qemus = [x for x in leftovers(f.instance) if x.startswith("process") and "qemu" in x]
         assert len(qemus) == 3, qemus
         assert sorted(x["pid"] for x in g.values()) == sorted(int(q.split()[1]) for q in qemus)
 
@@ -473,7 +473,7 @@ def test_a_second_apply_while_one_runs_is_refused_at_once(tmp_path):
         assert codes == [0, 5], [r.stderr for r, _ in results]
         refused = next(r for r, _ in results if r.returncode == 5)
         assert "in progress since" in refused.stderr
-        qemus = [x for x in leftovers(f.instance) if x.startswith("process")]
+        qemus = [x for x in leftovers(f.instance) if x.startswith("process") and "qemu" in x]
         assert len(qemus) == 3
 
 
