@@ -28,11 +28,10 @@ from pydantic import BaseModel, ConfigDict
 from .hostfacts import HostFacts
 from .inventory import Inventory, load_inventory, validate
 from .inventory.derive import (allocate_addresses, budget, derive_mac, guest_devices,
-                               image_roots, resolve_path, resolved_image, usable_cpus,
-                               user_data_text)
+                               image_roots, os_defaults, resolve_path, resolved_image,
+                               usable_cpus, user_data_text)
 from .inventory.schema import (BUILTIN_IMAGES, CpuSpec, GuestSpec, HostSpec, ImageSpec,
                                MemorySpec, NetworkSpec, Size)
-from .osinfo import DeviceDefaults, UnknownOs, device_defaults, lookup
 from .units import human_size
 
 
@@ -221,16 +220,6 @@ def _user_data(g: GuestSpec, base_dir: Path) -> str | None:
     if g.cloud_init is None:
         return None
     return user_data_text(g, base_dir) or "#cloud-config\n{}\n"
-
-
-def os_defaults(short_id: str | None) -> DeviceDefaults | None:
-    """The device defaults of an OS profile (None: no profile, or one validation refused)."""
-    if not short_id:
-        return None
-    try:
-        return device_defaults(lookup(short_id))
-    except (UnknownOs, LookupError, OSError):
-        return None
 
 
 def parse_fleet(text: str, file: str, facts: HostFacts, base_dir: Path | None = None,

@@ -9,7 +9,6 @@ they checked by :func:`consolidator.model.resolve`, with the same helpers (:mod:
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import grp
 import ipaddress
@@ -25,7 +24,7 @@ from ..hostfacts import HostFacts
 from ..units import human_size
 from .derive import budget as derive_budget
 from .derive import (derive_mac, disk_format, firmware_boot, guest_devices, image_roots,
-                     memory_room, resolve_path, service_address, usable_cpus,
+                     memory_room, os_defaults, resolve_path, service_address, usable_cpus,
                      user_data_text)
 from .files import disk_problems, inside, regular_file
 from .reporter import Reporter, dotted
@@ -37,7 +36,6 @@ NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CGROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 MIN_GUEST_MEMORY = 32 << 20
-_NO_NET = NetworkSpec(subnet="192.0.2.0/24")     # type: ignore[arg-type]
 
 
 @dataclass
@@ -340,8 +338,9 @@ def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
                           None if nic.mac else "set mac explicitly on one of them")
             else:
                 macs[mac] = dotted(nloc)
+        gateways = {n for n, net in p.networks.items() if net is not None and net.gateway}
         if g.ready.startswith("tcp:") and not any(
-                nic.ip and (p.networks.get(nic.network) or _NO_NET).gateway for nic in g.nics):
+                nic.ip and nic.network in gateways for nic in g.nics):
             rep.value("G013", loc + ("ready",), "ready: tcp needs a NIC with an address on a "
                       "network with a gateway (the supervisor connects from there)")
 
@@ -356,12 +355,7 @@ def _devices(rep: Reporter, loc: tuple, g: GuestSpec, img: ImageSpec, host: Host
     if g.firmware and not fw_boot:
         rep.value("I014", loc + ("firmware",), "firmware applies to a disk or cdrom boot; "
                   f"image {g.image!r} has its kernel loaded by QEMU")
-    short = g.os or img.os
-    profile = None
-    if short:
-        with contextlib.suppress(LookupError, OSError):
-            profile = osinfo.device_defaults(osinfo.lookup(short))
-    dev = guest_devices(g, img, profile)
+    dev = guest_devices(g, img, os_defaults(g.os or img.os))
     if dev["firmware"] == "uefi":
         for what in ("code", "vars"):
             path = getattr(host.uefi, what)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..hostfacts import HostFacts
-from ..osinfo import DeviceDefaults
+from ..osinfo import DeviceDefaults, device_defaults, lookup
 from .schema import GuestSpec, HostSpec, ImageSpec, NetworkSpec
 
 DISK_FORMATS = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
@@ -98,6 +98,16 @@ def firmware_boot(img: ImageSpec, guest_cdrom: str | None = None) -> bool:
 
 def os_id(g: GuestSpec, img: ImageSpec) -> str | None:
     return g.os or img.os
+
+
+def os_defaults(short_id: str | None) -> DeviceDefaults | None:
+    """The device defaults of an OS profile (None: no profile, or one validation refused)."""
+    if not short_id:
+        return None
+    try:
+        return device_defaults(lookup(short_id))
+    except (LookupError, OSError):          # UnknownOs is a LookupError
+        return None
 
 
 def guest_devices(g: GuestSpec, img: ImageSpec, profile: DeviceDefaults | None

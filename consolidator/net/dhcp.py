@@ -40,6 +40,7 @@ from .. import linux
 from ..inventory.derive import service_address
 from ..inventory.schema import NetworkSpec
 from . import names
+from .netns import path as netns_path
 
 LEASE_TIME = "1h"
 
@@ -138,7 +139,7 @@ def spawn(s: Service, leases: Path, log: Path, procs: list[Path]) -> subprocess.
     binary = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
     if binary is None:
         raise FileNotFoundError("dnsmasq is not installed (apt-get install dnsmasq-base)")
-    target = os.open(ns_path(s.netns), os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(netns_path(s.netns), os.O_RDONLY | os.O_CLOEXEC)
     out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                   0o600)
     groups = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in procs]
@@ -156,8 +157,3 @@ def spawn(s: Service, leases: Path, log: Path, procs: list[Path]) -> subprocess.
     finally:
         for fd in [target, out, *groups]:
             os.close(fd)
-
-
-def ns_path(netns: str | None) -> str:
-    from .netns import path
-    return path(netns)
