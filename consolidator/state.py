@@ -10,6 +10,9 @@ Layout (format 1), mode 0700 throughout::
     <state>/guests/<name>/disk.qcow2 its disk overlay: kept until an explicit purge
     <state>/guests/<name>/data-<disk>.qcow2   its data disks: kept until an explicit purge
     <state>/guests/<name>/efivars.fd its UEFI variable store: kept with its disks
+    <state>/guests/<name>/snapshots.json   its snapshots (they live inside its qcow2
+                                     disks; a UEFI guest's variable store is copied
+                                     beside them as efivars.<tag>.fd): kept with its disks
     <state>/guests/<name>/run/       QMP and console sockets, pidfile (0700)
     <state>/images/                  the image cache
     <state>/history.sqlite           samples for reports
@@ -44,6 +47,8 @@ FORMAT_TAG = f"consolidator-state {FORMAT}\n"
 DEFAULT_STATE_DIR = _DEFAULT_STATE_DIR
 #: A guest's files that hold its data: kept by destroy and prune unless purged.
 DISK_SUFFIXES = (".qcow2", ".fd")        # overlays, data disks, UEFI variable stores
+#: Other files kept with a guest's disks: they describe what the disks hold.
+KEPT_FILES = ("snapshots.json", "instance-id")
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
@@ -122,6 +127,16 @@ class StateDir:
 
     def guest_log_path(self, name: str) -> Path:
         return self.guest_dir(name) / "log.jsonl"
+
+    def snapshots_path(self, name: str) -> Path:
+        return self.guest_dir(name) / "snapshots.json"
+
+    def read_snapshots(self, name: str) -> list[dict[str, Any]]:
+        p = self.snapshots_path(name)
+        return list(read_json(p).get("snapshots", [])) if p.exists() else []
+
+    def write_snapshots(self, name: str, snapshots: list[dict[str, Any]]) -> None:
+        write_json(self.snapshots_path(name), {"format": FORMAT, "snapshots": snapshots})
 
     def network_record_path(self, name: str) -> Path:
         return self.networks_dir / f"{name}.json"
@@ -233,7 +248,7 @@ class StateDir:
             shutil.rmtree(gdir, ignore_errors=True)
             return
         for p in gdir.iterdir() if gdir.is_dir() else []:
-            if p.suffix in DISK_SUFFIXES:
+            if p.suffix in DISK_SUFFIXES or p.name in KEPT_FILES:
                 # kept, but no longer the guest uid's: that uid may go to another guest
                 with contextlib.suppress(OSError):
                     os.chown(p, 0, 0, follow_symlinks=False)

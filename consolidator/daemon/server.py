@@ -4,8 +4,8 @@ A connection is a session: ``apply-begin`` takes the apply lock for that connect
 until it commits, aborts or closes; a second ``apply-begin`` meanwhile is refused at once
 (exit 5, "apply in progress since ..."). Operations:
 ``ping``, ``status``, ``observe``, ``apply-begin``, ``apply-commit``, ``apply-abort``,
-``start``, ``stop``, ``restart``, ``agent``, ``destroy``, ``shutdown``, and the test hook
-``rebalancer``.
+``start``, ``stop``, ``restart``, ``agent``, ``destroy``, ``shutdown``, ``snapshot-create``,
+``snapshot-list``, ``snapshot-revert``, ``snapshot-rm``, and the test hook ``rebalancer``.
 
 ``apply-commit`` carries the inventory's text and path, the state index the plan was made
 at, and the plan's digest. The server validates the inventory itself, as strictly as
@@ -45,13 +45,14 @@ from ..sched.rebalancer import Rebalancer
 from . import protocol
 from .applier import Applier
 from .lifecycle import EmitFn, Lifecycle
+from .recovery import Snapshots
 from .runtime import Runtime
 
 log = structlog.get_logger("supervisor")
 MAX_MESSAGE = 1 << 20
 MAX_CONNECTIONS = 32
 IDLE_TIMEOUT = 120.0
-READ_OPS = {"ping", "status", "logs", "report"}
+READ_OPS = {"ping", "status", "logs", "report", "snapshot-list"}
 _OPT, _REQ = False, True
 #: every operation's arguments: name -> (types, required)
 ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -70,6 +71,11 @@ ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "destroy": {"purge": ((bool,), _OPT)},
     "screenshot": {"name": ((str,), _REQ)},
     "logs": {"name": ((str,), _REQ), "lines": ((int,), _OPT), "offset": ((int,), _OPT)},
+    "snapshot-create": {"names": ((list,), _REQ), "memory": ((bool,), _OPT),
+                        "tag": ((str,), _OPT)},
+    "snapshot-list": {"name": ((str,), _OPT)},
+    "snapshot-revert": {"name": ((str,), _REQ), "tag": ((str,), _REQ)},
+    "snapshot-rm": {"name": ((str,), _REQ), "tag": ((str,), _REQ)},
     "report": {"window": ((str,), _OPT), "shapes": ((list,), _OPT), "tiered": ((bool,), _OPT),
                "headroom": ((int, float), _OPT)},
 }
@@ -133,6 +139,7 @@ class Api:
                  after_apply: Callable[[], None],
                  stopping: asyncio.Event) -> None:
         self.runtime = runtime
+        self.snapshots = Snapshots(runtime, lifecycle)
         self.lifecycle = lifecycle
         self.applier = applier
         self.status = status
@@ -303,6 +310,10 @@ class Api:
             async with self.apply_lock:
                 self.apply_by = time.strftime("%H:%M:%S") + f" ({session['peer']}, destroy)"
                 return await self.destroy(bool(args.get("purge")))
+        if op == "snapshot-list":
+            return {"snapshots": await self.snapshots.list(args.get("name"))}
+        if op in ("snapshot-create", "snapshot-revert", "snapshot-rm"):
+            return await self._snapshot_op(op, args, emit, session)
         if op == "shutdown":
             return {"stopping": True}
         raise UsageError(f"unknown operation {op!r}")
@@ -330,6 +341,24 @@ class Api:
                                           purge=bool(args.get("purge")), emit=emit)
         self.after_apply()
         return {**result, "status": self.status(False)}
+
+    async def _snapshot_op(self, op: str, args: dict[str, Any], emit: EmitFn,
+                           session: dict[str, Any]) -> dict[str, Any]:
+        names = args["names"] if op == "snapshot-create" else [args["name"]]
+        if not all(isinstance(n, str) for n in names):
+            raise UsageError(f"{op}: names must be strings")
+        names = args["names"] = list(dict.fromkeys(names))
+        guests = [self.runtime.get(n) for n in names]
+        async with self.apply_lock, contextlib.AsyncExitStack() as held:
+            self.apply_by = time.strftime("%H:%M:%S") + f" ({session['peer']}, {op})"
+            for g in sorted(guests, key=lambda g: g.name):
+                await held.enter_async_context(g.busy)
+            if op == "snapshot-create":
+                return await self.snapshots.create(names, memory=bool(args.get("memory")),
+                                                   tag=args.get("tag"), emit=emit)
+            if op == "snapshot-revert":
+                return await self.snapshots.revert(args["name"], args["tag"], emit)
+            return await self.snapshots.remove(args["name"], args["tag"])
 
     async def _guest_op(self, op: str, name: str, emit: EmitFn,
                         session: dict[str, Any]) -> dict[str, Any]:

@@ -608,6 +608,34 @@ class Guest:
             raise LaunchError(f"guest {self.name}: no QMP to resize disk {name}")
         await self.qmp.block_resize(f"data-{name}", size)
 
+    async def freeze(self) -> int | None:
+        """Freeze the guest's filesystems through its agent (the tiny image's, or
+        qemu-ga): how many were frozen, or None when no agent answers (a snapshot is
+        then crash-consistent). Every freeze must be followed by :meth:`thaw`."""
+        try:
+            if self.spec.boot.builtin:
+                reply = await (await self.agent(timeout=2.0)).request("freeze", timeout=30.0)
+                return int(reply.partition("=")[2] or 0)
+            qga = self.agent_client()
+            await qga.ping(timeout=1.0)
+            return await qga.fsfreeze()
+        except (AgentError, ValueError, RunstateError):
+            return None
+
+    async def thaw(self) -> int:
+        """Thaw what :meth:`freeze` froze. Raises AgentError when the agent does not."""
+        if self.spec.boot.builtin:
+            reply = await (await self.agent(timeout=5.0)).request("thaw", timeout=30.0)
+            return int(reply.partition("=")[2] or 0)
+        return await self.agent_client().fsthaw()
+
+    @property
+    def qmp_client(self) -> QMP:
+        """The QMP connection, for block operations (:mod:`.storage`)."""
+        if self.qmp is None:
+            raise ConflictError(f"guest {self.name} is not running")
+        return self.qmp
+
     async def agent(self, timeout: float = 10.0) -> Agent:
         """The guest agent connection (builtin image), connected on first use."""
         self._require("talk to the agent", Runstate.RUNNING)

@@ -117,18 +117,22 @@ class QMP:
     async def block_resize(self, node: str, size: int) -> None:
         await self.execute("block_resize", {"node-name": node, "size": size})
 
-    async def screendump_to(self, fd: int) -> None:
-        """The screen as PNG (QEMU 7.2 writes PNG) into ``fd``, opened O_WRONLY: QEMU
-        opens nothing by path, so the file reaches it as an fd set of one."""
+    async def send_fd(self, fd: int, fdset: int) -> None:
+        """Put ``fd`` into QEMU's fd set ``fdset`` (``/dev/fdset/N`` then opens it):
+        QEMU opens nothing by path, so every file reaches it this way."""
         async with self._fd_lock:
             self._client.send_fd_scm(fd)
-            await self.execute("add-fd", {"fdset-id": SCREEN_FDSET})
-            try:
-                await self.execute("screendump", {"filename": f"/dev/fdset/{SCREEN_FDSET}",
-                                                  "format": "png"}, timeout=15.0)
-            finally:
-                with contextlib.suppress(QMPError):
-                    await self.execute("remove-fd", {"fdset-id": SCREEN_FDSET})
+            await self.execute("add-fd", {"fdset-id": fdset})
+
+    async def screendump_to(self, fd: int) -> None:
+        """The screen as PNG (QEMU 7.2 writes PNG) into ``fd``, opened O_WRONLY."""
+        await self.send_fd(fd, SCREEN_FDSET)
+        try:
+            await self.execute("screendump", {"filename": f"/dev/fdset/{SCREEN_FDSET}",
+                                              "format": "png"}, timeout=15.0)
+        finally:
+            with contextlib.suppress(QMPError):
+                await self.execute("remove-fd", {"fdset-id": SCREEN_FDSET})
 
     async def add_vnc_client(self, fd: int) -> None:
         """Hand QEMU's VNC server one accepted connection (its listener is ours)."""

@@ -1,0 +1,239 @@
+"""A guest's disks as QEMU holds them: internal snapshots, dirty bitmaps, backup jobs.
+
+Live operations go through QMP on the nodes :mod:`consolidator.vm.qemu` names (the
+overlay ``disk0``, each data disk ``data-<name>``); the same operations on a stopped
+guest go through ``qemu-img`` on its files. What QEMU 7.2 does, measured here:
+
+- ``blockdev-snapshot-internal-sync`` in one ``transaction`` snapshots every disk of a
+  guest at one instant, without pausing it (a disk-only snapshot).
+- ``snapshot-save`` (a job) writes RAM and device state into one qcow2 node and
+  snapshots the listed nodes; ``snapshot-load`` puts it all back. Both pause the guest
+  for their duration. A raw node (the UEFI variable store) cannot hold a snapshot: the
+  caller keeps a copy of that file beside the snapshot.
+- A snapshot cannot be applied (live or offline) while the disk has a dirty bitmap:
+  a revert therefore drops the bitmaps first, and the next backup is full.
+- A backup target reaches QEMU as a descriptor (``add-fd``), never by path: QEMU runs
+  jailed and opens nothing. The target is a qcow2 the caller made, added with
+  ``backing: null`` so QEMU writes it without reading what it is based on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConflictError, ImageError, QMPError
+from ..inventory.files import QemuImgError, run_qemu_img
+from ..model import GuestIntent
+from .qmp import QMP
+
+BACKUP_FDSET = 70
+BITMAP_PREFIX = "consolidator-"
+
+
+@dataclass(frozen=True)
+class DiskNode:
+    """One disk of a guest: its QEMU node, its file, and its name in manifests."""
+
+    node: str                  # disk0, data-<name>
+    path: Path
+    label: str                 # "disk", or "data-<name>"
+
+
+def guest_disks(intent: GuestIntent, guest_dir: Path) -> tuple[DiskNode, ...]:
+    """Pure: the writable qcow2 disks of a guest (its overlay first), as launched."""
+    out = []
+    if intent.image_spec.disk:
+        out.append(DiskNode("disk0", guest_dir / "disk.qcow2", "disk"))
+    out += [DiskNode(f"data-{d.name}", guest_dir / f"data-{d.name}.qcow2", f"data-{d.name}")
+            for d in intent.disks]
+    return tuple(out)
+
+
+def _img(*args: str, timeout: float = 600) -> str:
+    try:
+        return run_qemu_img(*args, timeout=timeout)
+    except QemuImgError as e:
+        raise ImageError(str(e)) from None
+
+
+# ------------------------------------------------------------------------ offline
+def image_info(path: Path) -> dict[str, Any]:
+    """qemu-img's view of one file (``-U``: also while QEMU holds it)."""
+    return json.loads(_img("info", "--output=json", "-U", str(path)))
+
+
+def snapshots_of(path: Path) -> list[dict[str, Any]]:
+    return list(image_info(path).get("snapshots") or [])
+
+
+def bitmaps_of(path: Path) -> list[str]:
+    spec = image_info(path).get("format-specific", {}).get("data", {})
+    return [str(b["name"]) for b in spec.get("bitmaps") or []]
+
+
+def snapshot_offline(path: Path, op: str, tag: str) -> None:
+    """``op``: create (-c), apply (-a) or delete (-d) the internal snapshot ``tag``."""
+    flag = {"create": "-c", "apply": "-a", "delete": "-d"}[op]
+    _img("snapshot", flag, tag, str(path))
+
+
+def remove_bitmaps_offline(path: Path, keep: str | None = None) -> list[str]:
+    gone = [b for b in bitmaps_of(path) if b != keep]
+    for b in gone:
+        _img("bitmap", "--remove", str(path), b)
+    return gone
+
+
+def add_bitmap_offline(path: Path, name: str) -> None:
+    _img("bitmap", "--add", "--enable", str(path), name)
+
+
+# ------------------------------------------------------------------------- live
+async def run_job(qmp: QMP, command: str, args: dict[str, Any], job_id: str, *,
+                  timeout: float) -> None:
+    """Start a job and wait for it to conclude (:func:`wait_job`)."""
+    await qmp.execute(command, {"job-id": job_id, **args}, timeout=30.0)
+    await wait_job(qmp, job_id, command, timeout=timeout)
+
+
+async def wait_job(qmp: QMP, job_id: str, command: str, *, timeout: float) -> None:
+    """Wait for a job to conclude; its error is a QMPError. The job is dismissed either
+    way (and cancelled first when the wait times out)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.005
+    try:
+        while True:
+            job = next((j for j in await qmp.execute("query-jobs") if j["id"] == job_id),
+                       None)
+            if job is None:
+                raise QMPError(f"{qmp.name}: job {job_id} vanished", error_class="JobLost")
+            if job["status"] == "concluded":
+                if job.get("error"):
+                    raise QMPError(f"{qmp.name}: {command}: {job['error']}",
+                                   error_class="JobFailed", command=command)
+                return
+            if loop.time() > deadline:
+                with contextlib.suppress(QMPError):
+                    await qmp.execute("job-cancel", {"id": job_id})
+                raise QMPError(f"{qmp.name}: {command} did not finish in {timeout:g}s",
+                               error_class="Timeout", command=command)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+    finally:
+        for _ in range(50):
+            try:
+                await qmp.execute("job-dismiss", {"id": job_id})
+                break
+            except QMPError as e:
+                if "not found" in str(e).lower() or e.error_class == "Disconnected":
+                    break
+                await asyncio.sleep(0.05)      # cancelled, not yet concluded
+
+
+async def nodes(qmp: QMP) -> dict[str, dict[str, Any]]:
+    return {n["node-name"]: n for n in await qmp.execute("query-named-block-nodes",
+                                                           {"flat": True})}
+
+
+async def check_snapshottable(qmp: QMP, disks: tuple[DiskNode, ...]) -> None:
+    """Internal snapshots live in qcow2: refuse any other format, naming the disk."""
+    have = await nodes(qmp)
+    for d in disks:
+        n = have.get(d.node)
+        if n is None:
+            raise ConflictError(f"{qmp.name}: disk {d.label} is not attached (node {d.node})")
+        if n.get("drv") != "qcow2":
+            raise ConflictError(f"{qmp.name}: disk {d.label} is {n.get('drv')}: internal "
+                                "snapshots need qcow2")
+
+
+async def snapshot_disks(qmp: QMP, disks: tuple[DiskNode, ...], tag: str) -> None:
+    """Every disk at one instant, the guest running on."""
+    await qmp.execute("transaction", {"actions": [
+        {"type": "blockdev-snapshot-internal-sync", "data": {"device": d.node, "name": tag}}
+        for d in disks]}, timeout=60.0)
+
+
+async def save_vm(qmp: QMP, disks: tuple[DiskNode, ...], tag: str, *,
+                  timeout: float = 600.0) -> None:
+    """RAM and device state into the first disk, with every disk, in one snapshot."""
+    names = [d.node for d in disks]
+    await run_job(qmp, "snapshot-save", {"tag": tag, "vmstate": names[0], "devices": names},
+                  f"save-{tag}", timeout=timeout)
+
+
+async def load_vm(qmp: QMP, disks: tuple[DiskNode, ...], tag: str, *,
+                  timeout: float = 600.0) -> None:
+    names = [d.node for d in disks]
+    await run_job(qmp, "snapshot-load", {"tag": tag, "vmstate": names[0], "devices": names},
+                  f"load-{tag}", timeout=timeout)
+
+
+async def delete_snapshot(qmp: QMP, disks: tuple[DiskNode, ...], tag: str) -> None:
+    await run_job(qmp, "snapshot-delete", {"tag": tag, "devices": [d.node for d in disks]},
+                  f"delete-{tag}", timeout=300.0)
+
+
+async def bitmaps(qmp: QMP, node: str) -> list[dict[str, Any]]:
+    """The dirty bitmaps QEMU holds on ``node`` (name, persistent, inconsistent...)."""
+    return list((await nodes(qmp)).get(node, {}).get("dirty-bitmaps") or [])
+
+
+async def remove_bitmaps(qmp: QMP, node: str, keep: str | None = None) -> list[str]:
+    gone = []
+    for b in await bitmaps(qmp, node):
+        if b["name"] != keep:
+            await qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": b["name"]})
+            gone.append(b["name"])
+    return gone
+
+
+async def backup(qmp: QMP, node: str, target_fd: int, *, since: str | None, new_bitmap: str,
+                 job_id: str, timeout: float = 3600.0) -> None:
+    """Copy ``node`` into the qcow2 open at ``target_fd``: with ``since`` (a bitmap),
+    the clusters written since it was made; else every cluster of the node's own layer.
+    In the same transaction a persistent bitmap ``new_bitmap`` starts recording, so the
+    next backup starts exactly where this one did. ``since`` is left as it was
+    (``bitmap-mode: never``): it goes only once this backup is committed."""
+    target = f"bk-{node}"
+    added_set = added_file = added_fmt = False
+    try:
+        await qmp.send_fd(target_fd, BACKUP_FDSET)
+        added_set = True
+        await qmp.execute("blockdev-add", {"driver": "file", "node-name": f"{target}-file",
+                                           "filename": f"/dev/fdset/{BACKUP_FDSET}"})
+        added_file = True
+        await qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": target,
+                                           "file": f"{target}-file", "backing": None})
+        added_fmt = True
+        job: dict[str, Any] = {"job-id": job_id, "device": node, "target": target,
+                               "auto-dismiss": False, "auto-finalize": True}
+        if since:
+            job.update(sync="bitmap", bitmap=since, **{"bitmap-mode": "never"})
+        else:
+            job.update(sync="top")
+        await qmp.execute("transaction", {"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": node, "name": new_bitmap, "persistent": True}},
+            {"type": "blockdev-backup", "data": job}]}, timeout=30.0)
+        await wait_job(qmp, job_id, "blockdev-backup", timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(QMPError):
+            if any(b["name"] == new_bitmap for b in await bitmaps(qmp, node)):
+                await qmp.execute("block-dirty-bitmap-remove",
+                                  {"node": node, "name": new_bitmap})
+        raise
+    finally:
+        with contextlib.suppress(QMPError):
+            if added_fmt:
+                await qmp.execute("blockdev-del", {"node-name": target})
+            if added_file:
+                await qmp.execute("blockdev-del", {"node-name": f"{target}-file"})
+            if added_set:
+                await qmp.execute("remove-fd", {"fdset-id": BACKUP_FDSET})
