@@ -30,8 +30,8 @@ from .inventory import Inventory, load_inventory, validate
 from .inventory.derive import (allocate_addresses, budget, derive_mac, guest_devices,
                                image_roots, os_defaults, resolve_path, resolved_image,
                                usable_cpus, user_data_text)
-from .inventory.schema import (BUILTIN_IMAGES, CpuSpec, GuestSpec, HostSpec, ImageSpec,
-                               MemorySpec, NetworkSpec, Size)
+from .inventory.schema import (BUILTIN_IMAGES, BackupPolicy, CpuSpec, GuestSpec, HostSpec,
+                               ImageSpec, MemorySpec, NetworkSpec, Size)
 from .units import human_size
 
 
@@ -122,6 +122,7 @@ class GuestIntent(_Frozen):
     ready: str = "marker"           # marker | agent | none | tcp:PORT | serial:REGEX
     cloud_init: str | None = None   # the seed's user-data (None: no seed)
     ready_timeout: float = 90.0
+    backup: BackupPolicy | None = None      # schedule and retention
 
     @property
     def memory_min(self) -> int:
@@ -195,7 +196,7 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
             memory=MemorySpec(max=mem.max, min=mem.max if mem.min is None else mem.min,
                               shares=mem.shares),
             nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels,
-            disks=disks, cloud_init=_user_data(g, base_dir),
+            disks=disks, cloud_init=_user_data(g, base_dir), backup=g.backup,
             ready_timeout=g.ready_timeout or (600.0 if dev["firmware"] else 90.0), **dev)
     return Fleet(instance=inv.instance, host=inv.host, budget=budget(inv.host, facts),
                  usable_cpus=max(usable_cpus(inv.host, facts), 0.0),

@@ -140,6 +140,7 @@ GUEST_FIELDS: dict[str, Impact] = {
     "disks": Impact.RESTART,        # added, removed or moved; a grow alone is live (below)
     "ready": Impact.LIVE,           # how the next start is judged
     "ready_timeout": Impact.LIVE,
+    "backup": Impact.LIVE,          # the supervisor's schedule, not QEMU's
     # cloud-init reads its seed at every boot but runs user-data once per instance-id,
     # which changes only when the guest is replaced: recorded now, the plan says so
     "cloud_init": Impact.LIVE,

@@ -224,13 +224,13 @@ class StateDir:
         return read_json(self.applied_path)
 
     def write_applied(self, fleet: Fleet, inventory_text: str, *, complete: bool,
-                      index: int) -> None:
+                      index: int, path: str | None = None) -> None:
         """The fleet being applied (``complete`` false: written ahead, so a supervisor
         killed mid-apply is followed by one that knows it) or applied."""
         write_json(self.applied_path, {
             "format": FORMAT, "hash": fleet.fleet_hash(), "applied_at": time.time(),
             "complete": complete, "index": index, "fleet": fleet.model_dump(mode="json"),
-            "inventory": inventory_text})
+            "inventory": inventory_text, "inventory_path": path})
 
     # -- records
     def read_guest_record(self, name: str) -> dict[str, Any] | None:

@@ -794,6 +794,7 @@ def report(c: Ctx, window: str, fmt: str, shapes: tuple[str, ...], tiered: bool,
 def _recovery_commands() -> None:
     from . import recovery
     cli.add_command(recovery.snapshot)
+    cli.add_command(recovery.backup)
 
 
 _recovery_commands()

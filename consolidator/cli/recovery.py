@@ -119,3 +119,139 @@ def snapshot_rm(c: Ctx, name: str, tag: str) -> None:
     res = _call(c, "snapshot-rm", name=name, tag=tag)
     out.print(f"{name}: snapshot {tag} removed from {', '.join(res['removed_from']) or 'the record'}",
               markup=False)
+
+
+# ------------------------------------------------------------------ backups
+
+class _TakeByDefault(click.Group):
+    """``backup web db`` takes backups; ``backup list`` and the like are subcommands."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["take", *args]
+        return super().parse_args(ctx, args)
+
+
+def backup_dir(c: Ctx, given: str | None) -> Path:
+    """``--dir``, else the applied fleet's host.backup.dir, else <state>/backups."""
+    if given:
+        return Path(given)
+    applied = c.state().read_applied() if Path(c.state_dir).exists() else None
+    d = (((applied or {}).get("fleet") or {}).get("host") or {}).get("backup", {}).get("dir")
+    return Path(d) if d else Path(c.state_dir) / "backups"
+
+
+@click.group(cls=_TakeByDefault)
+def backup() -> None:
+    """Backups of guests' disks into the backup directory (host.backup.dir).
+
+    \b
+    consolidator backup web db          back them up (incremental after the first)
+    consolidator backup --all --full    every guest, each a full copy
+    consolidator backup list            what the directory holds
+    consolidator backup verify [ID]     re-read every file against its checksum
+    consolidator backup prune           apply each guest's keep rules now
+    """
+
+
+@backup.command("take", hidden=True)
+@common_options
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every guest")
+@click.option("--full", is_flag=True, help="A full copy, even where an increment would do")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+@handled
+def backup_take(c: Ctx, names: tuple[str, ...], all_: bool, full: bool, as_json: bool) -> None:
+    """Back up guests now."""
+    import sys
+    from ..units import human_size
+    res = _call(c, "backup", names=_names(c, names, all_), full=full)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        for b in res["backups"]:
+            why = f" ({b['reason']})" if b.get("reason") else ""
+            out.print(f"{b['id']}: {b['kind']}{why}, {human_size(b['bytes'])} in "
+                      f"{b['seconds']:.2f} s, {b['consistency']}", markup=False)
+        for f in res["failures"]:
+            err.print(f"{f['name']}: backup failed: {f['error']}", markup=False)
+    if res["failures"]:
+        sys.exit(1)
+
+
+@backup.command("list")
+@common_options
+@click.argument("guest", required=False)
+@click.option("--dir", "dir_", default=None, help="The backup directory [default: the "
+              "applied fleet's host.backup.dir, else <state>/backups]")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON")
+@handled
+def backup_list(c: Ctx, guest: str | None, dir_: str | None, as_json: bool) -> None:
+    """The backups in the backup directory, oldest first, with the directory's size and
+    its filesystem's free space."""
+    import time
+    from rich.table import Table
+    from ..backup.repo import Repo
+    from ..units import human_size
+    repo = Repo(backup_dir(c, dir_))
+    if repo.root.exists():
+        repo.check_format()
+    res = {"dir": str(repo.root), "backups": [b.summary() for b in repo.backups(guest)],
+           "usage": repo.usage() if repo.root.exists() else None}
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("ID", "TAKEN", "KIND", "SIZE", "TIME", "CONSISTENCY", "WHY FULL"):
+        t.add_column(col)
+    for b in res["backups"]:
+        t.add_row(b["id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["taken_at"])),
+                  str(b["kind"]), human_size(b["bytes"]),
+                  f"{b['seconds']:.1f} s" if b.get("seconds") is not None else "",
+                  str(b["consistency"]), b.get("reason") or "")
+    show(out, t)
+    u = res["usage"]
+    if u:
+        out.print(f"{u['dir']}: {human_size(u['bytes'])} in backups, "
+                  f"{human_size(u['fs_free'])} free", markup=False)
+
+
+@backup.command("verify")
+@common_options
+@click.argument("ref", required=False)
+@click.option("--dir", "dir_", default=None, help="The backup directory (as for list)")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+@handled
+def backup_verify(c: Ctx, ref: str | None, dir_: str | None, as_json: bool) -> None:
+    """Re-read backups and check every file against its manifest's checksum (and
+    qemu-img's own check): one backup (GUEST/STAMP), a guest's (GUEST), or all. Exits 1
+    when any fails, naming the backup and the file."""
+    import sys
+    from ..backup.repo import Repo
+    res = Repo(backup_dir(c, dir_)).verify_all(ref)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        for r in res["results"]:
+            if r["ok"]:
+                out.print(f"{r['id']}: ok", markup=False)
+            for p in r["problems"]:
+                err.print(f"{p}", markup=False)
+        out.print(f"{len(res['results'])} backups, "
+                  f"{sum(not r['ok'] for r in res['results'])} failed", markup=False)
+    if not res["ok"]:
+        sys.exit(1)
+
+
+@backup.command("prune")
+@common_options
+@click.argument("names", nargs=-1)
+@handled
+def backup_prune(c: Ctx, names: tuple[str, ...]) -> None:
+    """Apply each guest's backup.keep rules now (the supervisor also does after each
+    backup). A backup a kept one is based on is merged into it first."""
+    res = _call(c, "backup-prune", names=_names(c, names, not names))
+    for p in res["pruned"]:
+        gone = [r["removed"] for r in p["removed"]]
+        out.print(f"{p['guest']}: kept {len(p['kept'])}, removed "
+                  f"{', '.join(gone) if gone else 'none'}", markup=False)

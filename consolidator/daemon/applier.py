@@ -86,12 +86,12 @@ class Applier:
         self.networks_ready = networks_ready
 
     async def apply(self, desired: Fleet, inventory_text: str, p: Plan, *, purge: bool,
-                    emit: EmitFn) -> dict[str, Any]:
+                    emit: EmitFn, inventory_path: str | None = None) -> dict[str, Any]:
         """Execute ``p``, which takes the runtime's state to ``desired``. The caller holds
         the apply lock."""
         ex = await asyncio.to_thread(self.lifecycle.use, desired)
         # written ahead: a supervisor killed mid-apply must find the fleet it was applying
-        self.runtime.set_fleet(desired, inventory_text, complete=False)
+        self.runtime.set_fleet(desired, inventory_text, complete=False, path=inventory_path)
         self.lifecycle.set_concurrency(desired.host.concurrency)
         if desired.host.runas == "root":
             log.warning("qemu.runs_as_root", note="host.runas: root: a guest that escapes "
@@ -105,7 +105,7 @@ class Applier:
                                     before={START_PHASE: ready} if ready else None)
         if ready is not None:
             await ready()
-        self.runtime.set_fleet(desired, inventory_text, complete=True)
+        self.runtime.set_fleet(desired, inventory_text, complete=True, path=inventory_path)
         return {"ok": not failures, "failures": failures,
                 "pending": [x.to_json() for x in p.pending], "notes": list(p.notes),
                 "actions": len(p.actions), "index": self.runtime.index}

@@ -67,9 +67,6 @@ class Snapshots:
                                 hint="the tiny image boots from RAM: give it a data disk")
         return disks
 
-    def _live(self, g: GuestRuntime) -> bool:
-        return g.state is S.RUNNING and g.guest is not None and g.guest.qmp is not None
-
     def _vars(self, g: GuestRuntime) -> Path | None:
         p = self.runtime.state.guest_dir(g.name) / "efivars.fd"
         return p if g.intent.firmware == "uefi" and p.exists() else None
@@ -93,7 +90,7 @@ class Snapshots:
             if any(s["tag"] == tag for s in self.runtime.state.read_snapshots(g.name)):
                 raise ConflictError(f"guest {g.name} already has a snapshot {tag!r}",
                                     hint="choose another --tag, or snapshot rm it first")
-            live = self._live(g)
+            live = g.live
             if g.state.active and not live:
                 raise ConflictError(f"guest {g.name} is {g.state.value}: wait until it runs "
                                     "or is stopped")
@@ -216,7 +213,7 @@ class Snapshots:
         disks = self._disks(g)
         t0 = time.monotonic()
         was = g.state
-        if snap["memory"] and was is S.RUNNING and self._live(g):
+        if snap["memory"] and was is S.RUNNING and g.live:
             assert g.guest is not None
             q = g.guest.qmp_client
             for d in disks:
@@ -264,7 +261,7 @@ class Snapshots:
         if not held and not any(s["tag"] == tag for s in snaps):
             raise UsageError(f"guest {name} has no snapshot {tag!r}")
         if held:
-            if self._live(g):
+            if g.live:
                 assert g.guest is not None
                 await storage.delete_snapshot(g.guest.qmp_client, tuple(held), tag)
             elif g.state.active:

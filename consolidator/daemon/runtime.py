@@ -58,6 +58,12 @@ class GuestRuntime:
         return self._state
 
     @property
+    def live(self) -> bool:
+        """Running, with QMP connected: block operations go through QEMU."""
+        return self._state is GuestState.RUNNING and self.guest is not None and \
+            self.guest.qmp is not None
+
+    @property
     def started_at(self) -> float | None:
         return self.facts.get("started_at")
 
@@ -187,13 +193,15 @@ class Runtime:
         if self.networks.pop(name, None) is not None:
             self.index += 1
 
-    def set_fleet(self, fleet: Fleet, inventory_text: str, *, complete: bool) -> None:
+    def set_fleet(self, fleet: Fleet, inventory_text: str, *, complete: bool,
+                  path: str | None = None) -> None:
         """The fleet being applied (``complete`` false: written ahead, so a supervisor
         killed mid-apply is followed by one that knows it), or applied."""
         self.fleet = fleet
         if complete:
             self.index += 1
-        self.state.write_applied(fleet, inventory_text, complete=complete, index=self.index)
+        self.state.write_applied(fleet, inventory_text, complete=complete, index=self.index,
+                                 path=path)
 
     def clear(self) -> None:
         """After destroy: nothing is known, nothing runs."""

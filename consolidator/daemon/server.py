@@ -44,6 +44,7 @@ from ..plan import plan as make_plan
 from ..sched.rebalancer import Rebalancer
 from . import protocol
 from .applier import Applier
+from .backups import Backups
 from .lifecycle import EmitFn, Lifecycle
 from .recovery import Snapshots
 from .runtime import Runtime
@@ -76,6 +77,8 @@ ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "snapshot-list": {"name": ((str,), _OPT)},
     "snapshot-revert": {"name": ((str,), _REQ), "tag": ((str,), _REQ)},
     "snapshot-rm": {"name": ((str,), _REQ), "tag": ((str,), _REQ)},
+    "backup": {"names": ((list,), _REQ), "full": ((bool,), _OPT)},
+    "backup-prune": {"names": ((list,), _REQ)},
     "report": {"window": ((str,), _OPT), "shapes": ((list,), _OPT), "tiered": ((bool,), _OPT),
                "headroom": ((int, float), _OPT)},
 }
@@ -112,6 +115,13 @@ def check_message(line: bytes) -> tuple[int, str, dict[str, Any]]:
     return rid, op, args
 
 
+def _names(names: list[Any], op: str) -> list[str]:
+    """A list of guest names from a request: strings, each once, in order."""
+    if not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{op}: names must be strings")
+    return list(dict.fromkeys(names))
+
+
 def peer(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of the unix socket."""
     sock = writer.get_extra_info("socket")
@@ -137,8 +147,9 @@ class Api:
                  rebalancer: Callable[[], Rebalancer | None],
                  record_ms: Callable[[], list[float]],
                  after_apply: Callable[[], None],
-                 stopping: asyncio.Event) -> None:
+                 stopping: asyncio.Event, backups: Backups) -> None:
         self.runtime = runtime
+        self.backups = backups
         self.snapshots = Snapshots(runtime, lifecycle)
         self.lifecycle = lifecycle
         self.applier = applier
@@ -314,6 +325,11 @@ class Api:
             return {"snapshots": await self.snapshots.list(args.get("name"))}
         if op in ("snapshot-create", "snapshot-revert", "snapshot-rm"):
             return await self._snapshot_op(op, args, emit, session)
+        if op in ("backup", "backup-prune"):
+            names = _names(args["names"], op)
+            if op == "backup":
+                return await self.backups.take(names, full=bool(args.get("full")), emit=emit)
+            return await self.backups.prune(names)
         if op == "shutdown":
             return {"stopping": True}
         raise UsageError(f"unknown operation {op!r}")
@@ -338,16 +354,14 @@ class Api:
                                 f"(plan {digest}, the supervisor's {p.digest()})",
                                 hint="run apply again to see the plan it would run")
         result = await self.applier.apply(desired, args.get("inventory", ""), p,
-                                          purge=bool(args.get("purge")), emit=emit)
+                                          purge=bool(args.get("purge")), emit=emit,
+                                          inventory_path=path)
         self.after_apply()
         return {**result, "status": self.status(False)}
 
     async def _snapshot_op(self, op: str, args: dict[str, Any], emit: EmitFn,
                            session: dict[str, Any]) -> dict[str, Any]:
-        names = args["names"] if op == "snapshot-create" else [args["name"]]
-        if not all(isinstance(n, str) for n in names):
-            raise UsageError(f"{op}: names must be strings")
-        names = args["names"] = list(dict.fromkeys(names))
+        names = _names(args["names"], op) if op == "snapshot-create" else [args["name"]]
         guests = [self.runtime.get(n) for n in names]
         async with self.apply_lock, contextlib.AsyncExitStack() as held:
             self.apply_by = time.strftime("%H:%M:%S") + f" ({session['peer']}, {op})"

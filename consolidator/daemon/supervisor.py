@@ -39,6 +39,7 @@ from ..state import StateDir, atomic_write
 from ..report import document
 from . import guestlog, metrics, protocol, status, teardown
 from .applier import Applier
+from .backups import Backups
 from .dhcp import DhcpServers
 from .executor import nic_wiring
 from .lifecycle import Lifecycle
@@ -86,6 +87,7 @@ class Supervisor:
         self.applier = Applier(self.runtime, self.lifecycle, lambda: self.rebalancer,
                                networks_ready=self.dhcp.sync)
         self.net_guard = NetGuard(self.lifecycle)
+        self.backups = Backups(self.runtime)
         self.metrics = metrics.MetricsServer(
             lambda: metrics.reading(self.runtime, self.rebalancer))
         self.api = Api(self.runtime, self.lifecycle, self.applier,
@@ -93,7 +95,8 @@ class Supervisor:
                        destroy=self.destroy,
                        rebalancer=lambda: self.rebalancer,
                        record_ms=lambda: self.recorder.record_ms,
-                       after_apply=self._follow_fleet, stopping=self.stopping)
+                       after_apply=self._follow_fleet, stopping=self.stopping,
+                       backups=self.backups)
         self._lock_fd: int | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tasks = Tasks()
@@ -132,6 +135,7 @@ class Supervisor:
             self._tasks.spawn(self.recorder.maintain(), "history-maintenance")
             self._tasks.spawn(self._housekeeping(), "housekeeping")
             self._tasks.spawn(self.net_guard.watch(), "net-guard")
+            self._tasks.spawn(self.backups.run_schedule(self.stopping), "backups")
             await self.dhcp.sync()
             self._follow_fleet()
             log.info("supervisor.ready", pid=os.getpid(), state_dir=str(self.state.root),

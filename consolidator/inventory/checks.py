@@ -113,6 +113,10 @@ def _names(rep: Reporter, raw: dict[str, Any], p: Parsed) -> None:
     if runas is not None and not _known(pwd.getpwnam, runas):
         rep.value("H004", ("host", "runas"), f"no user {runas!r} on this host",
                   f"useradd --system {runas}, or leave runas out (a uid per guest)")
+    bdir = p.host.backup.dir if p.host is not None else None
+    if bdir is not None and (not os.path.isabs(bdir) or "\0" in bdir):
+        rep.value("H005", ("host", "backup", "dir"), f"{bdir!r} is not an absolute path",
+                  "name the backup directory from /, e.g. /srv/backups/consolidator")
     parent = p.host.cgroup_parent if p.host is not None else None
     if parent is not None and not cgroup_parent_ok(parent):
         rep.value("N005", ("host", "cgroup_parent"), f"{parent!r} must be a relative path of "

@@ -37,6 +37,7 @@ CODES: dict[str, str] = {
     "H002": "host.api_group names no group on this host",
     "H003": "host.guest_ids runs past the last uid (4294967294)",
     "H004": "host.runas names no user on this host",
+    "H005": "host.backup.dir is not an absolute path",
     # images
     "I001": "an image needs builtin, kernel or disk",
     "I002": "a builtin image takes no initrd",

@@ -238,6 +238,12 @@ class Metrics(_Model):
                                             "figures name every guest and its load")
 
 
+class HostBackup(_Model):
+    dir: str | None = Field(
+        None, description="where backups are written (absolute; another disk or a mount "
+                          "is best); default <state>/backups")
+
+
 class GuestIds(_Model):
     """The uids (and gids of the same numbers) the supervisor hands to guests' QEMUs."""
 
@@ -286,6 +292,7 @@ class HostSpec(_Model):
     uefi: Uefi = Uefi()
     history: HistoryRetention = HistoryRetention()
     metrics: Metrics = Metrics()
+    backup: HostBackup = HostBackup()
 
 
 # --------------------------------------------------------------------------- images
@@ -387,6 +394,22 @@ class CloudInit(_Model):
                           "itself as a mapping")
 
 
+class BackupKeep(_Model):
+    """Which backups pruning keeps (as Proxmox's keep-last/daily/weekly); the newest
+    is always kept."""
+
+    last: int = Field(7, ge=0, le=10000, description="the newest N")
+    daily: int = Field(7, ge=0, le=10000, description="the newest of each of N days")
+    weekly: int = Field(4, ge=0, le=10000, description="the newest of each of N ISO weeks")
+
+
+class BackupPolicy(_Model):
+    every: Duration | None = Field(
+        None, description="the supervisor backs the guest up this often (24h); none: "
+                          "only by hand (consolidator backup)")
+    keep: BackupKeep = BackupKeep()
+
+
 class GuestSpec(_Model):
     image: str = "tiny"
     vcpus: int = Field(1, ge=1, le=255)
@@ -417,6 +440,8 @@ class GuestSpec(_Model):
                           "to the cdrom")
     disks: list[DataDisk] = Field(default_factory=list)
     cloud_init: CloudInit | None = Field(None, description="attach a cloud-init NoCloud seed")
+    backup: BackupPolicy | None = Field(
+        None, description="scheduled backups and their retention (host.backup.dir)")
     ready_timeout: Duration | None = Field(
         None, description="how long a start may take to be ready; default 90s for the tiny "
                           "image and kernels, 10m for disk and cdrom boots (a real OS "

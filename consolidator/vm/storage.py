@@ -194,46 +194,89 @@ async def remove_bitmaps(qmp: QMP, node: str, keep: str | None = None) -> list[s
     return gone
 
 
-async def backup(qmp: QMP, node: str, target_fd: int, *, since: str | None, new_bitmap: str,
-                 job_id: str, timeout: float = 3600.0) -> None:
-    """Copy ``node`` into the qcow2 open at ``target_fd``: with ``since`` (a bitmap),
-    the clusters written since it was made; else every cluster of the node's own layer.
-    In the same transaction a persistent bitmap ``new_bitmap`` starts recording, so the
-    next backup starts exactly where this one did. ``since`` is left as it was
-    (``bitmap-mode: never``): it goes only once this backup is committed."""
-    target = f"bk-{node}"
-    added_set = added_file = added_fmt = False
-    try:
-        await qmp.send_fd(target_fd, BACKUP_FDSET)
-        added_set = True
+@dataclass(frozen=True)
+class BackupJob:
+    node: str
+    target_fd: int                 # a qcow2 the caller made, open read-write
+    since: str | None              # the bitmap of the last backup; None: a full copy
+    new_bitmap: str                # starts recording at this backup's instant
+
+
+async def start_backup(qmp: QMP, jobs: list[BackupJob], tag: str) -> list[str]:
+    """Attach each target (by fd) and start every disk's backup job in one transaction:
+    one instant for all of a guest's disks. With ``since``, the job copies the clusters
+    written since that bitmap was made; else every cluster of the node's own layer.
+    In the same transaction a persistent bitmap starts recording for each disk, so the
+    next backup starts exactly where this one did; ``since`` stays as it was
+    (``bitmap-mode: never``) until the caller drops it, once the backup is kept.
+    Returns the job ids, for :func:`finish_backup` (call it whatever happens)."""
+    await clear_stale(qmp)
+    actions: list[dict[str, Any]] = []
+    ids = []
+    for i, j in enumerate(jobs):
+        fdset, target = BACKUP_FDSET + i, f"bk-{j.node}"
+        await qmp.send_fd(j.target_fd, fdset)
         await qmp.execute("blockdev-add", {"driver": "file", "node-name": f"{target}-file",
-                                           "filename": f"/dev/fdset/{BACKUP_FDSET}"})
-        added_file = True
+                                           "filename": f"/dev/fdset/{fdset}"})
         await qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": target,
                                            "file": f"{target}-file", "backing": None})
-        added_fmt = True
-        job: dict[str, Any] = {"job-id": job_id, "device": node, "target": target,
-                               "auto-dismiss": False, "auto-finalize": True}
-        if since:
-            job.update(sync="bitmap", bitmap=since, **{"bitmap-mode": "never"})
+        job: dict[str, Any] = {"job-id": f"backup-{tag}-{i}", "device": j.node,
+                               "target": target, "auto-dismiss": False}
+        if j.since:
+            job.update({"sync": "bitmap", "bitmap": j.since, "bitmap-mode": "never"})
         else:
-            job.update(sync="top")
-        await qmp.execute("transaction", {"actions": [
-            {"type": "block-dirty-bitmap-add",
-             "data": {"node": node, "name": new_bitmap, "persistent": True}},
-            {"type": "blockdev-backup", "data": job}]}, timeout=30.0)
-        await wait_job(qmp, job_id, "blockdev-backup", timeout=timeout)
+            job["sync"] = "top"
+        actions += [{"type": "block-dirty-bitmap-add",
+                     "data": {"node": j.node, "name": j.new_bitmap, "persistent": True}},
+                    {"type": "blockdev-backup", "data": job}]
+        ids.append(job["job-id"])
+    await qmp.execute("transaction", {"actions": actions}, timeout=30.0)
+    return ids
+
+
+async def finish_backup(qmp: QMP, jobs: list[BackupJob], ids: list[str], *, ok: bool,
+                        timeout: float = 3600.0) -> None:
+    """Wait for the jobs (when ``ok``: the transaction ran), then detach the targets. On
+    any failure the new bitmaps go too, so nothing records from an instant no kept
+    backup starts at."""
+    try:
+        if ok:
+            for jid in ids:
+                await wait_job(qmp, jid, "blockdev-backup", timeout=timeout)
     except BaseException:
-        with contextlib.suppress(QMPError):
-            if any(b["name"] == new_bitmap for b in await bitmaps(qmp, node)):
-                await qmp.execute("block-dirty-bitmap-remove",
-                                  {"node": node, "name": new_bitmap})
+        ok = False
         raise
     finally:
         with contextlib.suppress(QMPError):
-            if added_fmt:
-                await qmp.execute("blockdev-del", {"node-name": target})
-            if added_file:
-                await qmp.execute("blockdev-del", {"node-name": f"{target}-file"})
-            if added_set:
-                await qmp.execute("remove-fd", {"fdset-id": BACKUP_FDSET})
+            if not ok:
+                for jid in ids:
+                    with contextlib.suppress(QMPError):
+                        await qmp.execute("job-cancel", {"id": jid})
+                for j in jobs:
+                    with contextlib.suppress(QMPError):
+                        await qmp.execute("block-dirty-bitmap-remove",
+                                          {"node": j.node, "name": j.new_bitmap})
+            await clear_stale(qmp)
+
+
+async def clear_stale(qmp: QMP) -> None:
+    """What a backup left attached (a supervisor killed in the middle of one): its jobs,
+    its target nodes, its fd sets."""
+    for j in await qmp.execute("query-jobs"):
+        if j["id"].startswith("backup-"):
+            with contextlib.suppress(QMPError):
+                if j["status"] not in ("concluded", "null"):
+                    await qmp.execute("job-cancel", {"id": j["id"], "force": True})
+                    await wait_job(qmp, j["id"], "blockdev-backup", timeout=30.0)
+                else:
+                    await qmp.execute("job-dismiss", {"id": j["id"]})
+    have = await nodes(qmp)
+    for name in sorted(have, key=lambda n: n.endswith("-file")):
+        if name.startswith("bk-"):
+            with contextlib.suppress(QMPError):
+                await qmp.execute("blockdev-del", {"node-name": name})
+    fdsets = await qmp.execute("query-fdsets")
+    for fs in fdsets:
+        if BACKUP_FDSET <= fs["fdset-id"] < BACKUP_FDSET + 20:
+            with contextlib.suppress(QMPError):
+                await qmp.execute("remove-fd", {"fdset-id": fs["fdset-id"]})

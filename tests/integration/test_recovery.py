@@ -24,10 +24,11 @@ host: {{fabric_netns: {inst}-fab}}
 guests:
   app:
     memory: {{max: 192MiB}}
-    disks: [{{size: 64MiB, name: data}}]
+    disks: [{{size: 1GiB, name: data}}]
   db:
     memory: {{max: 192MiB}}
     disks: [{{size: 64MiB, name: data}}]
+    backup: {{keep: {{last: 1, daily: 0, weekly: 0}}}}
 """
 
 
@@ -144,3 +145,91 @@ def test_bad_tags_and_raw_disks_are_refused(fleet, tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "1M"], check=True)
     with pytest.raises(ConflictError, match="is raw: internal snapshots need qcow2"):
         _check_offline("g", DiskNode("data-raw", Path(raw), "data-raw"))
+
+
+def backup(f: CliFleet, *args: str) -> dict:
+    return json.loads(f.cli("backup", *args, "--json").stdout)
+
+
+def disk_sum(f: CliFleet, guest: str, mib: int) -> str:
+    return sh(f, guest, f"dd if=/dev/vda bs=1M count={mib} 2>/dev/null | sha256sum").split()[0]
+
+
+def restored_sum(backup_dir: Path, ref: str, label: str, mib: int, tmp: Path) -> str:
+    """The disk as the backup holds it (through its parents), first ``mib`` MiB."""
+    from consolidator.backup.repo import Repo
+    repo = Repo(backup_dir)
+    out = tmp / f"{label}.qcow2"
+    repo.materialize(repo.find(ref), label, out, None)
+    raw = tmp / f"{label}.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(out), str(raw)], check=True)
+    import hashlib
+    with open(raw, "rb") as fh:
+        return hashlib.sha256(fh.read(mib << 20)).hexdigest()
+
+
+def test_incremental_backups_copy_what_changed(fleet, tmp_path):
+    sh(fleet, "app", "dd if=/dev/urandom of=/dev/vda bs=1M count=24 conv=fsync 2>/dev/null")
+    first = backup(fleet, "app")["backups"][0]
+    assert first["kind"] == "full" and first["reason"] == "the first backup of this guest"
+    assert first["consistency"] == "frozen"
+    sh(fleet, "app", "dd if=/dev/urandom of=/dev/vda bs=1M count=8 seek=40 conv=fsync "
+                     "2>/dev/null")
+    want = disk_sum(fleet, "app", 48)
+    second = backup(fleet, "app")["backups"][0]
+    assert second["kind"] == "incremental", second
+    data = second["disks"]["data-data"]
+    assert data["parent"] == first["stamp"]
+    assert 8 << 20 <= data["bytes"] < 10 << 20, data      # the 8 MiB changed, no more
+    assert data["virtual_size"] == 1 << 30
+    assert restored_sum(fleet.state / "backups", second["id"], "data-data", 48,
+                        tmp_path) == want
+    res = json.loads(fleet.cli("backup", "verify", "app", "--json").stdout)
+    assert res["ok"] and len(res["results"]) == 2
+    listed = json.loads(fleet.cli("backup", "list", "app", "--json").stdout)
+    assert [b["id"] for b in listed["backups"]] == [first["id"], second["id"]]
+    assert listed["usage"]["fs_free"] > 0
+
+
+def test_a_corrupt_byte_fails_verify_naming_the_backup_and_file(fleet):
+    last = backup(fleet, "app")["backups"][0]
+    path = fleet.state / "backups" / "app" / last["stamp"] / "data-data.qcow2"
+    with open(path, "r+b") as fh:
+        fh.seek(-4096, os.SEEK_END)
+        b = fh.read(1)
+        fh.seek(-4096, os.SEEK_END)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    res = fleet.cli("backup", "verify", last["id"], check=False)
+    assert res.returncode == 1
+    assert f"{last['id']}: data-data.qcow2: checksum mismatch" in res.stderr
+    with open(path, "r+b") as fh:                      # put it back
+        fh.seek(-4096, os.SEEK_END)
+        fh.write(b)
+    assert fleet.cli("backup", "verify", last["id"]).returncode == 0
+
+
+def test_a_revert_makes_the_next_backup_full_and_says_why(fleet):
+    backup(fleet, "app")
+    fleet.cli("snapshot", "create", "app", "--tag", "before")
+    fleet.cli("snapshot", "revert", "app", "before")
+    after = backup(fleet, "app")["backups"][0]
+    assert after["kind"] == "full"
+    assert after["reason"].startswith("reverted to snapshot before")
+    assert backup(fleet, "app")["backups"][0]["kind"] == "incremental"
+    fleet.cli("snapshot", "rm", "app", "before")
+
+
+def test_pruning_merges_a_removed_backup_into_the_one_kept(fleet, tmp_path):
+    sh(fleet, "db", "dd if=/dev/urandom of=/dev/vda bs=1M count=4 conv=fsync 2>/dev/null")
+    backup(fleet, "db")
+    sh(fleet, "db", "dd if=/dev/urandom of=/dev/vda bs=1M count=2 seek=8 conv=fsync "
+                    "2>/dev/null")
+    want = disk_sum(fleet, "db", 16)
+    last = backup(fleet, "db")["backups"][0]         # keep: last 1: the first one goes
+    assert last["kind"] == "incremental"
+    listed = json.loads(fleet.cli("backup", "list", "db", "--json").stdout)["backups"]
+    assert [b["id"] for b in listed] == [last["id"]]
+    assert listed[0]["disks"]["data-data"]["parent"] is None    # it holds it all now
+    assert restored_sum(fleet.state / "backups", last["id"], "data-data", 16,
+                        tmp_path) == want
+    assert json.loads(fleet.cli("backup", "verify", "db", "--json").stdout)["ok"]
