@@ -231,7 +231,7 @@ class Repo:
         """Keep a disk's base (everything below its overlay) once, by content: the layers
         flattened into one file named by the sha256 of the layers' own checksums."""
         layers = [(Path(p), fmt) for p, fmt in chain]
-        key = hashlib.sha256("".join(self._cached_sha(p) + fmt for p, fmt in layers)
+        key = hashlib.sha256("".join(self.file_sha(p) + fmt for p, fmt in layers)
                              .encode()).hexdigest()
         dest = self.root / "bases" / f"{key}.qcow2"
         if not dest.exists():
@@ -242,9 +242,9 @@ class Repo:
             os.chmod(tmp, 0o600)
             os.replace(tmp, dest)
         return {"key": key, "file": f"bases/{dest.name}", "path": str(layers[0][0]),
-                "format": layers[0][1], "sha256": self._cached_sha(layers[0][0])}
+                "format": layers[0][1], "sha256": self.file_sha(layers[0][0])}
 
-    def _cached_sha(self, path: Path) -> str:
+    def file_sha(self, path: Path) -> str:
         """sha256 of a (large, unchanging) image file, cached by its identity."""
         st = path.stat()
         ident = f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
@@ -335,6 +335,17 @@ class Repo:
         _img(*args, str(top), str(tmp))
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)
+
+    def same_base(self, base: dict[str, Any], path: Path) -> bool:
+        """``path`` holds what the stored base ``base`` holds (the same file, or the same
+        content in another file, as one put back by a restore)."""
+        if self.file_sha(path) == base["sha256"]:
+            return True
+        try:
+            _img("compare", "-U", "-q", str(self.root / base["file"]), str(path))
+            return True
+        except ImageError:
+            return False
 
     def remove(self, b: Backup) -> dict[str, Any]:
         """Delete ``b``; a backup based on it first takes in what it needs from it."""

@@ -795,6 +795,7 @@ def _recovery_commands() -> None:
     from . import recovery
     cli.add_command(recovery.snapshot)
     cli.add_command(recovery.backup)
+    cli.add_command(recovery.restore)
 
 
 _recovery_commands()

@@ -255,3 +255,60 @@ def backup_prune(c: Ctx, names: tuple[str, ...]) -> None:
         gone = [r["removed"] for r in p["removed"]]
         out.print(f"{p['guest']}: kept {len(p['kept'])}, removed "
                   f"{', '.join(gone) if gone else 'none'}", markup=False)
+
+
+# ------------------------------------------------------------------ restore
+
+@click.command()
+@common_options
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True,
+              help="Every guest of the backups' inventory, each from its newest backup")
+@click.option("--backup", "ref", default=None, help="Which backup (GUEST/STAMP or STAMP) "
+              "[default: the newest]")
+@click.option("--as", "as_", default=None, help="Restore as a new guest of this name, with "
+              "its own MACs, addresses, hostname and cloud-init instance")
+@click.option("--from", "from_", default=None, type=click.Path(file_okay=False),
+              help="The backup directory [default: host.backup.dir, else <state>/backups]")
+@click.option("-y", "--yes", is_flag=True, help="Replace existing guests' disks without "
+              "asking (they are kept aside until a purge)")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+@handled
+def restore(c: Ctx, name: str | None, all_: bool, ref: str | None, as_: str | None,
+            from_: str | None, yes: bool, as_json: bool) -> None:
+    """Bring a guest back from a backup, or (--all --from DIR on an empty state dir) the
+    whole fleet: the disaster drill. Backups are verified first."""
+    import os
+    import sys
+    from ..errors import ConflictError
+    if bool(name) == all_:
+        raise UsageError("restore NAME, or restore --all")
+    args: dict[str, Any] = {"names": [name] if name else [], "all": all_, "yes": yes}
+    for k, v in (("backup", ref), ("as", as_), ("from", os.path.abspath(from_)
+                                                   if from_ else None)):
+        if v is not None:
+            args[k] = v
+    try:
+        res = _call(c, "restore", start=True, **args)
+    except ConflictError as e:
+        if yes or not sys.stdin.isatty() or "confirm with -y" not in (e.hint or ""):
+            raise
+        if not click.confirm(f"{e.message}. Go on?", err=True):
+            raise
+        res = _call(c, "restore", start=True, **{**args, "yes": True})
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    for r in res["restored"]:
+        kept = f"; replaced disks kept as {', '.join(r['aside'])}" if r.get("aside") else ""
+        out.print(f"{r['name']}: restored from {r['backup']}{kept}", markup=False)
+    for n in res.get("notes", []):
+        out.print(f"note: {n}", markup=False)
+    applied = res.get("applied")
+    if applied is not None:
+        for f in applied["failures"]:
+            err.print(f"{f.get('target')}: {f.get('error')}", markup=False)
+        out.print(f"the inventory applied is in {res['inventory']}: merge it into yours, "
+                  "or the restored guests stay outside it", markup=False)
+        if not applied["ok"]:
+            sys.exit(1)

@@ -47,6 +47,7 @@ from .applier import Applier
 from .backups import Backups
 from .lifecycle import EmitFn, Lifecycle
 from .recovery import Snapshots
+from .restore import Restorer
 from .runtime import Runtime
 
 log = structlog.get_logger("supervisor")
@@ -79,6 +80,8 @@ ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "snapshot-rm": {"name": ((str,), _REQ), "tag": ((str,), _REQ)},
     "backup": {"names": ((list,), _REQ), "full": ((bool,), _OPT)},
     "backup-prune": {"names": ((list,), _REQ)},
+    "restore": {"names": ((list,), _OPT), "all": ((bool,), _OPT), "backup": ((str,), _OPT),
+                "as": ((str,), _OPT), "from": ((str,), _OPT), "yes": ((bool,), _OPT)},
     "report": {"window": ((str,), _OPT), "shapes": ((list,), _OPT), "tiered": ((bool,), _OPT),
                "headroom": ((int, float), _OPT)},
 }
@@ -150,6 +153,7 @@ class Api:
                  stopping: asyncio.Event, backups: Backups) -> None:
         self.runtime = runtime
         self.backups = backups
+        self.restorer = Restorer(runtime, lifecycle, applier, backups, after_apply)
         self.snapshots = Snapshots(runtime, lifecycle)
         self.lifecycle = lifecycle
         self.applier = applier
@@ -330,6 +334,8 @@ class Api:
             if op == "backup":
                 return await self.backups.take(names, full=bool(args.get("full")), emit=emit)
             return await self.backups.prune(names)
+        if op == "restore":
+            return await self._restore(args, emit, session)
         if op == "shutdown":
             return {"stopping": True}
         raise UsageError(f"unknown operation {op!r}")
@@ -373,6 +379,26 @@ class Api:
             if op == "snapshot-revert":
                 return await self.snapshots.revert(args["name"], args["tag"], emit)
             return await self.snapshots.remove(args["name"], args["tag"])
+
+    async def _restore(self, args: dict[str, Any], emit: EmitFn,
+                       session: dict[str, Any]) -> dict[str, Any]:
+        names = _names(args.get("names") or [], "restore")
+        if bool(args.get("all")) == bool(names) or len(names) > 1:
+            raise UsageError("restore: one guest, or --all")
+        if args.get("all") and (args.get("backup") or args.get("as")):
+            raise UsageError("restore --all takes each guest's newest backup: no --backup "
+                             "or --as")
+        if self.apply_lock.locked():
+            raise ConflictError(f"an apply, destroy or guest operation is in progress since "
+                                f"{self.apply_by}", hint="wait for it, then restore")
+        async with self.apply_lock:
+            self.apply_by = time.strftime("%H:%M:%S") + f" ({session['peer']}, restore)"
+            if args.get("all"):
+                return await self.restorer.fleet(from_dir=args.get("from"),
+                                                 yes=bool(args.get("yes")), emit=emit)
+            return await self.restorer.one(names[0], ref=args.get("backup"),
+                                           as_=args.get("as"), from_dir=args.get("from"),
+                                           yes=bool(args.get("yes")), emit=emit)
 
     async def _guest_op(self, op: str, name: str, emit: EmitFn,
                         session: dict[str, Any]) -> dict[str, Any]:

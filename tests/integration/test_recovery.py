@@ -21,10 +21,13 @@ pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
 FLEET = """
 instance: {inst}
 host: {{fabric_netns: {inst}-fab}}
+networks:
+  back: {{subnet: 10.81.0.0/24}}
 guests:
   app:
     memory: {{max: 192MiB}}
     disks: [{{size: 1GiB, name: data}}]
+    nics: [{{network: back, ip: 10.81.0.10}}]
   db:
     memory: {{max: 192MiB}}
     disks: [{{size: 64MiB, name: data}}]
@@ -233,3 +236,78 @@ def test_pruning_merges_a_removed_backup_into_the_one_kept(fleet, tmp_path):
     assert restored_sum(fleet.state / "backups", last["id"], "data-data", 16,
                         tmp_path) == want
     assert json.loads(fleet.cli("backup", "verify", "db", "--json").stdout)["ok"]
+
+
+def test_restore_in_place_puts_the_replaced_disk_aside(fleet):
+    write(fleet, "app", "RESTORE-ME1")
+    b = backup(fleet, "app")["backups"][0]
+    write(fleet, "app", "SCRIBBLED-2")
+    res = fleet.cli("restore", "app", check=False)            # no terminal: -y is needed
+    assert res.returncode == 5 and "confirm with -y" in res.stderr
+    res = json.loads(fleet.cli("restore", "app", "-y", "--json").stdout)
+    r = res["restored"][0]
+    assert r["backup"] == b["id"] and r["state"] == "running"
+    assert [Path(p).name for p in r["aside"]][0].startswith("data-data.replaced-")
+    assert read(fleet, "app", 11) == "RESTORE-ME1"
+    aside = Path(r["aside"][0])
+    assert aside.exists()
+    subprocess.run(["qemu-img", "info", "-U", str(aside)], check=True, capture_output=True)
+    aside.unlink()
+    # restored disks have no bitmap: the next backup is full, and says why
+    nxt = backup(fleet, "app")["backups"][0]
+    assert nxt["kind"] == "full" and nxt["reason"].startswith("restored from backup")
+
+
+def test_restore_as_a_new_guest_gets_its_own_identity(fleet):
+    write(fleet, "app", "CLONE-DATA3")
+    backup(fleet, "app")
+    res = json.loads(fleet.cli("restore", "app", "--as", "app2", "--json").stdout)
+    assert res["applied"]["ok"], res
+    g = fleet.guests()
+    assert g["app2"]["state"] == "running"
+    assert read(fleet, "app2", 11) == "CLONE-DATA3"
+    applied = json.loads((fleet.state / "applied.json").read_text())["fleet"]["guests"]
+    assert applied["app2"]["nics"][0]["mac"] != applied["app"]["nics"][0]["mac"]
+    assert applied["app2"]["nics"][0]["ip"] == "10.81.0.1"      # the first free one
+    assert "app2:" in Path(res["inventory"]).read_text()
+    # it is outside the operator's inventory: an apply with --prune removes it
+    fleet.cli("apply", "--prune", "--purge")
+    assert "app2" not in fleet.guests()
+
+
+DRILL = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, backup: {{dir: BACKUPS}}}}
+guests:
+  web:
+    disks: [{{size: 32MiB, name: www}}]
+  db:
+    disks: [{{size: 32MiB, name: rows}}]
+"""
+
+
+def test_the_disaster_drill_brings_the_fleet_back_on_an_empty_state_dir(tmp_path):
+    backups = tmp_path / "offsite"
+    with cli_fleet(tmp_path, DRILL.replace("BACKUPS", str(backups))) as f:
+        f.cli("apply")
+        for g in ("web", "db"):
+            write(f, g, f"DATA-OF-{g:>3}")
+        res = backup(f, "--all")
+        assert len(res["backups"]) == 2 and not res["failures"]
+        f.cli("destroy", "--yes", "--purge")
+        assert not (f.state / "guests" / "web").exists()
+        # the box is lost: a new state dir, only the backup directory
+        f.root = tmp_path / "newhost"
+        f.root.mkdir()
+        res = json.loads(f.cli("restore", "--all", "--from", str(backups), "--json").stdout)
+        assert res["applied"]["ok"], res
+        assert sorted(r["name"] for r in res["restored"]) == ["db", "web"]
+        guests = f.guests()
+        assert {n: g["state"] for n, g in guests.items()} == {"web": "running",
+                                                              "db": "running"}
+        for g in ("web", "db"):
+            assert read(f, g, 11) == f"DATA-OF-{g:>3}"
+        # a second restore --all into the same instance asks first
+        res = f.cli("restore", "--all", "--from", str(backups), check=False)
+        assert res.returncode == 5 and "confirm with -y" in res.stderr
+    assert leftovers(f.instance) == []
