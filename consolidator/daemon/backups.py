@@ -138,11 +138,9 @@ class Backups:
         modes: dict[str, tuple[str | None, str | None]] = {}
         for d in disks:
             have = {b["name"]: b for b in await storage.bitmaps(q, d.node)}
+            # other bitmaps (of a backup never kept, or of another backup dir) stay
+            # until this backup is kept: a failed backup takes nothing away
             want = parent.disks.get(d.label, {}).get("bitmap") if parent else None
-            for name in have:                # strays of backups that were never kept
-                if name.startswith(storage.BITMAP_PREFIX) and name != want:
-                    await storage.remove_bitmaps(q, d.node, keep=want)
-                    break
             if full:
                 modes[d.label] = (None, "a full backup was asked for")
             elif parent is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -286,7 +287,7 @@ guests:
 """
 
 
-def test_the_disaster_drill_brings_the_fleet_back_on_an_empty_state_dir(tmp_path):
+def test_the_disaster_drill_brings_the_fleet_back_on_an_empty_state_dir(tmp_path, fleet):
     backups = tmp_path / "offsite"
     with cli_fleet(tmp_path, DRILL.replace("BACKUPS", str(backups))) as f:
         f.cli("apply")
@@ -310,4 +311,88 @@ def test_the_disaster_drill_brings_the_fleet_back_on_an_empty_state_dir(tmp_path
         # a second restore --all into the same instance asks first
         res = f.cli("restore", "--all", "--from", str(backups), check=False)
         assert res.returncode == 5 and "confirm with -y" in res.stderr
+        # nor into a state dir that runs another instance
+        res = fleet.cli("restore", "--all", "--from", str(backups), check=False)
+        assert res.returncode == 5 and f"the backups are of instance {f.instance}" in \
+            res.stderr
     assert leftovers(f.instance) == []
+
+
+def test_a_corrupt_backup_is_refused_unless_another_is_named(fleet):
+    write(fleet, "app", "GOOD-OLDER4")
+    older = backup(fleet, "app")["backups"][0]
+    write(fleet, "app", "BAD-NEWER-5")
+    newer = backup(fleet, "app")["backups"][0]
+    path = fleet.state / "backups" / "app" / newer["stamp"] / "data-data.qcow2"
+    with open(path, "r+b") as fh:
+        fh.seek(-512, os.SEEK_END)
+        fh.write(b"\xde\xad")
+    res = fleet.cli("restore", "app", "-y", check=False)
+    assert res.returncode == 5
+    assert f"backup {newer['id']} does not verify" in res.stderr and "--backup" in res.stderr
+    fleet.cli("restore", "app", "-y", "--backup", older["stamp"])
+    assert read(fleet, "app", 11) == "GOOD-OLDER4"
+    shutil.rmtree(path.parent)                       # the broken one goes
+    for p in (fleet.state / "guests" / "app").glob("*.replaced-*"):
+        p.unlink()
+
+
+def test_a_full_backup_dir_fails_cleanly_and_keeps_what_it_had(fleet, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)],
+                   check=True)
+    inventory = fleet.inventory.read_text()
+    backup(fleet, "app")                          # in the usual dir: the chain to keep
+    try:
+        fleet.write(inventory.replace("host: {", f"host: {{backup: {{dir: {small}}}, ", 1))
+        fleet.cli("apply")
+        ok = backup(fleet, "db")["backups"][0]                   # a few MiB: it fits
+        sh(fleet, "app", "dd if=/dev/urandom of=/dev/vda bs=1M count=16 seek=64 "
+                         "conv=fsync 2>/dev/null")
+        res = fleet.cli("backup", "app", check=False)
+        assert res.returncode == 1 and "backup failed" in res.stderr
+        assert "No space left" in res.stderr or "ENOSPC" in res.stderr or \
+            "space" in res.stderr, res.stderr
+        assert not list((small / "app").glob(".partial-*"))
+        assert not [b for b in (small / "app").iterdir()] if (small / "app").exists() \
+            else True
+        assert fleet.guests()["app"]["state"] == "running"
+        res = json.loads(fleet.cli("backup", "verify", "--dir", str(small),
+                                   "--json").stdout)
+        assert res["ok"] and [r["id"] for r in res["results"]] == [ok["id"]]
+    finally:
+        fleet.write(inventory)
+        fleet.cli("apply")
+        subprocess.run(["umount", str(small)], check=True)
+    # the failed attempt took nothing away: the usual dir's chain goes on
+    assert backup(fleet, "app")["backups"][0]["kind"] == "incremental"
+
+
+def test_a_supervisor_killed_mid_backup_leaves_the_chain_whole(fleet):
+    import signal
+    import threading
+    import time
+    sh(fleet, "app", "dd if=/dev/urandom of=/dev/vda bs=1M count=64 seek=128 conv=fsync "
+                     "2>/dev/null")
+    before = {n: g["pid"] for n, g in fleet.guests().items()}
+    sup = fleet.supervisor_pid()
+    t = threading.Thread(target=lambda: fleet.cli("backup", "app", "--full", check=False))
+    t.start()
+    part = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        parts = list((fleet.state / "backups" / "app").glob(".partial-*/data-data.qcow2"))
+        if parts and parts[0].stat().st_size > 1 << 20:
+            part = parts[0]
+            os.kill(sup, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    t.join()
+    assert part is not None, "the backup was never seen under way"
+    assert {n: g["pid"] for n, g in fleet.guests().items()} == before   # guests run on
+    assert json.loads(fleet.cli("backup", "verify", "app", "--json").stdout)["ok"]
+    nxt = backup(fleet, "app")["backups"][0]
+    assert nxt["kind"] == "incremental", nxt          # the last kept bitmap survived
+    assert not list((fleet.state / "backups" / "app").glob(".partial-*"))
+    assert json.loads(fleet.cli("backup", "verify", nxt["id"], "--json").stdout)["ok"]
