@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict
 
 from .hostfacts import HostFacts
 from .inventory import Inventory, load_inventory, validate
-from .inventory.derive import (allocate_addresses, budget, derive_mac, guest_devices,
-                               image_roots, os_defaults, resolve_path, resolved_image,
-                               usable_cpus, user_data_text)
+from .inventory.derive import (allocate_addresses, budget, clone_image, derive_mac,
+                               guest_devices, image_roots, os_defaults, resolve_path,
+                               resolved_image, usable_cpus, user_data_text)
 from .inventory.schema import (BUILTIN_IMAGES, BackupPolicy, CpuSpec, GuestSpec, HostSpec,
                                ImageSpec, MemorySpec, NetworkSpec, Size)
 from .units import human_size
@@ -169,6 +169,11 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
     """The fleet a *validated* inventory describes on this host."""
     images = {n: resolved_image(s, base_dir) for n, s in {**BUILTIN_IMAGES,
                                                           **inv.images}.items()}
+    for n, s in images.items():            # a guest's disk as a template: boots as it did
+        if s.from_:
+            src = inv.guests.get(s.from_.split("@")[0])
+            if src is not None:
+                images[n] = clone_image(s, images[src.image], state_dir)
     allocated = allocate_addresses(inv.instance, dict(inv.networks), dict(inv.guests),
                                    previous_allocations(state_dir))
     guests = {}

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import structlog
 
+from ..backup.repo import Repo
+from ..backup.templates import make_template
 from ..errors import ConsolidatorError, HostError, LaunchError
 from ..inventory.schema import NetworkSpec
 from ..model import Fleet, GuestIntent
@@ -152,6 +154,9 @@ class Executor:
         log.info("network.removed", network=name)
 
     # ------------------------------------------------------------------ guests
+    def backup_repo(self) -> Repo:
+        return Repo(self.fleet.host.backup.dir or self.state.root / "backups")
+
     def guest_dir(self, name: str) -> Path:
         return self.state.guest_dir(name)
 
@@ -174,6 +179,11 @@ class Executor:
         try:
             self.cgroups.create_guest(intent.name)
             self.cgroups.apply(intent.name, cgroup_settings(intent))
+            if intent.image_spec.from_ and intent.image_spec.disk:
+                if make_template(intent.image_spec.from_, Path(intent.image_spec.disk),
+                                 guests_dir=self.state.guests_dir, repo=self.backup_repo()):
+                    log.info("template.made", ref=intent.image_spec.from_,
+                             path=intent.image_spec.disk)
             boot = prepare_boot(intent, self.image_cache, gdir,
                                 roots=self.fleet.image_roots, owner=ident,
                                 uefi=self.fleet.host.uefi, networks=self.fleet.networks)

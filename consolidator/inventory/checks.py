@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import grp
+import contextlib
+import json
 import ipaddress
 import os
 import pwd
@@ -24,8 +26,8 @@ from ..hostfacts import HostFacts
 from ..units import human_size
 from .derive import budget as derive_budget
 from .derive import (derive_mac, disk_format, firmware_boot, guest_devices, image_roots,
-                     memory_room, os_defaults, resolve_path, service_address, usable_cpus,
-                     user_data_text)
+                     memory_room, os_defaults, resolve_path, service_address, template_path,
+                     usable_cpus, user_data_text)
 from .files import disk_problems, inside, regular_file
 from .reporter import Reporter, dotted
 from .schema import (BUILTIN_IMAGES, DNS_LABEL_RE, INSTANCE_RE, GuestSpec, HostSpec, ImageSpec,
@@ -61,6 +63,8 @@ def run(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
     for name, img in p.images.items():
         if img is not None:
             _image(rep, name, img, base_dir, roots)
+        if img is not None and img.from_:
+            _clone(rep, name, img.from_, p, state_dir)
     for name, net in p.networks.items():
         if net is not None:
             _network(rep, name, net)
@@ -157,6 +161,13 @@ def reserved_param(token: str, builtin: bool) -> bool:
 def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path,
            roots: tuple[str, ...]) -> None:
     loc = ("images", name)
+    if img.from_:
+        given = [k for k in ("builtin", "kernel", "initrd", "cmdline", "disk", "format",
+                             "cdrom") if getattr(img, k)]
+        if given:
+            rep.value("I018", loc + (given[0],), f"{given[0]} with from: an image of a guest's "
+                      "disk boots as that guest did", "leave only from (and os, firmware)")
+        return
     if not (img.builtin or img.kernel or img.disk or img.cdrom):
         rep.key("I001", loc, "an image needs one of builtin, kernel, disk or cdrom",
                 "for the built-in guest write: builtin: tiny")
@@ -184,6 +195,49 @@ def _image(rep: Reporter, name: str, img: ImageSpec, base_dir: Path,
     for f in ("kernel", "initrd", "disk", "cdrom"):
         _file(rep, loc, f, getattr(img, f), base_dir, roots,
               disk_format(img) if f == "disk" else None)
+
+
+def _booted_as(p: Parsed, img: ImageSpec | None) -> ImageSpec | None:
+    """The image a guest boots as: a clone's is its source guest's (with a disk)."""
+    seen: set[str] = set()
+    while img is not None and img.from_ and img.from_ not in seen:
+        seen.add(img.from_)
+        src = p.guests.get(img.from_.split("@")[0])
+        if src is None:
+            return None
+        img = p.images.get(src.image) or BUILTIN_IMAGES.get(src.image)
+        if img is not None and not img.from_:
+            return img.model_copy(update={"disk": img.disk or "template", "format": "qcow2"})
+    return img
+
+
+def _clone(rep: Reporter, name: str, ref: str, p: Parsed, state_dir: Path | None) -> None:
+    """``from: GUEST@REF``: a guest of the inventory with a disk, and a snapshot or backup
+    REF of it (looked for in the state dir, when there is one)."""
+    loc = ("images", name, "from")
+    guest, _, tag = ref.partition("@")
+    g = p.guests.get(guest)
+    src = (p.images.get(g.image) if g.image in p.images else BUILTIN_IMAGES.get(g.image)) \
+        if g is not None else None
+    if g is None:
+        rep.value("I017", loc, f"no guest {guest!r} in the inventory",
+                  _suggest(guest, list(p.guests)))
+        return
+    if src is None or not (src.disk or src.from_):
+        rep.value("I017", loc, f"guest {guest}'s image has no disk to make a template of")
+        return
+    if state_dir is None or template_path(state_dir, ref).exists():
+        return
+    gdir = state_dir / "guests" / guest
+    snaps = set()
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        snaps = {s["tag"] for s in json.loads((gdir / "snapshots.json").read_text())
+                 ["snapshots"]}
+    bdir = Path(p.host.backup.dir) if p.host is not None and p.host.backup.dir else \
+        state_dir / "backups"
+    if tag not in snaps and not (bdir / guest / tag / "manifest.json").exists():
+        rep.value("I019", loc, f"guest {guest} has no snapshot or backup {tag!r}",
+                  f"consolidator snapshot list {guest}; consolidator backup list {guest}")
 
 
 def _file(rep: Reporter, loc: tuple, f: str, v: str | None, base_dir: Path,
@@ -294,7 +348,7 @@ def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
             rep.value("I009", loc + ("image",), f"undeclared image {g.image!r}",
                       _suggest(g.image, sorted(raw_images)))
         _cpu(rep, loc, g, facts)
-        img = p.images.get(g.image) or BUILTIN_IMAGES.get(g.image)
+        img = _booted_as(p, p.images.get(g.image) or BUILTIN_IMAGES.get(g.image))
         if img is not None:
             _devices(rep, loc, g, img, p.host or HostSpec(), base_dir, roots, facts)
         mem = g.memory

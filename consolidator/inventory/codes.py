@@ -55,6 +55,9 @@ CODES: dict[str, str] = {
     "I014": "firmware on an image or guest whose kernel QEMU loads",
     "I015": "an OS id libosinfo does not know (did you mean ...)",
     "I016": "UEFI firmware (host.uefi) not installed",
+    "I017": "from names a guest the inventory lacks, or one whose image has no disk",
+    "I018": "from with a disk, kernel, builtin or cdrom: an image of a guest boots as it did",
+    "I019": "from names a snapshot or backup the guest does not have",
     # networks and addresses
     "A001": "subnet smaller than /30",
     "A002": "an address's prefix differs from its subnet's",

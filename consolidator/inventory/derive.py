@@ -55,6 +55,19 @@ def resolved_image(img: ImageSpec, base_dir: Path) -> ImageSpec:
     return img.model_copy(update=upd) if upd else img
 
 
+def template_path(state_dir: Path, ref: str) -> Path:
+    """Where the template of an image ``from: GUEST@REF`` is kept (made on first use)."""
+    return state_dir / "images" / "templates" / f"{ref}.qcow2"
+
+
+def clone_image(img: ImageSpec, source: ImageSpec, state_dir: Path | None) -> ImageSpec:
+    """An image ``from: GUEST@REF`` boots as GUEST's image does, from the template."""
+    if state_dir is None or img.from_ is None:
+        return img
+    return source.model_copy(update={"disk": str(template_path(state_dir, img.from_)),
+                                     "format": "qcow2", "from_": img.from_})
+
+
 def image_roots(host: HostSpec, base_dir: Path, state_dir: Path | None) -> tuple[str, ...]:
     """Where image files may be, as real absolute paths: ``host.image_roots`` (relative
     to the inventory's directory), or by default that directory and the state dir's
@@ -63,6 +76,8 @@ def image_roots(host: HostSpec, base_dir: Path, state_dir: Path | None) -> tuple
         roots = [resolve_path(r, base_dir) for r in host.image_roots]
     else:
         roots = [base_dir] + ([state_dir / "images"] if state_dir is not None else [])
+    if state_dir is not None:              # templates of clones are made there
+        roots.append(state_dir / "images" / "templates")
     return tuple(os.path.realpath(r) for r in roots)
 
 

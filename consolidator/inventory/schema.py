@@ -301,16 +301,21 @@ Firmware = Literal["bios", "uefi"]
 DiskBus = Literal["virtio", "scsi", "sata", "ide"]
 NicModel = Literal["virtio", "e1000", "rtl8139"]
 OsId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+CLONE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?@[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 READY_RE = re.compile(r"^(auto|agent|none|tcp:\d{1,5}|serial:.+)$", re.S)
 
 
 
 class ImageSpec(_Model):
-    """One of: ``builtin: tiny``; ``kernel`` (+ ``initrd``, ``cmdline``); ``disk``.
+    """One of: ``builtin: tiny``; ``kernel`` (+ ``initrd``, ``cmdline``); ``disk``; or
+    ``from`` (a guest's disk as a template, booted as that guest boots).
 
     ``builtin`` may take a ``kernel`` override. ``disk`` may be combined with a
     direct-boot ``kernel`` or with ``builtin`` (the tiny init mounts the disk as root).
     """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              ser_json_inf_nan="strings", populate_by_name=True)
 
     builtin: Literal["tiny"] | None = None
     kernel: str | None = None
@@ -327,6 +332,10 @@ class ImageSpec(_Model):
                                               "(debian12, centos7, winxp): its device "
                                               "defaults; a guest's own os wins")
     pvm: bool = Field(False, description="the kernel is known to boot under PVM KVM")
+    from_: Annotated[str, Field(pattern=CLONE_RE.pattern)] | None = Field(
+        None, alias="from", description="GUEST@SNAPSHOT or GUEST@BACKUP: that guest's "
+        "disk as it was then, as a template its guests get linked clones of (an overlay "
+        "each); they boot as that guest did")
 
 
 # ------------------------------------------------------------------------- networks

@@ -398,3 +398,58 @@ def test_a_supervisor_killed_mid_backup_leaves_the_chain_whole(fleet):
     assert nxt["kind"] == "incremental", nxt          # the last kept bitmap survived
     assert not list((fleet.state / "backups" / "app").glob(".partial-*"))
     assert json.loads(fleet.cli("backup", "verify", nxt["id"], "--json").stdout)["ok"]
+
+
+CLONES = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, overcommit: {{cpus: 8}}}}
+images:
+  base: {{builtin: tiny, disk: base.qcow2}}
+networks:
+  lan: {{subnet: 10.82.0.0/24}}
+guests:
+  web:
+    image: base
+    memory: {{max: 96MiB}}
+    nics: [{{network: lan, ip: 10.82.0.10}}]
+"""
+
+
+def test_eight_linked_clones_cost_one_template_and_small_overlays(tmp_path):
+    with cli_fleet(tmp_path, CLONES) as f:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(f.root / "base.qcow2"),
+                        "64M"], check=True)
+        f.cli("apply")
+        sh(f, "web", "dd if=/dev/urandom of=/dev/vda bs=1M count=4 seek=8 conv=fsync "
+                     "2>/dev/null; printf GOLDEN-IMG | dd of=/dev/vda conv=fsync,notrunc "
+                     "2>/dev/null")
+        f.cli("snapshot", "create", "web", "--tag", "gold")
+        want = disk_sum(f, "web", 16)
+        sh(f, "web", "printf CHANGED-AF | dd of=/dev/vda conv=fsync,notrunc 2>/dev/null")
+        clones = "".join(f"  c{i}:\n    image: golden\n    memory: {{max: 96MiB}}\n"
+                         f"    nics: [{{network: lan, ip: 10.82.0.{20 + i}}}]\n"
+                         for i in range(1, 9))
+        f.write(f.inventory.read_text().replace(
+            "networks:", "  golden: {from: web@gold}\nnetworks:") + clones)
+        res = f.cli("apply")
+        assert "8 to create" in res.stdout, res.stdout
+        guests = f.guests()
+        assert all(guests[f"c{i}"]["state"] == "running" for i in range(1, 9))
+        for i in (1, 8):
+            assert read(f, f"c{i}", 10) == "GOLDEN-IMG"
+            assert disk_sum(f, f"c{i}", 16) == want
+        template = f.state / "images" / "templates" / "web@gold.qcow2"
+        assert template.stat().st_size < 6 << 20            # the snapshot's delta
+        overlays = [f.state / "guests" / f"c{i}" / "disk.qcow2" for i in range(1, 9)]
+        assert all(o.stat().st_size < 1 << 20 for o in overlays)
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json",
+                                          "--backing-chain", str(overlays[0])],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert [Path(i["filename"]).name for i in info] == ["disk.qcow2", "web@gold.qcow2",
+                                                             "base.qcow2"]
+        applied = json.loads((f.state / "applied.json").read_text())["fleet"]["guests"]
+        assert len({applied[f"c{i}"]["nics"][0]["mac"] for i in range(1, 9)}) == 8
+        ids = {(f.state / "guests" / f"c{i}" / "instance-id").read_text()
+               for i in range(1, 9) if (f.state / "guests" / f"c{i}" / "instance-id").exists()}
+        assert len(ids) in (0, 8)           # the tiny image has no cloud-init seed
+    assert leftovers(f.instance) == []
