@@ -49,6 +49,7 @@ class Backups:
         self.runtime = runtime
         self.last: dict[str, dict[str, Any]] = {}     # guest -> its newest backup's summary
         self.failures: dict[str, str] = {}            # guest -> why its last backup failed
+        self.usage: dict[str, Any] | None = None      # the backup dir's size and free space
         self._scanned = False
 
     def repo(self) -> Repo:
@@ -128,6 +129,7 @@ class Backups:
                  reason=summary["reason"], seconds=summary["seconds"], bytes=summary["bytes"])
         if g.intent.backup is not None:
             await self.prune_guest(g.name, g.intent.backup.keep)
+        await self.refresh_usage()
         return summary
 
     async def _modes_live(self, g: GuestRuntime, disks: tuple[DiskNode, ...],
@@ -251,6 +253,19 @@ class Backups:
                         self.last[b.guest] = b.summary()
         return self.last
 
+    def figures(self) -> dict[str, Any]:
+        """Plain figures for status and the metrics: each guest's newest backup, its last
+        failure, and the backup directory's size and free space (refreshed by the
+        schedule's loop and after each backup)."""
+        return {"last": {g: {"id": b["id"], "at": b["taken_at"], "kind": b["kind"]}
+                         for g, b in self.newest().items()},
+                "failures": dict(self.failures), "usage": self.usage}
+
+    async def refresh_usage(self) -> None:
+        repo = self.repo()
+        if repo.root.exists():
+            self.usage = await asyncio.to_thread(repo.usage)
+
     # ------------------------------------------------------------------ pruning
     async def prune_guest(self, name: str, keep: Any) -> dict[str, Any]:
         repo = self.repo()
@@ -281,6 +296,8 @@ class Backups:
         """Back up each guest whose ``backup.every`` has passed, one at a time."""
         await asyncio.to_thread(self.repo().repair)
         while not stopping.is_set():
+            with contextlib.suppress(OSError):
+                await self.refresh_usage()
             for name, g in list(self.runtime.guests.items()):
                 policy = g.intent.backup
                 if policy is None or policy.every is None or g.busy.locked():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -47,9 +48,12 @@ class Reading:
     weights: dict[str, int]
     host_state: str | None             # None: no rebalancer
     ticks: int
+    backups: dict[str, Any] | None = None   # Backups.figures()
+    now: float = 0.0
 
 
-def reading(runtime: Runtime, rb: Rebalancer | None) -> Reading:
+def reading(runtime: Runtime, rb: Rebalancer | None,
+            backups: dict[str, Any] | None = None) -> Reading:
     """The figures of this instant, copied out of the runtime and the rebalancer."""
     fleet = runtime.fleet
     return Reading(
@@ -58,7 +62,8 @@ def reading(runtime: Runtime, rb: Rebalancer | None) -> Reading:
                                   g.guest.balloon_actual if g.guest else None)
                      for n, g in sorted(runtime.guests.items())),
         snapshot=rb.last if rb else None, weights=dict(rb.weights) if rb else {},
-        host_state=rb.host_state.value if rb else None, ticks=rb.ticks if rb else 0)
+        host_state=rb.host_state.value if rb else None, ticks=rb.ticks if rb else 0,
+        backups=backups, now=time.time())
 
 
 class FleetCollector:
@@ -133,6 +138,7 @@ class FleetCollector:
                     m = GaugeMetricFamily(name, help_, labels=["fleet"])
                     m.add_metric([fleet], v)
                     yield m
+        yield from _backup_metrics(r, fleet)
         if r.budget is not None:
             m = GaugeMetricFamily("consolidator_host_budget_bytes", "Guest memory budget.",
                                   labels=["fleet"])
@@ -149,6 +155,31 @@ class FleetCollector:
                                     "Rebalancer iterations.", labels=["fleet"])
             t.add_metric([fleet], r.ticks)
             yield t
+
+
+def _backup_metrics(r: Reading, fleet: str) -> Iterator[Any]:
+    if not r.backups:
+        return
+    last = GaugeMetricFamily("consolidator_guest_backup_last_success_timestamp_seconds",
+                             "When the guest's newest backup was taken.",
+                             labels=["fleet", "guest"])
+    age = GaugeMetricFamily("consolidator_guest_backup_age_seconds",
+                            "How old the guest's newest backup is.", labels=["fleet", "guest"])
+    for name, b in sorted(r.backups["last"].items()):
+        last.add_metric([fleet, name], b["at"])
+        age.add_metric([fleet, name], max(0.0, r.now - b["at"]))
+    yield from (last, age)
+    u = r.backups.get("usage")
+    if u:
+        for name, help_, v in (("consolidator_backup_dir_bytes",
+                                "Bytes the backup directory holds.", u.get("bytes")),
+                               ("consolidator_backup_dir_free_bytes",
+                                "Free space on the backup directory's filesystem.",
+                                u.get("fs_free"))):
+            if v is not None:
+                m = GaugeMetricFamily(name, help_, labels=["fleet"])
+                m.add_metric([fleet], v)
+                yield m
 
 
 REQUEST_TIMEOUT_S = 5.0

@@ -25,10 +25,23 @@ def _cpu_percent(g: GuestRuntime, rb: Rebalancer | None) -> float | None:
     return round(o.cpu_rate * 100, 1)
 
 
+def _backup(name: str, figures: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """The guest's newest backup and its age, and why its last attempt failed, if it did."""
+    if figures is None:
+        return None
+    last = figures["last"].get(name)
+    failed = figures["failures"].get(name)
+    if last is None and failed is None:
+        return None
+    return {"last": last["id"] if last else None, "at": last["at"] if last else None,
+            "age_s": round(now - last["at"], 1) if last else None, "failure": failed}
+
+
 def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
              explain: bool = False, metrics: dict[str, Any] | None = None,
              net_guard: dict[str, Any] | None = None,
-             dhcp: dict[str, Any] | None = None) -> dict[str, Any]:
+             dhcp: dict[str, Any] | None = None,
+             backups: dict[str, Any] | None = None) -> dict[str, Any]:
     now = time.time()
     snap = rb.last if rb else None
     guests = []
@@ -57,6 +70,7 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "firmware": g.intent.firmware,
             "ready": g.intent.ready,
             "agent": g.agent_view if running and g.agent_view else None,
+            "backup": _backup(n, backups, now),
         }
         if explain:
             row["explain"] = rb.explain.get(n) if rb else None

@@ -89,7 +89,7 @@ class Supervisor:
         self.net_guard = NetGuard(self.lifecycle)
         self.backups = Backups(self.runtime)
         self.metrics = metrics.MetricsServer(
-            lambda: metrics.reading(self.runtime, self.rebalancer))
+            lambda: metrics.reading(self.runtime, self.rebalancer, self.backups.figures()))
         self.api = Api(self.runtime, self.lifecycle, self.applier,
                        status=self.status, logs=self.logs, report=self.report,
                        destroy=self.destroy,
@@ -264,7 +264,8 @@ class Supervisor:
     def status(self, explain: bool = False) -> dict[str, Any]:
         return status.document(self.runtime, self.rebalancer, started=self.started,
                                explain=explain, metrics=self.metrics.state(),
-                               net_guard=self.net_guard.state(), dhcp=self.dhcp.state())
+                               net_guard=self.net_guard.state(), dhcp=self.dhcp.state(),
+                               backups=self.backups.figures())
 
     # =============================================================== destroy
     async def destroy(self, purge: bool) -> dict[str, Any]:

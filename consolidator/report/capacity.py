@@ -11,8 +11,13 @@ The question Ganeti's ``hspace`` answers for clusters, for one host, counted two
   of that shape use at p95, or its own floor (``min`` memory, its reserve or 0.1 core)
   when no such guest runs yet. The overcommit ratios still apply.
 
+Disk counts too, when the shape has one (``disk=`` on ``--shape``, or the disks of the
+fleet's guests of that shape): by guarantees, the free space of the state dir's
+filesystem less what the fleet's thin disks may still grow into, per whole disk of the
+shape; observed, that free space with headroom, per the space guests of the shape hold.
+
 Each count names its binding resource: ``FAILMEM`` (memory), ``FAILCPU`` (CPU cores),
-``FAILVCPU`` (the vCPU overcommit ratio). ``tiered()`` shrinks the shape along the
+``FAILVCPU`` (the vCPU overcommit ratio), ``FAILDISK`` (disk space). ``tiered()`` shrinks the shape along the
 resource that failed and keeps counting, like hspace's tiered allocation.
 """
 
@@ -33,6 +38,7 @@ class Shape:
     memory: int            # max, bytes
     min: int               # bytes
     reserve: float = 0.0   # cores
+    disk: int = 0          # virtual size of its disks, bytes
 
     def label(self) -> str:
         s = f"vcpus={self.vcpus},memory={format_size(self.memory)}"
@@ -40,6 +46,8 @@ class Shape:
             s += f",min={format_size(self.min)}"
         if self.reserve:
             s += f",reserve={self.reserve:g}"
+        if self.disk:
+            s += f",disk={format_size(self.disk)}"
         return s
 
 
@@ -49,6 +57,8 @@ class Committed:
     reserve: float
     memory_max: int
     memory_min: int
+    disk_virtual: int = 0       # what the fleet's disks may grow to, bytes
+    disk_allocated: int = 0     # what they hold now
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class Capacity:
     budget: int                 # guest memory budget, bytes
     overcommit_cpus: float
     overcommit_memory: float
+    disk_free: int | None = None    # free bytes on the state dir's filesystem
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,7 @@ class Observed:
 @dataclass(frozen=True)
 class Fit:
     count: int
-    binding: str                # FAILMEM, FAILCPU or FAILVCPU
+    binding: str                # FAILMEM, FAILCPU, FAILVCPU or FAILDISK
     limits: dict[str, int]      # count allowed by each constraint
     detail: str
 
@@ -84,7 +95,8 @@ def _pick(limits: dict[str, tuple[int, str]]) -> Fit:
     count, why = limits[name]
     code = {"cpu_reserve": "FAILCPU", "cpu_used": "FAILCPU", "vcpu_overcommit": "FAILVCPU",
             "memory_min": "FAILMEM", "memory_overcommit": "FAILMEM",
-            "memory_used": "FAILMEM"}[name]
+            "memory_used": "FAILMEM", "disk_guaranteed": "FAILDISK",
+            "disk_used": "FAILDISK"}[name]
     return Fit(count, code, {k: v[0] for k, v in limits.items()}, why)
 
 
@@ -104,11 +116,17 @@ def by_guarantees(shape: Shape, cap: Capacity, used: Committed) -> Fit:
                               f"{mroom // MiB:.0f} MiB of max left under overcommit "
                               f"{cap.overcommit_memory:g}"),
     }
+    if shape.disk and cap.disk_free is not None:
+        droom = cap.disk_free - max(0, used.disk_virtual - used.disk_allocated)
+        limits["disk_guaranteed"] = (_floor_div(droom, shape.disk),
+                                     f"{human_size(max(droom, 0))} free once the fleet's "
+                                     f"disks are full, {human_size(shape.disk)} each")
     return _pick(limits)
 
 
 def by_observed(shape: Shape, cap: Capacity, used: Committed, obs: Observed, *,
-                per_guest_cpu: float, per_guest_memory: int, headroom: float = 0.15) -> Fit:
+                per_guest_cpu: float, per_guest_memory: int, headroom: float = 0.15,
+                per_guest_disk: int = 0) -> Fit:
     cpu_room = cap.usable_cpus * (1 - headroom) - obs.cpu_p95
     mem_room = cap.budget * (1 - headroom) - obs.memory_p95
     vroom = cap.overcommit_cpus * cap.usable_cpus - used.vcpus
@@ -123,6 +141,11 @@ def by_observed(shape: Shape, cap: Capacity, used: Committed, obs: Observed, *,
                             f"{vroom:g} vCPUs left under overcommit "
                             f"{cap.overcommit_cpus:g}"),
     }
+    if per_guest_disk and cap.disk_free is not None:
+        droom = cap.disk_free * (1 - headroom)
+        limits["disk_used"] = (_floor_div(droom, per_guest_disk),
+                               f"{human_size(droom)} free with {headroom:.0%} headroom, "
+                               f"{human_size(per_guest_disk)} held each")
     return _pick(limits)
 
 
@@ -146,7 +169,9 @@ def tiered(shape: Shape, cap: Capacity, used: Committed, *, max_tiers: int = 8,
             cur_used = Committed(cur_used.vcpus + n * cur_shape.vcpus,
                                  cur_used.reserve + n * cur_shape.reserve,
                                  cur_used.memory_max + n * cur_shape.memory,
-                                 cur_used.memory_min + n * cur_shape.min)
+                                 cur_used.memory_min + n * cur_shape.min,
+                                 cur_used.disk_virtual + n * cur_shape.disk,
+                                 cur_used.disk_allocated)
         nxt = _shrink(cur_shape, fit.binding, min_memory)
         if nxt is None or nxt == cur_shape:
             break
@@ -162,6 +187,8 @@ def _shrink(s: Shape, binding: str, min_memory: int) -> Shape | None:
                        min=max(min_memory // 2, s.min // 2 // MiB * MiB))
     if binding == "FAILVCPU":
         return replace(s, vcpus=s.vcpus - 1) if s.vcpus > 1 else None
+    if binding == "FAILDISK":
+        return replace(s, disk=s.disk // 2) if s.disk > 1 << 30 else None
     if binding == "FAILCPU":
         if s.reserve <= 0:
             return None

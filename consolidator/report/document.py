@@ -9,11 +9,14 @@ Its renderings: JSON here, tables and Prometheus text in :mod:`.text`, HTML in :
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..backup.repo import Repo
 from ..errors import StateError, UsageError
+from ..inventory.files import QemuImgError, run_qemu_img
 from ..hostfacts import HostFacts
 from ..model import Fleet
 from ..state import StateDir
@@ -28,21 +31,21 @@ MiB = 1 << 20
 
 
 def parse_shape(text: str) -> cap.Shape:
-    """``vcpus=1,memory=512MiB[,min=256MiB][,reserve=0.25]``"""
+    """``vcpus=1,memory=512MiB[,min=256MiB][,reserve=0.25][,disk=10GiB]``"""
     kv: dict[str, str] = {}
     for part in text.split(","):
         k, sep, v = part.partition("=")
         if not sep:
             raise UsageError(f"--shape {text!r}: expected key=value pairs, got {part!r}")
         kv[k.strip()] = v.strip()
-    unknown = set(kv) - {"vcpus", "memory", "min", "reserve"}
+    unknown = set(kv) - {"vcpus", "memory", "min", "reserve", "disk"}
     if unknown:
         raise UsageError(f"--shape: unknown keys {', '.join(sorted(unknown))}",
-                         hint="vcpus, memory, min, reserve")
+                         hint="vcpus, memory, min, reserve, disk")
     try:
         mem = parse_size(kv.get("memory", "512MiB"))
         return cap.Shape(int(kv.get("vcpus", "1")), mem, parse_size(kv.get("min", str(mem))),
-                         float(kv.get("reserve", "0")))
+                         float(kv.get("reserve", "0")), parse_size(kv.get("disk", "0")))
     except ValueError as e:
         raise UsageError(f"--shape {text!r}: {e}") from None
 
@@ -105,10 +108,14 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
     guests = []
     committed = cap.Committed(0, 0.0, 0, 0)
     records = {n: (st.read_guest_record(n) or {}) for n in st.guest_names()}
+    storage = _storage(st, fleet, now)
     for name, g in sorted(fleet.guests.items()):
+        disk = storage["guests"][name]
         committed = cap.Committed(committed.vcpus + g.vcpus, committed.reserve + g.cpu.reserve,
                                   committed.memory_max + g.memory.max,
-                                  committed.memory_min + g.memory_min)
+                                  committed.memory_min + g.memory_min,
+                                  committed.disk_virtual + disk["virtual_size"],
+                                  committed.disk_allocated + disk["allocated"])
         cpu_v = series["cpu"][name].values() if have and name in series["cpu"] else []
         ws_v = series["ws"][name].values() if have and name in series["ws"] else []
         bal_v = series["balloon"][name].values() if have and name in series["balloon"] else []
@@ -119,6 +126,7 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
             "name": name, "state": rec.get("state", "defined"),
             "vcpus": g.vcpus, "cpu_reserve": g.cpu.reserve, "cpu_limit": g.cpu.limit,
             "cpu_shares": g.cpu.shares, "memory_max": g.memory.max,
+            "disk_virtual": disk["virtual_size"], "disk_allocated": disk["allocated"],
             "memory_min": g.memory_min, "restarts": int(rec.get("restarts", 0)),
             "cpu": {"p50": _p(cpu_v, 0.5), "p95": _p(cpu_v, 0.95),
                     "max": max(cpu_v) if cpu_v else None,
@@ -134,7 +142,7 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
         })
 
     capacity = cap.Capacity(fleet.usable_cpus, fleet.budget, fleet.host.overcommit.cpus,
-                            fleet.host.overcommit.memory)
+                            fleet.host.overcommit.memory, storage["state_fs"]["free"])
     host_cpu_v = series["host_cpu"].values() if have else []
     # what the guests hold: sum of balloon sizes at each instant
     mem_hold = []
@@ -152,14 +160,17 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
     if not shapes:
         seen: dict[tuple, cap.Shape] = {}
         for g in fleet.guests.values():
-            s = cap.Shape(g.vcpus, g.memory.max, g.memory_min, g.cpu.reserve)
-            seen.setdefault((s.vcpus, s.memory, s.min, s.reserve), s)
+            s = cap.Shape(g.vcpus, g.memory.max, g.memory_min, g.cpu.reserve,
+                          storage["guests"][g.name]["virtual_size"])
+            seen.setdefault((s.vcpus, s.memory, s.min, s.reserve, s.disk), s)
         shapes = list(seen.values()) or [cap.Shape(1, 512 * MiB, 512 * MiB)]
     fits = []
     for s in shapes:
         same = [g for g in guests if (g["vcpus"], g["memory_max"], g["memory_min"],
                                       g["cpu_reserve"]) == (s.vcpus, s.memory, s.min,
                                                             s.reserve)]
+        per_disk = (sum(g["disk_allocated"] for g in same) // len(same)) if same and \
+            s.disk else s.disk
         per_cpu = (sum((g["cpu"]["p95"] or 0.0) for g in same) / len(same)
                    if same and have else max(s.reserve, 0.1))
         per_mem = (sum((g["balloon"]["max"] or s.min) for g in same) / len(same)
@@ -172,7 +183,7 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
         if have:
             entry["by_observed"] = _fit_json(cap.by_observed(
                 s, capacity, committed, obs, per_guest_cpu=per_cpu,
-                per_guest_memory=int(per_mem), headroom=headroom))
+                per_guest_memory=int(per_mem), headroom=headroom, per_guest_disk=per_disk))
             entry["by_observed"]["assumed_per_guest"] = {"cpu": per_cpu,
                                                          "memory": int(per_mem)}
         else:
@@ -213,10 +224,62 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
                 "memory": (fleet.budget - (_p(mem_hold, 0.95) or 0)) if have else None},
         },
         "guests": guests,
+        "storage": storage,
         "fits": fits,
         "charts": _chart_data(series, fleet) if have else None,
     }
     return doc
+
+
+def _storage(st: StateDir, fleet: Fleet, now: float) -> dict[str, Any]:
+    """Each guest's disks (virtual size, allocated), snapshots and backups; the free
+    space of the state dir's and the backup dir's filesystems."""
+    repo = Repo(fleet.host.backup.dir or st.root / "backups")
+    backups: dict[str, list[Any]] = {}
+    if repo.root.exists():
+        for b in repo.backups():
+            if b.manifest:
+                backups.setdefault(b.guest, []).append(b)
+    guests = {}
+    for name in fleet.guests:
+        gdir = st.guest_dir(name)
+        disks = []
+        for p in sorted(gdir.glob("*.qcow2")) if gdir.is_dir() else []:
+            if p.name != "disk.qcow2" and not p.name.startswith("data-"):
+                continue
+            if ".replaced-" in p.name:
+                continue
+            try:
+                info = json.loads(run_qemu_img("info", "-U", "--output=json", str(p)))
+                disks.append({"file": p.name, "virtual_size": int(info["virtual-size"]),
+                              "allocated": p.stat().st_blocks * 512})
+            except (QemuImgError, OSError, ValueError, KeyError):
+                continue
+        mine = backups.get(name, [])
+        last = mine[-1] if mine else None
+        guests[name] = {
+            "disks": disks, "virtual_size": sum(d["virtual_size"] for d in disks),
+            "allocated": sum(d["allocated"] for d in disks),
+            "snapshots": [x["tag"] for x in st.read_snapshots(name)] if gdir.is_dir() else [],
+            "backups": {"count": len(mine), "bytes": sum(b.size() for b in mine),
+                        "last": last.id if last else None,
+                        "last_at": last.taken_at if last else None,
+                        "age_s": round(now - last.taken_at, 1) if last else None}}
+    return {"state_fs": _fs(st.root), "backup_dir": {**_fs(repo.root),
+                                                     "exists": repo.root.exists()},
+            "guests": guests}
+
+
+def _fs(path: Path) -> dict[str, Any]:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        v = os.statvfs(probe)
+        return {"dir": str(path), "free": v.f_bavail * v.f_frsize,
+                "size": v.f_blocks * v.f_frsize}
+    except OSError:
+        return {"dir": str(path), "free": None, "size": None}
 
 
 def _fit_json(f: cap.Fit) -> dict[str, Any]:

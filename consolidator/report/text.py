@@ -53,6 +53,20 @@ def to_prom(doc: dict[str, Any]) -> str:
            [({**inst, "guest": g["name"]}, g["working_set"]["p95"]) for g in doc["guests"]])
     metric("consolidator_guest_restarts_total", "Automatic restarts.", "counter",
            [({**inst, "guest": g["name"]}, g["restarts"]) for g in doc["guests"]])
+    sto = doc.get("storage") or {}
+    sg = sto.get("guests") or {}
+    metric("consolidator_guest_disk_virtual_bytes", "What the guest's disks may grow to.",
+           "gauge", [({**inst, "guest": n}, x["virtual_size"]) for n, x in sorted(sg.items())])
+    metric("consolidator_guest_disk_allocated_bytes", "What the guest's disks hold.",
+           "gauge", [({**inst, "guest": n}, x["allocated"]) for n, x in sorted(sg.items())])
+    metric("consolidator_guest_backup_age_seconds", "How old the guest's newest backup is.",
+           "gauge", [({**inst, "guest": n}, x["backups"]["age_s"])
+                     for n, x in sorted(sg.items())])
+    for key, name in (("state_fs", "state"), ("backup_dir", "backup")):
+        fs = sto.get(key) or {}
+        metric(f"consolidator_host_{name}_fs_free_bytes",
+               f"Free space on the {name} directory's filesystem.", "gauge",
+               [(inst, fs.get("free"))])
     metric("consolidator_fits_guests", "More guests of this shape that fit.", "gauge",
            [({**inst, "shape": f["shape"], "by": "guarantees",
               "binding": f["by_guarantees"]["binding"]}, f["by_guarantees"]["count"])
@@ -127,6 +141,8 @@ def tables(doc: dict[str, Any]) -> list[Any]:
         r.add_row(x["name"], f"memory: {x['recommendation']['memory']}")
         r.add_row("", f"CPU: {x['recommendation']['cpu']}")
     out.append(r)
+    if doc.get("storage"):
+        out.append(_storage_table(doc["storage"]))
     tiered = any(x.get("tiers") for x in doc["fits"])
     f = Table(title="how many more fit", title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False)
@@ -145,6 +161,27 @@ def tables(doc: dict[str, Any]) -> list[Any]:
         f.add_row(*row)
     out.append(f)
     return out
+
+
+def _storage_table(sto: dict[str, Any]) -> Any:
+    from ..units import human_duration
+    t = Table(title="storage: disks (allocated / virtual), snapshots, backups",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("guest", "disks", "snapshots", "backups", "newest backup"):
+        t.add_column(col, overflow="fold")
+    for name, x in sorted(sto["guests"].items()):
+        b = x["backups"]
+        t.add_row(name, f"{size(x['allocated'])} / {size(x['virtual_size'])}"
+                  if x["disks"] else "-",
+                  str(len(x["snapshots"])) if x["snapshots"] else "-",
+                  f"{b['count']}, {size(b['bytes'])}" if b["count"] else "none",
+                  f"{b['last']} ({human_duration(b['age_s'])} ago)" if b["last"] else "-")
+    for key, what in (("state_fs", "state dir"), ("backup_dir", "backup dir")):
+        fs = sto[key]
+        if fs.get("free") is not None:
+            t.add_row(f"[dim]{what}[/]", f"{size(fs['free'])} free of {size(fs['size'])}",
+                      "", "", fs["dir"])
+    return t
 
 
 def _mib(*values: float | None, sep: str = "/") -> str:

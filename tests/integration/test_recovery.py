@@ -453,3 +453,25 @@ def test_eight_linked_clones_cost_one_template_and_small_overlays(tmp_path):
                for i in range(1, 9) if (f.state / "guests" / f"c{i}" / "instance-id").exists()}
         assert len(ids) in (0, 8)           # the tiny image has no cloud-init seed
     assert leftovers(f.instance) == []
+
+
+def test_the_report_status_and_metrics_show_storage_and_backup_age(fleet):
+    b = backup(fleet, "db")["backups"][0]
+    doc = json.loads(fleet.cli("report", "--format", "json").stdout)
+    sto = doc["storage"]
+    db = sto["guests"]["db"]
+    assert db["disks"][0]["file"] == "data-data.qcow2"
+    assert db["disks"][0]["virtual_size"] == 64 << 20
+    assert 0 < db["allocated"] <= 64 << 20
+    assert db["backups"]["last"] == b["id"] and db["backups"]["count"] >= 1
+    assert 0 <= db["backups"]["age_s"] < 120
+    assert sto["state_fs"]["free"] > 0 and sto["backup_dir"]["free"] > 0
+    assert any(f["shape"].endswith("disk=64MiB") for f in doc["fits"])
+    row = fleet.guests()["db"]["backup"]
+    assert row["last"] == b["id"] and row["age_s"] < 120 and row["failure"] is None
+    prom = fleet.cli("report", "--format", "prom").stdout
+    assert f'consolidator_guest_backup_age_seconds{{fleet="{fleet.instance}",guest="db"}}' \
+        in prom
+    assert "consolidator_host_backup_fs_free_bytes" in prom
+    text = fleet.cli("report").stdout
+    assert "storage: disks" in text and b["id"] in text

@@ -59,6 +59,26 @@ def test_observed_counts_with_headroom():
     assert f.limits == {"cpu_used": 3, "memory_used": 9, "vcpu_overcommit": 6}
 
 
+def test_disk_binds_when_thin_disks_may_still_grow():
+    # 100 GiB free; the fleet's disks may grow by 80 - 30 = 50 GiB: 50 GiB left, 20 each
+    cap = Capacity(1.5, 8 * GiB, 4.0, 1.5, disk_free=100 * GiB)
+    used = Committed(1, 0.0, GiB, GiB, disk_virtual=80 * GiB, disk_allocated=30 * GiB)
+    f = by_guarantees(Shape(1, 256 * MiB, 256 * MiB, disk=20 * GiB), cap, used)
+    assert (f.count, f.binding) == (2, "FAILDISK")
+    assert "free once the fleet's disks are full" in f.detail
+    # observed: 100 GiB x 0.85 / 30 GiB held each = 2
+    o = by_observed(Shape(1, 256 * MiB, 256 * MiB, disk=20 * GiB), cap, used,
+                    Observed(0.1, GiB), per_guest_cpu=0.01, per_guest_memory=64 * MiB,
+                    per_guest_disk=30 * GiB)
+    assert (o.count, o.binding) == (2, "FAILDISK")
+
+
+def test_a_shape_without_disk_ignores_disk():
+    cap = Capacity(1.5, 8 * GiB, 4.0, 1.5, disk_free=0)
+    f = by_guarantees(Shape(1, GiB, GiB), cap, NONE)
+    assert "disk_guaranteed" not in f.limits and f.binding != "FAILDISK"
+
+
 def test_tiers_shrink_along_the_binding_resource():
     # 0.5-core reserve: 3 fit (FAILCPU). Then reserve 0.25, 0.125, 0.062, 0.031 fit none
     # (no cores left unreserved); reserve 0: vCPUs bind: 6 - 3 = 3 more; then vcpus cannot
