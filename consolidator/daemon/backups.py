@@ -51,6 +51,11 @@ class Backups:
         self.failures: dict[str, str] = {}            # guest -> why its last backup failed
         self.usage: dict[str, Any] | None = None      # the backup dir's size and free space
         self._scanned = False
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """The fleet changed: look at the schedules again now."""
+        self._woken.set()
 
     def repo(self) -> Repo:
         fleet = self.runtime.fleet
@@ -318,8 +323,27 @@ class Backups:
                     self.runtime.event(g, "backup_failed", error=e.message[:300])
                 if stopping.is_set():
                     return
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), SCHEDULE_TICK)
+            self._woken.clear()
+            waits = [asyncio.ensure_future(stopping.wait()),
+                     asyncio.ensure_future(self._woken.wait())]
+            try:
+                await asyncio.wait(waits, timeout=self._next_due(time.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    def _next_due(self, now: float) -> float:
+        """Seconds until the next guest is due (at least 1, at most SCHEDULE_TICK: a
+        schedule an apply adds is seen within that)."""
+        wait = SCHEDULE_TICK
+        for name, g in self.runtime.guests.items():
+            every = g.intent.backup.every if g.intent.backup is not None else None
+            if every is None:
+                continue
+            last = self.newest().get(name)
+            wait = min(wait, (last["taken_at"] + every - now) if last else 0.0)
+        return max(1.0, wait)
 
 
 def _copy_offline(disk: Path, target: Path, base: dict[str, Any] | None) -> None:

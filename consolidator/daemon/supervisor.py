@@ -204,6 +204,7 @@ class Supervisor:
         endpoint and the socket's group follow the fleet's settings too."""
         fleet = self.runtime.fleet
         self.metrics.sync(fleet.host.metrics if fleet else None)
+        self.backups.wake()                 # a schedule may have changed
         if self._server is not None:
             self._share()
         if fleet is None or self.rebalancer is not None:

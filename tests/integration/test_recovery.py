@@ -475,3 +475,27 @@ def test_the_report_status_and_metrics_show_storage_and_backup_age(fleet):
     assert "consolidator_host_backup_fs_free_bytes" in prom
     text = fleet.cli("report").stdout
     assert "storage: disks" in text and b["id"] in text
+
+
+def test_the_supervisor_backs_up_on_schedule_and_prunes(fleet):
+    import time
+    inventory = fleet.inventory.read_text()
+    assert "backup: {keep: {last: 1, daily: 0, weekly: 0}}" in inventory
+    try:
+        fleet.write(inventory.replace("backup: {keep: {last: 1, daily: 0, weekly: 0}}",
+                                      "backup: {every: 2s, keep: {last: 2, daily: 0, "
+                                      "weekly: 0}}"))
+        fleet.cli("apply")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = [e for e in fleet.log("db") if e.get("event") == "backup_done"]
+            if len(done) >= 4:
+                break
+            time.sleep(0.5)
+        assert len(done) >= 4, done
+        listed = json.loads(fleet.cli("backup", "list", "db", "--json").stdout)["backups"]
+        assert len(listed) == 2                              # keep: last 2
+        assert listed[-1]["kind"] == "incremental"
+    finally:
+        fleet.write(inventory)
+        fleet.cli("apply")
