@@ -58,6 +58,7 @@ class Snapshots:
     def __init__(self, runtime: Runtime, lifecycle: Lifecycle) -> None:
         self.runtime = runtime
         self.lifecycle = lifecycle
+        self.frozen: dict[str, int | None] = {}     # filesystems the last freeze froze
 
     # ------------------------------------------------------------------ helpers
     def _disks(self, g: GuestRuntime) -> tuple[DiskNode, ...]:
@@ -121,7 +122,8 @@ class Snapshots:
             entry = {"tag": tag, "taken_at": round(t0, 3), "kind": kinds[g.name],
                      "memory": kinds[g.name] == "memory",
                      "disks": [d.label for d in disks], "group": len(plan) > 1,
-                     "efivars": vars_ is not None, "window_ms": window.get(g.name)}
+                     "efivars": vars_ is not None, "window_ms": window.get(g.name),
+                     "filesystems_frozen": self.frozen.pop(g.name, None)}
             self._record(g, entry)
             self.runtime.event(g, "snapshot_created", tag=tag, consistency=entry["kind"])
             out.append({"name": g.name, **entry})
@@ -153,6 +155,7 @@ class Snapshots:
                     log.error("snapshot.thaw_failed", error=str(e)[:300])
         for (g, _), n in zip(live, frozen):
             kinds[g.name] = "crash" if n is None else "frozen"
+            self.frozen[g.name] = n
         window = round((t2 - t0) * 1000, 1)
         log.info("snapshot.freeze_window", ms=window, freeze_ms=round((t1 - t0) * 1000, 1),
                  frozen=sum(n is not None for n in frozen), guests=len(live))

@@ -10,6 +10,7 @@ installer ISO is made from Debian's netboot package with grub-mkrescue, BIOS and
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -219,6 +220,17 @@ def test_debian12_uefi_cloud_init_agent_and_a_data_disk(tmp_path, bookworm_uefi)
         f.cli("start", "web", timeout=900)
         rc, out = guest_run(f, "web", "sh", "-c", f"mount {disk} /data && cat /data/f")
         assert (rc, out.strip()) == (0, "kept")
+
+        # a snapshot freezes its filesystems through qemu-ga (/ and /data; not the ESP), and a
+        # backup holds the overlay, the data disk and the image's base once
+        snap = json.loads(f.cli("snapshot", "create", "web", "--tag", "t1", "--json")
+                          .stdout)["guests"][0]
+        assert snap["kind"] == "frozen" and snap["filesystems_frozen"] >= 2, snap
+        assert asyncio.run(agent(f, "web").execute("guest-fsfreeze-status")) == "thawed"
+        b = json.loads(f.cli("backup", "web", "--json", timeout=300).stdout)["backups"][0]
+        assert b["consistency"] == "frozen" and set(b["disks"]) == {"disk", "data-data0"}
+        assert json.loads(f.cli("backup", "verify", "--json", timeout=300).stdout)["ok"]
+        assert len(list((f.state / "backups" / "bases").glob("*.qcow2"))) == 1
 
         # growing it is live: no restart, and the guest sees the new size
         pid = f.guests()["web"]["pid"]
