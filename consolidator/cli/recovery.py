@@ -31,6 +31,19 @@ def _names(c: Ctx, names: tuple[str, ...], all_: bool) -> list[str]:
     return list(names)
 
 
+def _table(*columns: str) -> Any:
+    from rich.table import Table
+    t = Table(box=None, pad_edge=False)
+    for col in columns:
+        t.add_column(col)
+    return t
+
+
+def _when(t: float | None) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+
+
 def _ms(v: Any) -> str:
     return "" if v is None else f"{v:.0f} ms"
 
@@ -76,19 +89,14 @@ def snapshot_list(c: Ctx, name: str | None, as_json: bool) -> None:
 
     frozen: the guest's agent froze its filesystems; crash: no agent answered, the disks
     hold what a power cut would leave; memory: RAM too; offline: the guest was stopped."""
-    from rich.table import Table
     from ..units import human_size
     res = _call(c, "snapshot-list", **({"name": name} if name else {}))["snapshots"]
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    t = Table(box=None, pad_edge=False)
-    for col in ("GUEST", "TAG", "TAKEN", "KIND", "DISKS", "RAM", "NOTE"):
-        t.add_column(col)
-    import time
+    t = _table("GUEST", "TAG", "TAKEN", "KIND", "DISKS", "RAM", "NOTE")
     for s in res:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["taken_at"])) \
-            if s.get("taken_at") else "?"
+        when = _when(s.get("taken_at"))
         note = f"missing on {', '.join(s['missing_on'])}" if s.get("missing_on") else ""
         t.add_row(s["name"], s["tag"], when, s["kind"], ", ".join(s["disks"]),
                   human_size(s["vm_state_size"]) if s.get("vm_state_size") else "", note)
@@ -189,8 +197,6 @@ def backup_take(c: Ctx, names: tuple[str, ...], all_: bool, full: bool, as_json:
 def backup_list(c: Ctx, guest: str | None, dir_: str | None, as_json: bool) -> None:
     """The backups in the backup directory, oldest first, with the directory's size and
     its filesystem's free space."""
-    import time
-    from rich.table import Table
     from ..backup.repo import Repo
     from ..units import human_size
     repo = Repo(backup_dir(c, dir_))
@@ -201,11 +207,9 @@ def backup_list(c: Ctx, guest: str | None, dir_: str | None, as_json: bool) -> N
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    t = Table(box=None, pad_edge=False)
-    for col in ("ID", "TAKEN", "KIND", "SIZE", "TIME", "CONSISTENCY", "WHY FULL"):
-        t.add_column(col)
+    t = _table("ID", "TAKEN", "KIND", "SIZE", "TIME", "CONSISTENCY", "WHY FULL")
     for b in res["backups"]:
-        t.add_row(b["id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["taken_at"])),
+        t.add_row(b["id"], _when(b["taken_at"]),
                   str(b["kind"]), human_size(b["bytes"]),
                   f"{b['seconds']:.1f} s" if b.get("seconds") is not None else "",
                   str(b["consistency"]), b.get("reason") or "")
