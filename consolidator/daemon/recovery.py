@@ -169,9 +169,13 @@ class Snapshots:
         qmps = [g.guest.qmp_client for g, _ in live]  # type: ignore[union-attr]
         t0 = time.monotonic()
         await asyncio.gather(*(q.execute("stop") for q in qmps))
-        try:
-            for (g, disks), q in zip(live, qmps):
-                await storage.save_vm(q, disks, tag)
+        try:                               # each QEMU writes its own RAM: all at once
+            saved = await asyncio.gather(*(storage.save_vm(q, disks, tag)
+                                           for (_, disks), q in zip(live, qmps)),
+                                         return_exceptions=True)
+            for (g, _), r in zip(live, saved):
+                if isinstance(r, BaseException):
+                    raise r
                 kinds[g.name] = "memory"
         finally:
             await asyncio.gather(*(q.execute("cont") for q in qmps), return_exceptions=True)
