@@ -58,8 +58,9 @@ def compose(current: str | None, backup_inventory: str, guest: str, target: str,
     section = dict(guest_section(backup_inventory, guest))
     notes: list[str] = []
     if current is None:
-        doc = {k: v for k, v in bdoc.items() if k != "guests"}
+        doc = {k: v for k, v in bdoc.items() if k not in ("guests", "images")}
         doc["guests"] = {}
+        doc["images"] = {}                # the guest's own is added below, paths absolute
     else:
         doc = _load(current, "the inventory in force")
         doc.setdefault("guests", {})
@@ -107,7 +108,7 @@ def _fresh_nics(nics: list[Any], doc: dict[str, Any], notes: list[str]) -> list[
         nic = {k: v for k, v in nic.items() if k != "mac"}
         net = (doc.get("networks") or {}).get(nic.get("network")) or {}
         if "ip" in nic:
-            if net.get("dhcp"):
+            if net.get("dhcp", True):          # the schema's default: DHCP on
                 del nic["ip"]
             else:
                 ip = free_address(str(net.get("subnet")), used | {_addr(net.get("gateway"))})
