@@ -46,6 +46,8 @@ def cli(ctx: click.Context) -> None:
     consolidator status         what runs, and how it is doing (--explain: why)
     consolidator report         is the box full, what is wasted, how many more fit
     consolidator doctor         what this host offers, and what is missing
+    consolidator snapshot       snapshots, of one guest or the fleet at one instant
+    consolidator backup         incremental backups; restore brings guests back
     """
     ctx.ensure_object(Ctx)
 
