@@ -314,10 +314,17 @@ def test_the_disaster_drill_brings_the_fleet_back_on_an_empty_state_dir(tmp_path
         # a second restore --all into the same instance asks first
         res = f.cli("restore", "--all", "--from", str(backups), check=False)
         assert res.returncode == 5 and "confirm with -y" in res.stderr
-        # nor into a state dir that runs another instance
+        # nor into a state dir that runs another instance; one guest may join it
         res = fleet.cli("restore", "--all", "--from", str(backups), check=False)
         assert res.returncode == 5 and f"the backups are of instance {f.instance}" in \
             res.stderr
+        res = json.loads(fleet.cli("restore", "web", "--from", str(backups), "--json").stdout)
+        assert res["applied"]["ok"], res
+        assert any(f"from instance {f.instance} into {fleet.instance}" in n
+                   for n in res["notes"])
+        assert read(fleet, "web", 11) == "DATA-OF-web"
+        fleet.cli("apply", "--prune", "--purge")          # it is not in that inventory
+        assert "web" not in fleet.guests()
     assert leftovers(f.instance) == []
 
 
@@ -463,7 +470,7 @@ def test_the_report_status_and_metrics_show_storage_and_backup_age(fleet):
     db = sto["guests"]["db"]
     assert db["disks"][0]["file"] == "data-data.qcow2"
     assert db["disks"][0]["virtual_size"] == 64 << 20
-    assert 0 < db["allocated"] <= 64 << 20
+    assert db["allocated"] > 0      # (may pass the virtual size: snapshots live inside)
     assert db["backups"]["last"] == b["id"] and db["backups"]["count"] >= 1
     assert 0 <= db["backups"]["age_s"] < 120
     assert sto["state_fs"]["free"] > 0 and sto["backup_dir"]["free"] > 0
@@ -486,10 +493,11 @@ def test_the_supervisor_backs_up_on_schedule_and_prunes(fleet):
         fleet.write(inventory.replace("backup: {keep: {last: 1, daily: 0, weekly: 0}}",
                                       "backup: {every: 2s, keep: {last: 2, daily: 0, "
                                       "weekly: 0}}"))
+        before = len([e for e in fleet.log("db") if e.get("event") == "backup_done"])
         fleet.cli("apply")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            done = [e for e in fleet.log("db") if e.get("event") == "backup_done"]
+            done = [e for e in fleet.log("db") if e.get("event") == "backup_done"][before:]
             if len(done) >= 4:
                 break
             time.sleep(0.5)
