@@ -178,9 +178,11 @@ class Backups:
                 if len(chain) > 1:
                     bases[d.label] = await asyncio.to_thread(repo.store_base, chain[1:])
         targets = {}
+        live = await storage.nodes(g.guest.qmp_client) if g.live else {}  # type: ignore[union-attr]
         for d in disks:
             since, why = modes[d.label]
-            size = (await asyncio.to_thread(storage.image_info, d.path))["virtual-size"]
+            size = (live.get(d.node, {}).get("image") or {}).get("virtual-size") or \
+                (await asyncio.to_thread(storage.image_info, d.path))["virtual-size"]
             targets[d.label] = await asyncio.to_thread(
                 repo.new_target, part, f"{d.label}.qcow2", int(size),
                 parent if since else None)
