@@ -77,10 +77,13 @@ class Backups:
                 if emit is not None:
                     emit({"guest": n, "phase": f"backup {b['kind']} {b['id']}",
                           "t": round(time.monotonic() - t0, 3)})
-            except ConsolidatorError as e:
-                failed.append({"name": n, "error": e.message})
+            except (ConsolidatorError, OSError) as e:    # a full backup dir, say
+                msg = e.message if isinstance(e, ConsolidatorError) else \
+                    f"{e.strerror or e} ({getattr(e, 'filename', None) or 'backup dir'})"
+                failed.append({"name": n, "error": msg})
+                self.failures[n] = msg
                 if emit is not None:
-                    emit({"guest": n, "phase": f"backup failed: {e.message}",
+                    emit({"guest": n, "phase": f"backup failed: {msg}",
                           "t": round(time.monotonic() - t0, 3)})
         return {"backups": done, "failures": failed, "dir": str(self.repo().root)}
 
@@ -319,10 +322,11 @@ class Backups:
                 try:
                     async with g.busy:
                         await self._one(g, full=False)
-                except ConsolidatorError as e:
-                    self.failures[name] = e.message
-                    log.warning("backup.failed", guest=name, error=e.message)
-                    self.runtime.event(g, "backup_failed", error=e.message[:300])
+                except (ConsolidatorError, OSError) as e:
+                    msg = e.message if isinstance(e, ConsolidatorError) else str(e)
+                    self.failures[name] = msg
+                    log.warning("backup.failed", guest=name, error=msg)
+                    self.runtime.event(g, "backup_failed", error=msg[:300])
                 if stopping.is_set():
                     return
             self._woken.clear()
