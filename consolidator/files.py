@@ -16,6 +16,15 @@ def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
+def fsync_dir(d: Path) -> None:
+    """Make a rename or a new entry in ``d`` durable."""
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def rotate_log(path: Path, cap: int = SERIAL_LOG_CAP) -> bool:
     """Copy-truncate ``path`` to ``path.1`` when over ``cap``. QEMU appends (O_APPEND), so
     truncating under it is safe. Returns whether it rotated."""

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import DEFAULT_STATE_DIR as _DEFAULT_STATE_DIR
-from .files import open_private
+from .files import fsync_dir, open_private
 from .errors import StateError
 from .inventory.schema import HostSpec, NetworkSpec
 from .model import Fleet, GuestIntent, GuestState
@@ -69,11 +69,7 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         except FileNotFoundError:
             pass
         raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any, mode: int = 0o600) -> None:

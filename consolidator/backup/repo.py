@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, StateError, UsageError
-from ..inventory.files import QemuImgError, run_qemu_img
+from ..inventory.files import qemu_img
+from ..files import fsync_dir
 from ..state import atomic_write, read_json, write_json
 
 FORMAT = 1
@@ -61,11 +62,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _img(*args: str, timeout: float = 3600) -> str:
-    try:
-        return run_qemu_img(*args, timeout=timeout)
-    except QemuImgError as e:
-        raise ImageError(str(e)) from None
 
 
 @dataclass
@@ -213,7 +209,7 @@ class Repo:
         write_json(part / "manifest.json", manifest)
         final = self.guest_dir(guest) / s
         os.replace(part, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return Backup(guest, s, final, manifest)
 
     def new_target(self, part: Path, file: str, size: int, parent: Backup | None) -> Path:
@@ -223,7 +219,7 @@ class Repo:
         args = ["create", "-q", "-f", "qcow2"]
         if parent is not None:
             args += ["-u", "-F", "qcow2", "-b", f"../{parent.stamp}/{file}"]
-        _img(*args, str(path), str(size))
+        qemu_img(*args, str(path), str(size), timeout=3600)
         os.chmod(path, 0o600)
         return path
 
@@ -237,8 +233,8 @@ class Repo:
         if not dest.exists():
             dest.parent.mkdir(exist_ok=True, mode=0o700)
             tmp = dest.with_name(f".{dest.name}.tmp")
-            _img("convert", "-U", "-O", "qcow2", "-f", layers[0][1], str(layers[0][0]),
-                 str(tmp))
+            qemu_img("convert", "-U", "-O", "qcow2", "-f", layers[0][1], str(layers[0][0]),
+                     str(tmp), timeout=3600)
             os.chmod(tmp, 0o600)
             os.replace(tmp, dest)
         return {"key": key, "file": f"bases/{dest.name}", "path": str(layers[0][0]),
@@ -305,7 +301,7 @@ class Repo:
                 continue
             if deep and name.endswith(".qcow2"):
                 try:
-                    _img("check", "-q", "-U", "-f", "qcow2", str(p))
+                    qemu_img("check", "-q", "-U", "-f", "qcow2", str(p), timeout=3600)
                 except ImageError as e:
                     out.append(f"{b.id}: {name}: {e.message}")
         for label, d in b.disks.items():
@@ -332,7 +328,7 @@ class Repo:
             if base is None:
                 raise UsageError(f"{b.id}: disk {label} is an overlay: its base is needed")
             args += ["-B", str(base), "-F", d["base"]["format"]]
-        _img(*args, str(top), str(tmp))
+        qemu_img(*args, str(top), str(tmp), timeout=3600)
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)
 
@@ -342,7 +338,8 @@ class Repo:
         if self.file_sha(path) == base["sha256"]:
             return True
         try:
-            _img("compare", "-U", "-q", str(self.root / base["file"]), str(path))
+            qemu_img("compare", "-U", "-q", str(self.root / base["file"]), str(path),
+                     timeout=3600)
             return True
         except ImageError:
             return False
@@ -371,8 +368,8 @@ class Repo:
             work = child.dir / f".{d['file']}.rebase"
             shutil.copyfile(f, work)
             up = gone.disks.get(lbl, {}).get("parent")
-            _img("rebase", "-f", "qcow2", "-F", "qcow2",
-                 "-b", f"../{up}/{d['file']}" if up else "", str(work))
+            qemu_img("rebase", "-f", "qcow2", "-F", "qcow2",
+                     "-b", f"../{up}/{d['file']}" if up else "", str(work), timeout=3600)
             d["parent"] = up
             if not up and d.get("mode") == "incremental":
                 d["mode"] = "full (merged)"
@@ -408,25 +405,32 @@ class Repo:
             done.append(b.id)
         return done
 
-    def usage(self) -> dict[str, Any]:
-        """The directory's size and its filesystem's free space (bytes)."""
-        total = 0
-        for dirpath, _, files in os.walk(self.root):
-            for f in files:
+    def survey(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The directory's size and its filesystem's free space (bytes), and each guest's
+        newest backup, in one pass over the manifests: they record every file's size, so
+        only the bases and a backup without a readable manifest are stat'ed."""
+        total, newest = 0, {}
+        for b in self.backups():
+            files = b.manifest.get("files")
+            if isinstance(files, dict) and files:
+                total += sum(int(f.get("bytes") or 0) for f in files.values()
+                             if isinstance(f, dict))
+            else:
                 with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+                    total += b.size()
+            if b.manifest:
+                newest[b.guest] = b          # oldest first: the last one stays
+        with contextlib.suppress(OSError):
+            for f in (self.root / "bases").iterdir():
+                total += f.lstat().st_size
         try:
             st = os.statvfs(self.root)
             free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         except OSError:
             free = size = None
-        return {"dir": str(self.root), "bytes": total, "fs_free": free, "fs_size": size}
+        usage = {"dir": str(self.root), "bytes": total, "fs_free": free, "fs_size": size}
+        return usage, {g: b.summary() for g, b in newest.items()}
 
+    def usage(self) -> dict[str, Any]:
+        return self.survey()[0]
 
-
-def _fsync_dir(d: Path) -> None:
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

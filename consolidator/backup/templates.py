@@ -13,15 +13,10 @@ import os
 from pathlib import Path
 
 from ..errors import ImageError
-from ..inventory.files import QemuImgError, run_qemu_img
+from ..inventory.files import qemu_img
 from .repo import Repo
 
 
-def _img(*args: str) -> str:
-    try:
-        return run_qemu_img(*args, timeout=3600)
-    except QemuImgError as e:
-        raise ImageError(str(e)) from None
 
 
 def make_template(ref: str, dest: Path, *, guests_dir: Path, repo: Repo) -> bool:
@@ -39,15 +34,15 @@ def make_template(ref: str, dest: Path, *, guests_dir: Path, repo: Repo) -> bool
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         src = guests_dir / guest / "disk.qcow2"
-        info = json.loads(_img("info", "-U", "--output=json", str(src))) if src.exists() \
-            else {}
+        info = json.loads(qemu_img("info", "-U", "--output=json", str(src))) \
+            if src.exists() else {}
         if any(s.get("name") == tag for s in info.get("snapshots") or []):
             base = info.get("full-backing-filename") or info.get("backing-filename")
             args = ["convert", "-U", "-l", f"snapshot.name={tag}", "-f", "qcow2",
                     "-O", "qcow2"]
             if base:
                 args += ["-B", base, "-F", info.get("backing-filename-format", "raw")]
-            _img(*args, str(src), str(tmp))
+            qemu_img(*args, str(src), str(tmp), timeout=3600)
         else:
             _from_backup(repo, guest, tag, tmp)
         os.chmod(tmp, 0o600)
@@ -80,6 +75,6 @@ def _from_backup(repo: Repo, guest: str, tag: str, tmp: Path) -> None:
     part = tmp.with_name(f"{tmp.name}.part")
     repo.materialize(b, "disk", part, repo.root / base["file"])
     try:
-        _img("convert", "-f", "qcow2", "-O", "qcow2", str(part), str(tmp))
+        qemu_img("convert", "-f", "qcow2", "-O", "qcow2", str(part), str(tmp), timeout=3600)
     finally:
         part.unlink(missing_ok=True)

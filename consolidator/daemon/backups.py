@@ -50,7 +50,7 @@ class Backups:
         self.last: dict[str, dict[str, Any]] = {}     # guest -> its newest backup's summary
         self.failures: dict[str, str] = {}            # guest -> why its last backup failed
         self.usage: dict[str, Any] | None = None      # the backup dir's size and free space
-        self._scanned = False
+        self._surveyed: Path | None = None            # the dir ``last`` and ``usage`` describe
         self._woken = asyncio.Event()
 
     def wake(self) -> None:
@@ -137,7 +137,7 @@ class Backups:
                  reason=summary["reason"], seconds=summary["seconds"], bytes=summary["bytes"])
         if g.intent.backup is not None:
             await self.prune_guest(g.name, g.intent.backup.keep)
-        await self.refresh_usage()
+        await self.refresh()
         return summary
 
     async def _modes_live(self, g: GuestRuntime, disks: tuple[DiskNode, ...],
@@ -254,27 +254,28 @@ class Backups:
 
     # ------------------------------------------------------------------ reading
     def newest(self) -> dict[str, dict[str, Any]]:
-        """Each guest's newest backup (read from the directory once, then kept)."""
-        if not self._scanned:
-            self._scanned = True
+        """Each guest's newest backup: surveyed from the directory at the schedule's tick
+        and after each backup, and at once when the directory is not the one surveyed
+        (``host.backup.dir`` changed by an apply)."""
+        if self._surveyed != self.repo().root:
             with contextlib.suppress(Exception):
-                for b in self.repo().backups():
-                    if b.manifest:
-                        self.last[b.guest] = b.summary()
+                self._take_survey(self.repo())
         return self.last
 
     def figures(self) -> dict[str, Any]:
         """Plain figures for status and the metrics: each guest's newest backup, its last
-        failure, and the backup directory's size and free space (refreshed by the
-        schedule's loop and after each backup)."""
+        failure, and the backup directory's size and free space."""
         return {"last": {g: {"id": b["id"], "at": b["taken_at"], "kind": b["kind"]}
                          for g, b in self.newest().items()},
                 "failures": dict(self.failures), "usage": self.usage}
 
-    async def refresh_usage(self) -> None:
-        repo = self.repo()
-        if repo.root.exists():
-            self.usage = await asyncio.to_thread(repo.usage)
+    def _take_survey(self, repo: Repo) -> None:
+        usage, newest = repo.survey() if repo.root.exists() else (None, {})
+        self.usage, self.last, self._surveyed = usage, newest, repo.root
+
+    async def refresh(self) -> None:
+        """Read the directory again: backups copied in, pruned or merged are seen."""
+        await asyncio.to_thread(self._take_survey, self.repo())
 
     # ------------------------------------------------------------------ pruning
     async def prune_guest(self, name: str, keep: Any) -> dict[str, Any]:
@@ -307,7 +308,7 @@ class Backups:
         await asyncio.to_thread(self.repo().repair)
         while not stopping.is_set():
             with contextlib.suppress(OSError):
-                await self.refresh_usage()
+                await self.refresh()
             for name, g in list(self.runtime.guests.items()):
                 policy = g.intent.backup
                 if policy is None or policy.every is None or g.busy.locked():
@@ -354,12 +355,12 @@ class Backups:
 
 def _copy_offline(disk: Path, target: Path, base: dict[str, Any] | None) -> None:
     """A stopped guest's disk, its own layer only, into ``target`` (made anew here)."""
-    from ..inventory.files import run_qemu_img
+    from ..inventory.files import qemu_img
     target.unlink()
     if base:
-        run_qemu_img("convert", "-f", "qcow2", "-O", "qcow2", "-B", base["path"], "-F",
-                     base["format"], str(disk), str(target), timeout=3600)
-        run_qemu_img("rebase", "-u", "-f", "qcow2", "-b", "", str(target))
+        qemu_img("convert", "-f", "qcow2", "-O", "qcow2", "-B", base["path"], "-F",
+                 base["format"], str(disk), str(target), timeout=3600)
+        qemu_img("rebase", "-u", "-f", "qcow2", "-b", "", str(target))
     else:
-        run_qemu_img("convert", "-f", "qcow2", "-O", "qcow2", str(disk), str(target),
-                     timeout=3600)
+        qemu_img("convert", "-f", "qcow2", "-O", "qcow2", str(disk), str(target),
+                 timeout=3600)

@@ -248,9 +248,9 @@ class Restorer:
                                  hint=f"put the image there, or copy "
                                       f"{repo.root / want['file']} (a qcow2 of it)")
             path.parent.mkdir(parents=True, exist_ok=True)
-            from ..inventory.files import run_qemu_img
-            run_qemu_img("convert", "-O", want["format"], str(repo.root / want["file"]),
-                         str(path), timeout=3600)
+            from ..inventory.files import qemu_img
+            qemu_img("convert", "-O", want["format"], str(repo.root / want["file"]),
+                     str(path), timeout=3600)
         elif not repo.same_base(want, path):
             raise ImageError(f"{b.id}: the image at {path} is not the one the backup was "
                              "taken on (its checksum differs): the restored disk would be "

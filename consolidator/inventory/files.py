@@ -13,6 +13,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+from ..errors import ImageError
+
 
 class QemuImgError(RuntimeError):
     pass
@@ -30,6 +32,16 @@ def run_qemu_img(*args: str, timeout: float = 60) -> str:
         raise QemuImgError(f"qemu-img {args[0]} failed: "
                            f"{res.stderr.strip() or res.stdout.strip()}")
     return res.stdout
+
+
+def qemu_img(*args: str, timeout: float = 600) -> str:
+    """``run_qemu_img`` for the code that acts on disks: a failure is an ``ImageError``,
+    so callers report it per guest like any other error of ours."""
+    try:
+        return run_qemu_img(*args, timeout=timeout)
+    except QemuImgError as e:
+        raise ImageError(str(e), hint="apt-get install qemu-utils" if "installed" in str(e)
+                         else None) from None
 
 
 def real_roots(roots: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -8,20 +8,14 @@ import time
 from pathlib import Path
 
 from ..errors import ImageError
-from ..inventory.files import QemuImgError, run_qemu_img
+from ..inventory.files import qemu_img
 
 
-def _qemu_img(*args: str) -> str:
-    try:
-        return run_qemu_img(*args)
-    except QemuImgError as e:
-        raise ImageError(str(e), hint="apt-get install qemu-utils" if "installed" in str(e)
-                         else None) from None
 
 
 def backing_chain(top: Path) -> tuple[tuple[str, str], ...]:
     """(path, format) of ``top`` and every file below it, as qemu-img reads them."""
-    info = json.loads(_qemu_img("info", "--backing-chain", "--output=json", "-U", str(top)))
+    info = json.loads(qemu_img("info", "--backing-chain", "--output=json", "-U", str(top)))
     chain = tuple((str(i["filename"]), str(i["format"])) for i in info)
     if not chain or any(not os.path.isabs(p) for p, _ in chain):
         raise ImageError(f"disk {top}: cannot read its backing chain as absolute paths")
@@ -54,14 +48,14 @@ def prepare_overlay(base: Path, base_format: str, overlay: Path
         os.replace(overlay, aside)
     overlay.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = overlay.with_name(f".{overlay.name}.tmp")
-    _qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(tmp))
+    qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(tmp))
     os.chmod(tmp, 0o600)
     os.replace(tmp, overlay)
     return backing_chain(overlay)
 
 
 def virtual_size(path: Path) -> int:
-    info = json.loads(_qemu_img("info", "--output=json", "-U", str(path)))
+    info = json.loads(qemu_img("info", "--output=json", "-U", str(path)))
     return int(info["virtual-size"])
 
 
@@ -70,11 +64,11 @@ def prepare_data_disk(path: Path, size: int) -> bool:
     never shrink it. True when it was made."""
     if path.exists():
         if virtual_size(path) < size:
-            _qemu_img("resize", "-q", "-f", "qcow2", str(path), str(size))
+            qemu_img("resize", "-q", "-f", "qcow2", str(path), str(size))
         return False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp")
-    _qemu_img("create", "-q", "-f", "qcow2", str(tmp), str(size))
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp), str(size))
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
     return True

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConflictError, ImageError, QMPError
-from ..inventory.files import QemuImgError, run_qemu_img
+from ..errors import ConflictError, QMPError
+from ..inventory.files import qemu_img
 from ..model import GuestIntent
 from .qmp import QMP
 
@@ -54,17 +54,12 @@ def guest_disks(intent: GuestIntent, guest_dir: Path) -> tuple[DiskNode, ...]:
     return tuple(out)
 
 
-def _img(*args: str, timeout: float = 600) -> str:
-    try:
-        return run_qemu_img(*args, timeout=timeout)
-    except QemuImgError as e:
-        raise ImageError(str(e)) from None
 
 
 # ------------------------------------------------------------------------ offline
 def image_info(path: Path) -> dict[str, Any]:
     """qemu-img's view of one file (``-U``: also while QEMU holds it)."""
-    return json.loads(_img("info", "--output=json", "-U", str(path)))
+    return json.loads(qemu_img("info", "--output=json", "-U", str(path)))
 
 
 def snapshots_of(path: Path) -> list[dict[str, Any]]:
@@ -79,18 +74,18 @@ def bitmaps_of(path: Path) -> list[str]:
 def snapshot_offline(path: Path, op: str, tag: str) -> None:
     """``op``: create (-c), apply (-a) or delete (-d) the internal snapshot ``tag``."""
     flag = {"create": "-c", "apply": "-a", "delete": "-d"}[op]
-    _img("snapshot", flag, tag, str(path))
+    qemu_img("snapshot", flag, tag, str(path))
 
 
 def remove_bitmaps_offline(path: Path, keep: str | None = None) -> list[str]:
     gone = [b for b in bitmaps_of(path) if b != keep]
     for b in gone:
-        _img("bitmap", "--remove", str(path), b)
+        qemu_img("bitmap", "--remove", str(path), b)
     return gone
 
 
 def add_bitmap_offline(path: Path, name: str) -> None:
-    _img("bitmap", "--add", "--enable", str(path), name)
+    qemu_img("bitmap", "--add", "--enable", str(path), name)
 
 
 # ------------------------------------------------------------------------- live
