@@ -30,8 +30,8 @@ from .inventory import Inventory, load_inventory, validate
 from .inventory.derive import (allocate_addresses, budget, clone_image, derive_mac,
                                guest_devices, image_roots, os_defaults, resolve_path,
                                resolved_image, usable_cpus, user_data_text)
-from .inventory.schema import (BUILTIN_IMAGES, BackupPolicy, CpuSpec, GuestSpec, HostSpec,
-                               ImageSpec, MemorySpec, NetworkSpec, Size)
+from .inventory.schema import (BUILTIN_IMAGES, BackupPolicy, CpuSpec, DiskIo, GuestSpec,
+                               HostSpec, ImageSpec, IoSpec, MemorySpec, NetworkSpec, Size)
 from .units import human_size
 
 
@@ -83,6 +83,8 @@ class NicIntent(_Frozen):
     gateway: str | None = None      # the network's gateway, if any
     model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
     allocated: bool = False         # ip chosen by consolidator (the inventory gave none)
+    rate: int | None = None         # bytes/s each way (tc), None: no ceiling
+    burst: int | None = None        # bucket bytes above the rate
 
     @property
     def cidr(self) -> str | None:
@@ -95,6 +97,7 @@ class DiskIntent(_Frozen):
     name: str
     size: Size
     bus: Literal["virtio", "scsi", "sata", "ide"]
+    io: DiskIo | None = None
 
 
 class GuestIntent(_Frozen):
@@ -119,6 +122,8 @@ class GuestIntent(_Frozen):
     cdrom: str | None = None
     boot: tuple[Literal["cdrom", "disk"], ...] = ()
     disks: tuple[DiskIntent, ...] = ()
+    disk_io: DiskIo | None = None    # the image's disk's limits
+    io: IoSpec = IoSpec()
     ready: str = "marker"           # marker | agent | none | tcp:PORT | serial:REGEX
     cloud_init: str | None = None   # the seed's user-data (None: no seed)
     ready_timeout: float = 90.0
@@ -189,19 +194,22 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
                                   ip=nic_address(nic.ip) or auto, allocated=bool(auto),
                                   prefix=net.subnet.prefixlen,
                                   gateway=nic_address(net.gateway),
-                                  model=dev["nic_models"][i]))
+                                  model=dev["nic_models"][i], rate=nic.rate,
+                                  burst=nic.burst))
         del dev["nic_models"]
         if g.cdrom:
             dev["cdrom"] = str(resolve_path(g.cdrom, base_dir).resolve())
         disks = tuple(DiskIntent(name=d.name or f"data{i}", size=d.size,
-                                 bus=d.bus or dev["disk_bus"]) for i, d in enumerate(g.disks))
+                                 bus=d.bus or dev["disk_bus"], io=_limits(d.io))
+                      for i, d in enumerate(g.disks))
         mem = g.memory
         guests[name] = GuestIntent(
             name=name, image=g.image, image_spec=img, vcpus=g.vcpus, cpu=g.cpu,
             memory=MemorySpec(max=mem.max, min=mem.max if mem.min is None else mem.min,
                               shares=mem.shares),
             nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels,
-            disks=disks, cloud_init=_user_data(g, base_dir), backup=g.backup,
+            disks=disks, disk_io=_limits(g.disk_io), io=g.io,
+            cloud_init=_user_data(g, base_dir), backup=g.backup,
             ready_timeout=g.ready_timeout or (600.0 if dev["firmware"] else 90.0), **dev)
     return Fleet(instance=inv.instance, host=inv.host, budget=budget(inv.host, facts),
                  usable_cpus=max(usable_cpus(inv.host, facts), 0.0),
@@ -219,6 +227,11 @@ def previous_allocations(state_dir: Path | None) -> dict[tuple[str, int], str]:
                 for i, n in enumerate(spec["nics"]) if n.get("allocated") and n.get("ip")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
+
+
+def _limits(io: DiskIo | None) -> DiskIo | None:
+    """``io: {}`` limits nothing: the same as none, so writing it changes nothing."""
+    return None if io is None or io.empty else io
 
 
 def _user_data(g: GuestSpec, base_dir: Path) -> str | None:

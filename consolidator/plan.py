@@ -138,6 +138,8 @@ GUEST_FIELDS: dict[str, Impact] = {
     "cdrom": Impact.RESTART,
     "boot": Impact.RESTART,
     "disks": Impact.RESTART,        # added, removed or moved; a grow alone is live (below)
+    "disk_io": Impact.LIVE,         # QEMU throttle groups, set through QMP
+    "io": Impact.LIVE,              # shares: the rebalancer's
     "ready": Impact.LIVE,           # how the next start is judged
     "ready_timeout": Impact.LIVE,
     "backup": Impact.LIVE,          # the supervisor's schedule, not QEMU's
@@ -193,12 +195,35 @@ def diff_fields(old: dict[str, Any], new: dict[str, Any], table: dict[str, Impac
 
 
 def guest_changes(old: GuestIntent, new: GuestIntent) -> tuple[Change, ...]:
-    """Field changes; data disks compare by name: a larger size is a live resize, a
-    smaller one is refused (:class:`PlanError`), anything else restarts."""
+    """Field changes. NICs whose only change is their rate or burst (tc) change live.
+    Data disks compare by name: a larger size is a live resize and new limits are live,
+    a smaller size is refused (:class:`PlanError`), anything else restarts."""
     changes = diff_fields(old.model_dump(mode="json"), new.model_dump(mode="json"),
-                          GUEST_FIELDS, skip=("name", "disks"))
+                          GUEST_FIELDS, skip=("name", "disks", "nics"))
+    return tuple(sorted(changes + _nic_changes(old, new) + _disk_changes(old, new),
+                        key=lambda c: c.field))
+
+
+_NIC_LIVE = {"rate", "burst"}
+
+
+def _nic_changes(old: GuestIntent, new: GuestIntent) -> tuple[Change, ...]:
+    def wired(g: GuestIntent) -> list[dict[str, Any]]:
+        return [{k: v for k, v in n.model_dump(mode="json").items() if k not in _NIC_LIVE}
+                for n in g.nics]
+    if old.nics == new.nics:
+        return ()
+    if wired(old) != wired(new):
+        return (Change("nics", [n.model_dump(mode="json") for n in old.nics],
+                       [n.model_dump(mode="json") for n in new.nics], Impact.RESTART),)
+    return tuple(Change(f"nics.{i}.{k}", getattr(a, k), getattr(b, k), Impact.LIVE)
+                 for i, (a, b) in enumerate(zip(old.nics, new.nics))
+                 for k in sorted(_NIC_LIVE) if getattr(a, k) != getattr(b, k))
+
+
+def _disk_changes(old: GuestIntent, new: GuestIntent) -> tuple[Change, ...]:
     if old.disks == new.disks:
-        return changes
+        return ()
     before = {d.name: d for d in old.disks}
     for d in new.disks:
         was = before.get(d.name)
@@ -206,16 +231,21 @@ def guest_changes(old: GuestIntent, new: GuestIntent) -> tuple[Change, ...]:
             raise PlanError(f"guest {new.name}: data disk {d.name} would shrink from "
                             f"{was.size} to {d.size} bytes, which loses data",
                             hint="keep its size, or add a new disk and move the data")
-    resized = [(before[d.name], d) for d in new.disks
-               if d.name in before and before[d.name].size != d.size]
     same_shape = [(d.name, d.bus) for d in old.disks] == [(d.name, d.bus) for d in new.disks]
-    if same_shape and resized:
-        extra = tuple(Change(f"disks.{a.name}.size", a.size, b.size, Impact.LIVE)
-                      for a, b in resized)
-    else:
-        extra = (Change("disks", [d.model_dump(mode="json") for d in old.disks],
-                        [d.model_dump(mode="json") for d in new.disks], Impact.RESTART),)
-    return tuple(sorted(changes + extra, key=lambda c: c.field))
+    if not same_shape:
+        return (Change("disks", [d.model_dump(mode="json") for d in old.disks],
+                       [d.model_dump(mode="json") for d in new.disks], Impact.RESTART),)
+    out = []
+    for b in new.disks:
+        a = before[b.name]
+        if a.size != b.size:
+            out.append(Change(f"disks.{a.name}.size", a.size, b.size, Impact.LIVE))
+        if a.io != b.io:
+            out.append(Change(f"disks.{a.name}.io",
+                              a.io.model_dump(mode="json", exclude_none=True) if a.io else None,
+                              b.io.model_dump(mode="json", exclude_none=True) if b.io else None,
+                              Impact.LIVE))
+    return tuple(out)
 
 
 def network_changes(old: NetworkSpec, new: NetworkSpec) -> tuple[Change, ...]:
@@ -527,8 +557,11 @@ def _with_changes(old: GuestIntent, changes: Iterable[Change]) -> GuestIntent:
         *parents, leaf = c.field.split(".")
         d = data
         for k in parents:
-            # a list of named entries (data disks) is walked by name
-            d = next(x for x in d if x["name"] == k) if isinstance(d, list) else d[k]
+            # a list of named entries (data disks) is walked by name, NICs by index
+            if isinstance(d, list):
+                d = d[int(k)] if k.isdigit() else next(x for x in d if x["name"] == k)
+            else:
+                d = d[k]
         d[leaf] = c.new
     return GuestIntent.model_validate(data)
 

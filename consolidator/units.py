@@ -91,6 +91,60 @@ def human_size(n: float | int | None, precision: int = 1) -> str:
     return f"{sign}{int(n)} B"
 
 
+# rates: bytes per second. Bits are decimal, as tc and every NIC's data sheet count them
+# (1Mbit = 10^6 bits); bytes are binary, as sizes are (10MiB/s, 10M/s).
+_RATE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[a-zA-Z]*)(?P<ps>/s)?\s*$")
+_BIT_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+
+
+def parse_rate(value: object) -> int:
+    """Parse a rate into bytes per second: ``100Mbit``, ``1Gbit`` (bits, decimal), or a size
+    per second, ``10MiB/s``, ``10M/s`` (binary, as sizes). A bare integer is bytes/s.
+    Zero is refused: a limit of nothing is no limit to set."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UnitError(f"expected a rate such as 100Mbit or 10MiB/s, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _RATE_RE.match(value)
+        if not m:
+            raise UnitError(f"cannot parse rate {value!r}: expected e.g. 100Mbit, 1Gbit, "
+                            "10MiB/s or bytes per second")
+        unit = m["unit"].lower()
+        if unit in _BIT_UNITS:
+            if m["ps"]:
+                raise UnitError(f"{value!r}: write bits without /s, as 100Mbit")
+            n = round(float(m["num"]) * _BIT_UNITS[unit] / 8)
+        elif unit in ("bps", "kbps", "mbps", "gbps"):
+            raise UnitError(f"ambiguous unit in {value!r}: write {m['num']}"
+                            f"{unit[0].upper() if len(unit) > 3 else ''}bit for bits, or "
+                            f"{m['num']}{unit[0].upper() if len(unit) > 3 else ''}iB/s for bytes")
+        else:
+            try:
+                n = parse_size(m["num"] + m["unit"])
+            except UnitError as e:
+                raise UnitError(str(e).replace("size", "rate")) from None
+    if n <= 0:
+        raise UnitError(f"a rate of {value!r} lets nothing through; leave the limit out "
+                        "for none")
+    return n
+
+
+def format_rate(n: int) -> str:
+    """Exact form: ``50Mbit`` when it is a whole number of Mbit (or Gbit, Kbit), else
+    ``10MiB/s``. ``parse_rate(format_rate(n)) == n``."""
+    for name, mult in (("Gbit", 10**9), ("Mbit", 10**6), ("Kbit", 10**3)):
+        if (n * 8) % mult == 0:
+            return f"{n * 8 // mult}{name}"
+    size = format_size(n)
+    return f"{size}/s" if not size.isdigit() else size
+
+
+def human_rate(n: float | int | None) -> str:
+    """Rounded, for tables: ``12.5 MiB/s``; ``-`` for None."""
+    return "-" if n is None else f"{human_size(n)}/s"
+
+
 _DUR_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DUR_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
 

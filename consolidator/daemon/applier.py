@@ -22,6 +22,7 @@ import structlog
 
 from ..errors import ConsolidatorError
 from ..model import Fleet, GuestIntent, GuestState
+from ..vm import throttle
 from ..plan import (PHASES, Action, CreateGuest, CreateNetwork, Plan, RemoveGuest, RemoveNetwork,
                     StartGuest, StopGuest, UpdateGuest, UpdateHost, UpdateNetwork, phase)
 from .executor import Executor
@@ -161,13 +162,21 @@ class Applier:
             return
         weights = self.weights()
         owned = weights is not None and weights.owns_weight(g.name)
-        written = await asyncio.to_thread(ex.apply_live, intent, weight=not owned)
+        nics = any(c.field.startswith("nics.") for c in a.changes)
+        written = await asyncio.to_thread(ex.apply_live, intent, weight=not owned, nics=nics)
         for c in a.changes:                 # a data disk grown: QEMU resizes it live
             if c.field.startswith("disks.") and c.field.endswith(".size") and g.guest:
                 name = c.field.split(".")[1]
                 size = next(d.size for d in intent.disks if d.name == name)
                 await g.guest.resize_disk(name, size)
                 written.append(f"data disk {name}: {size} bytes")
+        if g.guest is not None and any(c.field.startswith("disk_io") or
+                                       (c.field.startswith("disks.") and
+                                        c.field.endswith(".io")) for c in a.changes):
+            for drive, limits in throttle.guest_limits(intent,
+                                                       bool(g.guest.spec.boot.disk)).items():
+                await g.guest.set_disk_limits(drive, limits)
+                written.append(f"{drive} limits: {throttle.shown(limits) or 'none'}")
         self.runtime.update_intent(g, intent, "updated", changes=changes, written=written)
         if owned and weights is not None and any(c.field.startswith("cpu.")
                                                  for c in a.changes):

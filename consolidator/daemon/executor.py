@@ -27,7 +27,7 @@ from ..inventory.schema import NetworkSpec
 from ..model import Fleet, GuestIntent
 from ..net import names
 from ..net import netns as ns
-from ..net.fabric import Fabric, GuestWiring, NicWiring
+from ..net.fabric import Fabric, GuestWiring, NicShape, NicWiring
 from ..sched.cgroup import (PIDS_MAX, CgroupDriver, CgroupSettings, detect, memory_limit,
                             memory_protection)
 from ..state import StateDir
@@ -58,6 +58,10 @@ def cgroup_settings(intent: GuestIntent, tb_size_mib: int = DEFAULT_TB_SIZE_MIB,
 def nic_wiring(intent: GuestIntent) -> list[NicWiring]:
     return [NicWiring(i, n.network, n.mac, (n.ip,) if n.ip else ())
             for i, n in enumerate(intent.nics)]
+
+
+def nic_shapes(intent: GuestIntent) -> list[NicShape]:
+    return [NicShape(i, n.rate, n.burst) for i, n in enumerate(intent.nics)]
 
 
 def planned_objects(instance: str, fabric_netns: str | None, intent: GuestIntent,
@@ -177,6 +181,8 @@ class Executor:
         if progress is not None:
             progress("cgroup")
         try:
+            if any(n.rate for n in intent.nics):
+                self.fabric.shape_guest(intent.name, nic_shapes(intent))
             self.cgroups.create_guest(intent.name)
             self.cgroups.apply(intent.name, cgroup_settings(intent))
             if intent.image_spec.from_ and intent.image_spec.disk:
@@ -308,11 +314,15 @@ class Executor:
         self.fabric.unwire_guest(name, nics)
         self.cgroups.remove_guest(name)
 
-    def apply_live(self, intent: GuestIntent, *, weight: bool = True) -> list[str]:
-        """The cgroup knobs of a running guest; ``weight`` false leaves its CPU weight to
-        the rebalancer. Returns the files written."""
+    def apply_live(self, intent: GuestIntent, *, weight: bool = True,
+                   nics: bool = False) -> list[str]:
+        """The cgroup knobs of a running guest, and with ``nics`` its NICs' rates;
+        ``weight`` false leaves its CPU weight to the rebalancer. Returns what it wrote."""
         assert self.cgroups is not None
-        return self.cgroups.apply(intent.name, cgroup_settings(intent, weight=weight))
+        written = self.cgroups.apply(intent.name, cgroup_settings(intent, weight=weight))
+        if nics:
+            written += self.fabric.shape_guest(intent.name, nic_shapes(intent))
+        return written
 
     @property
     def scope(self) -> teardown.Scope:

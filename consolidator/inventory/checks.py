@@ -23,15 +23,15 @@ from typing import Any, Callable
 
 from .. import osinfo
 from ..hostfacts import HostFacts
-from ..units import human_size
+from ..units import format_rate, human_rate, human_size
 from .derive import budget as derive_budget
 from .derive import (derive_mac, disk_format, firmware_boot, guest_devices, image_roots,
                      memory_room, os_defaults, resolve_path, service_address, template_path,
                      usable_cpus, user_data_text)
 from .files import disk_problems, inside, regular_file
 from .reporter import Reporter, dotted
-from .schema import (BUILTIN_IMAGES, DNS_LABEL_RE, INSTANCE_RE, GuestSpec, HostSpec, ImageSpec,
-                     NetworkSpec, format_cpulist)
+from .schema import (BUILTIN_IMAGES, DNS_LABEL_RE, INSTANCE_RE, DiskIo, GuestSpec, HostSpec,
+                     ImageSpec, NetworkSpec, format_cpulist)
 
 EPS = 1e-9
 NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -334,6 +334,24 @@ def _forwarding(rep: Reporter, nets: dict[str, NetworkSpec | None]) -> None:
 
 # ------------------------------------------------------------------------ guests
 
+def _limits(rep: Reporter, loc: tuple[str | int, ...], io: DiskIo | None) -> None:
+    """A disk's limits: QEMU limits either the total or each direction, and a burst is
+    what may pass faster than the limits, so it holds at least a second of them."""
+    if io is None:
+        return
+    if io.bps is not None and (io.read_bps is not None or io.write_bps is not None):
+        rep.value("G016", loc + ("bps",), "bps limits reads and writes together; "
+                  "read_bps and write_bps limit each direction instead: set one or the other")
+    byte_limits = [v for v in (io.bps, io.read_bps, io.write_bps) if v is not None]
+    if io.burst is not None and not byte_limits:
+        rep.value("G016", loc + ("burst",), "a burst qualifies the byte limits: set bps, "
+                  "read_bps or write_bps too")
+    elif io.burst is not None and io.burst < max(byte_limits):
+        rep.value("G016", loc + ("burst",), f"burst {human_size(io.burst)} is below the "
+                  f"limit {human_rate(max(byte_limits))}: a burst holds at least one second "
+                  "of it", "raise burst, or leave it out")
+
+
 def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
             instance: str, base_dir: Path, roots: tuple[str, ...]) -> None:
     raw_images = set(raw.get("images", {}) or {}) | set(BUILTIN_IMAGES)
@@ -361,9 +379,19 @@ def _guests(rep: Reporter, raw: dict[str, Any], p: Parsed, facts: HostFacts,
         if mem.min is not None and mem.min > mem.max:
             rep.value("G003", loc + ("memory", "min"), f"min {human_size(mem.min)} is more "
                       f"than max {human_size(mem.max)}")
+        _limits(rep, loc + ("disk_io",), g.disk_io)
+        for i, d in enumerate(g.disks):
+            _limits(rep, loc + ("disks", i, "io"), d.io)
         for i, nic in enumerate(g.nics):
             nloc = loc + ("nics", i)
             net = p.networks.get(nic.network)
+            if nic.burst is not None and nic.rate is None:
+                rep.value("G016", nloc + ("burst",), "a burst above no rate: set rate too")
+            elif nic.burst is not None and nic.rate is not None and nic.burst < nic.rate:
+                rep.value("G016", nloc + ("burst",), f"burst {human_size(nic.burst)} is below "
+                          f"the rate {format_rate(nic.rate)}: a burst holds at least one "
+                          "second of it", "raise burst, or leave it out for the smallest "
+                          "bucket that keeps the rate")
             if nic.network not in raw_nets:
                 rep.value("A008", nloc + ("network",), f"undeclared network {nic.network!r}",
                           _suggest(nic.network, sorted(raw_nets)))

@@ -91,6 +91,8 @@ CODES: dict[str, str] = {
     "G013": "ready: a tcp port out of range, or a serial pattern that is no regex",
     "G014": "cloud_init: user-data unreadable or not valid YAML, or a kernel-booted image",
     "G015": "display: vga where QEMU cannot show a screen (no VGA BIOS)",
+    "G016": "I/O limits: bps with read_bps/write_bps, or a burst below its limit or "
+            "without one",
     # the host as a whole
     "C001": "host.reserve.cpus leaves no CPU for guests",
     "C002": "host.reserve.memory is all of the host's RAM",

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
                       WithJsonSchema)
 
-from ..units import DNS_LABEL_RE, format_duration, format_size, parse_duration, parse_size
+from ..units import (DNS_LABEL_RE, format_duration, format_rate, format_size, parse_duration,
+                     parse_rate, parse_size)
 
 INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -48,6 +49,31 @@ Duration = Annotated[
                               {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"}],
                     "description": "seconds, or 500ms, 1s, 2m, 1h"}),
 ]
+
+Rate = Annotated[
+    int,
+    BeforeValidator(parse_rate),
+    PlainSerializer(format_rate, return_type=str, when_used="json"),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+                              {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*"
+                               r"([KMGT]?bit|[KMGT](iB)?/s|B/s)?\s*$"}],
+                    "description": "bytes per second, bits (100Mbit, 1Gbit: decimal) or "
+                                   "bytes a second (10MiB/s: binary)"}),
+]
+
+
+def _iops(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected a number of operations per second, got {v!r}")
+    if v <= 0:
+        raise ValueError(f"{v} operations a second lets nothing through; leave the limit "
+                         "out for none")
+    return v
+
+
+Iops = Annotated[int, BeforeValidator(_iops),
+                 WithJsonSchema({"type": "integer", "minimum": 1,
+                                 "description": "operations per second"})]
 
 
 def _listen(v: Any) -> str:
@@ -262,6 +288,17 @@ class Uefi(_Model):
     vars: str = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
 
+class HostIo(_Model):
+    """The host's disk budget, divided by io.shares among the guests doing I/O."""
+
+    bps: Literal["auto"] | Rate | None = Field(
+        "auto", description="bytes a second the guests' disks may move in all; auto: "
+                            "what consolidator doctor --measure-io measured (none until "
+                            "it has); null: no budget")
+    iops: Literal["auto"] | Iops | None = Field(
+        "auto", description="operations a second, as bps")
+
+
 class HostSpec(_Model):
     reserve: HostReserve = HostReserve()
     memory: Literal["auto"] | Size = Field(
@@ -293,6 +330,7 @@ class HostSpec(_Model):
     history: HistoryRetention = HistoryRetention()
     metrics: Metrics = Metrics()
     backup: HostBackup = HostBackup()
+    io: HostIo = HostIo()
 
 
 # --------------------------------------------------------------------------- images
@@ -374,6 +412,29 @@ class MemorySpec(_Model):
     shares: int = Field(1000, ge=0, le=50000, description="weight when memory is short")
 
 
+class IoSpec(_Model):
+    shares: int = Field(1000, ge=1, le=10000,
+                        description="weight of the guest's disks in the host budget "
+                                    "(host.io) while they are busy")
+
+
+class DiskIo(_Model):
+    """Limits of one disk, each a ceiling (QEMU throttling, changed live). ``bps`` limits
+    reads and writes together; ``read_bps``/``write_bps`` each direction instead."""
+
+    iops: Iops | None = Field(None, description="operations a second")
+    bps: Rate | None = Field(None, description="bytes a second, read and written")
+    read_bps: Rate | None = Field(None, description="bytes a second read")
+    write_bps: Rate | None = Field(None, description="bytes a second written")
+    burst: Size | None = Field(None, description="bytes that may go at once, faster than "
+                                                 "the limits, after a quiet spell; at "
+                                                 "least one second of the largest")
+
+    @property
+    def empty(self) -> bool:
+        return all(v is None for v in (self.iops, self.bps, self.read_bps, self.write_bps))
+
+
 class NicSpec(_Model):
     network: str
     ip: Address = None
@@ -381,6 +442,11 @@ class NicSpec(_Model):
     model: NicModel | None = Field(None, description="virtio, or e1000/rtl8139 for an OS "
                                                      "without virtio; default: the OS "
                                                      "profile's, else virtio")
+    rate: Rate | None = Field(None, description="ceiling in each direction (to the guest "
+                                                "and from it), tc on the guest's links; "
+                                                "changed live")
+    burst: Size | None = Field(None, description="bytes that may go at once above the "
+                                                 "rate; at least one second of it")
 
 
 class DataDisk(_Model):
@@ -392,6 +458,7 @@ class DataDisk(_Model):
     size: Size = Field(description="virtual size; growing it is a live change, shrinking "
                                    "is refused")
     bus: DiskBus | None = Field(None, description="default: the guest's disk_bus")
+    io: DiskIo | None = Field(None, description="limits (changed live)")
 
 
 class CloudInit(_Model):
@@ -447,7 +514,10 @@ class GuestSpec(_Model):
     boot: list[Literal["cdrom", "disk"]] | None = Field(
         None, description="boot order; default [disk, cdrom]: an empty disk falls through "
                           "to the cdrom")
+    disk_io: DiskIo | None = Field(None, description="limits of the image's disk (changed "
+                                                     "live)")
     disks: list[DataDisk] = Field(default_factory=list)
+    io: IoSpec = IoSpec()
     cloud_init: CloudInit | None = Field(None, description="attach a cloud-init NoCloud seed")
     backup: BackupPolicy | None = Field(
         None, description="scheduled backups and their retention (host.backup.dir)")

@@ -48,6 +48,24 @@ class NicWiring:
 
 
 @dataclass(frozen=True)
+class NicShape:
+    """A NIC's ceiling in each direction (bytes/s), and its bucket (bytes)."""
+    index: int
+    rate: int | None
+    burst: int | None = None
+
+
+#: the least bucket: a 64 KiB GSO frame must fit, or tbf splits it (and costs CPU)
+MIN_BUCKET = 64 << 10
+QUEUE_LATENCY = "50ms"
+
+
+def bucket(rate: int, burst: int | None) -> int:
+    """The declared burst, else the smallest bucket that keeps the rate: 4 ms of it."""
+    return burst if burst else max(MIN_BUCKET, rate // 250)
+
+
+@dataclass(frozen=True)
 class GuestWiring:
     netns: str
     taps: tuple[str, ...]
@@ -362,6 +380,33 @@ class Fabric:
             if link.get_attr("IFLA_MASTER") != b or link["state"] != "up":
                 ipr.link("set", index=port, master=b, state="up")
         ipr.link("set", index=b, state="up")
+
+    def shape_guest(self, guest: str, shapes: list[NicShape]) -> list[str]:
+        """Each NIC's rate, both ways, as a tbf on the egress of the two links of its
+        guest netns: ``tap{i}`` (to the guest) and ``vnic{i}`` (from it). A NIC without
+        a rate has no qdisc there. Idempotent; returns what it set, for the log."""
+        netns_name = names.guest_netns(self.instance, guest)
+        done = []
+        with ns.iproute(netns_name) as gns:
+            for sh in shapes:
+                for dev in (names.tap(sh.index), names.guest_peer(sh.index)):
+                    found = gns.link_lookup(ifname=dev)
+                    if not found:
+                        continue
+                    if sh.rate:
+                        b = bucket(sh.rate, sh.burst)
+                        gns.tc("replace", "tbf", index=found[0], handle="1:", rate=sh.rate,
+                               burst=b, latency=QUEUE_LATENCY)
+                        done.append(f"{dev}: tbf {sh.rate} B/s, bucket {b} B")
+                    else:
+                        try:
+                            gns.tc("del", index=found[0], handle="1:")
+                            done.append(f"{dev}: no limit")
+                        except NetlinkError as e:
+                            if e.code not in (2, 22):     # none there: nothing to lift
+                                raise NetError(f"{guest}: cannot lift {dev}'s rate: {e}"
+                                               ) from None
+        return done
 
     def unwire_guest(self, guest: str, nic_count: int | None = None) -> None:
         """Remove the guest's netns (its taps and veth ends go with it) and its rules."""

@@ -44,7 +44,8 @@ from .agent import Agent
 from .handles import Opened
 from .qemu import LaunchSpec, build_argv
 from .qga import GuestAgent
-from .qmp import QMP, GuestStats
+from . import throttle
+from .qmp import QMP, DiskCounters, GuestStats
 
 READY_MARK = b"CONSOLIDATOR-READY"
 
@@ -600,6 +601,39 @@ class Guest:
             raise QMPError(f"guest {self.name}: QMP is not connected",
                            error_class="Disconnected", command="balloon")
         await self.qmp.set_balloon(size)
+
+    def _need_qmp(self, what: str) -> QMP:
+        if self.qmp is None:
+            raise QMPError(f"guest {self.name}: QMP is not connected",
+                           error_class="Disconnected", command=what)
+        return self.qmp
+
+    @property
+    def throttled(self) -> bool:
+        """Its disks sit under throttle filters (every guest's do, but the bench's)."""
+        return self.spec.limits is not None
+
+    async def set_disk_limits(self, drive: str, limits: dict[str, int]) -> None:
+        """Replace disk ``drive``'s own limits (``disk0``, ``data-<name>``) live."""
+        if not self.throttled:
+            raise QMPError(f"guest {self.name}: started without throttle groups",
+                           error_class="NotThrottled", command="qom-set")
+        await self._need_qmp("qom-set").set_throttle(throttle.group(drive), limits)
+
+    async def set_io_share(self, bps: int | None, iops: int | None) -> None:
+        """The guest's part of the host budget, over all its disks; None: no ceiling."""
+        if self.throttled and (self.spec.boot.disk or self.spec.boot.data):
+            await self._need_qmp("qom-set").set_throttle(
+                throttle.GUEST_GROUP, throttle.share_limits(bps, iops))
+
+    async def disk_counters(self) -> dict[str, DiskCounters]:
+        """Each disk's counters by drive (``disk0``, ``data-<name>``); cdroms left out."""
+        out = {}
+        for node, c in (await self._need_qmp("query-blockstats").blockstats()).items():
+            drive = node[:-3] if node.endswith("-io") else node
+            if drive == "disk0" or drive.startswith("data-"):
+                out[drive] = c
+        return out
 
     async def resize_disk(self, name: str, size: int) -> None:
         """Grow data disk ``name`` to ``size`` bytes while the guest runs (never shrinks:

@@ -13,6 +13,7 @@ from ..hostfacts import host_tsc_khz
 from ..inventory.files import disk_problems, inside, regular_file
 from ..inventory.schema import NetworkSpec, Uefi
 from ..model import GuestIntent
+from . import throttle
 from .accel import KvmFacts, KvmKind, choose_accel, probe_kvm
 from .disk import own, prepare_data_disk, prepare_overlay, prepare_vars
 from .identity import Identity
@@ -146,4 +147,6 @@ def launch_spec(intent: GuestIntent, boot: Boot, paths: RunPaths, host: VirtHost
         pvm_host=host.kvm.kind is KvmKind.PVM, uuid=guest_uuid(paths.dir.parent),
         vhost=accel.name == "kvm" and host.vhost_net, disk_bus=intent.disk_bus,
         display=intent.display, rtc=intent.rtc, cpu_model=intent.cpu.model,
-        hyperv=intent.hyperv, boot_order=intent.boot, **extra)
+        hyperv=intent.hyperv, boot_order=intent.boot,
+        limits=tuple((k, tuple(v.items())) for k, v in
+                     throttle.guest_limits(intent, bool(boot.disk)).items()), **extra)

@@ -45,6 +45,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import throttle
 from .accel import Accel
 
 DEFAULT_TB_SIZE_MIB = 64
@@ -194,6 +195,9 @@ class LaunchSpec:
     cpu_model: str | None = None   # the inventory's; None: cpu_model() decides
     hyperv: bool = False           # Hyper-V enlightenments, under KVM
     boot_order: tuple[str, ...] = ()   # of "disk", "cdrom"
+    # each drive's own limits (vm/throttle.py), by drive node; None: no throttle nodes at
+    # all (the bench's baseline), so no limit can be set live
+    limits: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] | None = ()
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -363,25 +367,49 @@ class Bays:
             self.argv += ["-device", f"ide-{kind},bus={port},{opts}"]
 
 
+def throttle_args(drive: str, limits: dict[str, int]) -> list[str]:
+    """Pure: ``drive``'s own throttle group and the two filter nodes over it (see
+    :mod:`.throttle`); the guest's group is made once, by :func:`storage_args`."""
+    return ["-object", throttle.object_arg(throttle.group(drive), limits),
+            "-blockdev", f"driver=throttle,node-name={throttle.share_node(drive)},"
+                         f"throttle-group={throttle.GUEST_GROUP},file={drive}",
+            "-blockdev", f"driver=throttle,node-name={throttle.top_node(drive)},"
+                         f"throttle-group={throttle.group(drive)},"
+                         f"file={throttle.share_node(drive)}"]
+
+
 def storage_args(spec: LaunchSpec, h: Handles) -> list[str]:
     """Pure: firmware flash, the disk chain, the data disks and the cdrom, with their
     devices and boot order (``bootindex``: the order of ``spec.boot_order``; "disk" is the
-    image's disk, or the first data disk when the image has none)."""
+    image's disk, or the first data disk when the image has none). Writable disks go
+    under throttle filters unless ``spec.limits`` is None."""
     boot = spec.boot
     argv: list[str] = []
     bays = Bays(spec.machine.name, spec.machine.virtio)
     order = {d: i for i, d in enumerate(spec.boot_order)}
+    limits = dict((k, dict(v)) for k, v in spec.limits) if spec.limits is not None else None
+
+    def throttled(drive: str) -> str:
+        """The node the device attaches to."""
+        nonlocal argv
+        if limits is None:
+            return drive
+        if not any(a.startswith(f"throttle-group,id={throttle.GUEST_GROUP}") for a in argv):
+            argv += ["-object", throttle.object_arg(throttle.GUEST_GROUP)]
+        argv += throttle_args(drive, limits.get(drive, {}))
+        return throttle.top_node(drive)
+
     if boot.disk:
         if not h.disk:
             raise ValueError("a disk needs its layers' descriptors")
         argv += disk_args(h.disk)
-        bays.attach(spec.disk_bus, "disk0", bootindex=order.get("disk"))
+        bays.attach(spec.disk_bus, throttled("disk0"), bootindex=order.get("disk"))
     if len(h.data) != len(boot.data):
         raise ValueError("every data disk needs its descriptor")
     for i, (d, fd) in enumerate(zip(boot.data, h.data)):
         argv += _node(fd, DATA_FDSET + i, f"data-{d.name}", "qcow2", read_only=False)
         first = i == 0 and not boot.disk
-        bays.attach(d.bus, f"data-{d.name}", serial=d.name,
+        bays.attach(d.bus, throttled(f"data-{d.name}"), serial=d.name,
                     bootindex=order.get("disk") if first else None)
     # cdroms: on the disks' SCSI controller, else IDE on pc and AHCI on q35 (every
     # firmware and OS of the last 25 years boots and reads those)

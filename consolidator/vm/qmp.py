@@ -52,6 +52,19 @@ class GuestStats:
 SCREEN_FDSET = 90
 
 
+@dataclass(frozen=True)
+class DiskCounters:
+    """Bytes and requests a disk's device has read and written."""
+    rd_bytes: int = 0
+    wr_bytes: int = 0
+    rd_ops: int = 0
+    wr_ops: int = 0
+
+    def __add__(self, o: "DiskCounters") -> "DiskCounters":
+        return DiskCounters(self.rd_bytes + o.rd_bytes, self.wr_bytes + o.wr_bytes,
+                            self.rd_ops + o.rd_ops, self.wr_ops + o.wr_ops)
+
+
 class QMP:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -113,6 +126,23 @@ class QMP:
     async def guest_stats(self) -> GuestStats:
         return GuestStats.from_qom(await self.execute(
             "qom-get", {"path": BALLOON, "property": "guest-stats"}))
+
+    async def set_throttle(self, group: str, limits: dict[str, int]) -> None:
+        """Replace throttle group ``group``'s limits (every field given: see vm/throttle)."""
+        await self.execute("qom-set", {"path": f"/objects/{group}", "property": "limits",
+                                       "value": limits})
+
+    async def blockstats(self) -> dict[str, DiskCounters]:
+        """Each attached disk's counters since QEMU started, by the node its device is
+        attached to."""
+        out = {}
+        for e in await self.execute("query-blockstats", {"query-nodes": False}):
+            st, node = e.get("stats") or {}, e.get("node-name")
+            if node:
+                out[node] = DiskCounters(int(st.get("rd_bytes", 0)), int(st.get("wr_bytes", 0)),
+                                         int(st.get("rd_operations", 0)),
+                                         int(st.get("wr_operations", 0)))
+        return out
 
     async def block_resize(self, node: str, size: int) -> None:
         await self.execute("block_resize", {"node-name": node, "size": size})

@@ -143,9 +143,14 @@ def test_the_disk_chain_is_spelt_out_base_first_and_read_only_below_the_top():
         "driver=file,node-name=disk0-b1-file,filename=/dev/fdset/11,read-only=on",
         "driver=qcow2,node-name=disk0-b1,file=disk0-b1-file,read-only=on,backing=disk0-b2",
         "driver=file,node-name=disk0-file,filename=/dev/fdset/10,discard=unmap",
-        "driver=qcow2,node-name=disk0,file=disk0-file,discard=unmap,backing=disk0-b1"]
+        "driver=qcow2,node-name=disk0,file=disk0-file,discard=unmap,backing=disk0-b1",
+        # two throttle filters over it: the guest's part of the host budget, then its own
+        "driver=throttle,node-name=disk0-share,throttle-group=io-guest,file=disk0",
+        "driver=throttle,node-name=disk0-io,throttle-group=io-disk0,file=disk0-share"]
+    assert opt(argv, "-object")[-2:] == ["throttle-group,id=io-guest",
+                                         "throttle-group,id=io-disk0"]
     assert "-drive" not in argv
-    assert any(d.startswith("virtio-blk-device,drive=disk0") for d in opt(argv, "-device"))
+    assert any(d.startswith("virtio-blk-device,drive=disk0-io") for d in opt(argv, "-device"))
     assert "consolidator.root=/dev/vda" in opt(argv, "-append")[0]
 
 
@@ -247,3 +252,23 @@ def test_no_value_adds_an_option(name, mac, fmt):
     (named,) = opt(dirty, "-name")
     assert qemu_opts(named)[0] == ("guest", name)
     assert dict(qemu_opts(opt(dirty, "-blockdev")[1]))["driver"] == fmt
+
+
+def test_a_disk_s_limits_are_its_group_s_and_none_leaves_the_filters_out():
+    from consolidator.inventory.schema import DiskIo
+    from consolidator.vm import throttle
+    lim = throttle.disk_limits(DiskIo(write_bps="10MiB/s", iops=200, burst="40MiB"))
+    assert {k: v for k, v in lim.items() if v and not k.endswith("-length")} == {
+        "bps-write": 10 << 20, "bps-write-max": 40 << 20,
+        "iops-total": 200, "iops-total-max": 800}
+    assert all(lim[k] == 0 for k in ("bps-total", "bps-read", "iops-read", "bps-total-max"))
+    boot = Boot("/img/vmlinuz", "/img/initrd.cpio", disk="/s/guests/web/disk.qcow2",
+                builtin=True)
+    argv = argv_of(spec(boot=boot, limits=(("disk0", tuple(lim.items())),)),
+                   disk=(DiskLayer(40, "qcow2"),))
+    assert ("throttle-group,id=io-disk0,x-bps-write=10485760,x-bps-write-max=41943040,"
+            "x-iops-total=200,x-iops-total-max=800") in opt(argv, "-object")
+    bare = argv_of(spec(boot=boot, limits=None), disk=(DiskLayer(40, "qcow2"),))
+    assert not any("throttle" in a for a in bare)
+    assert any(d.startswith("virtio-blk-device,drive=disk0,") or d.endswith("drive=disk0")
+               for d in opt(bare, "-device"))
