@@ -72,6 +72,24 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+HOST_IO = "host-io.json"      # what doctor --measure-io measured of the state dir's disk
+
+
+def io_budget(host_io: Any, root: Path) -> tuple[float | None, float | None]:
+    """``host.io`` resolved: a declared figure, or for ``auto`` what ``doctor
+    --measure-io`` measured here (None until it has)."""
+    measured: dict[str, Any] = {}
+    if "auto" in (host_io.bps, host_io.iops):
+        with contextlib.suppress(OSError, ValueError, StateError):
+            got = read_json(root / HOST_IO)
+            measured = got if isinstance(got, dict) else {}
+
+    def pick(v: Any, key: str) -> float | None:
+        v = measured.get(key) if v == "auto" else v
+        return float(v) if isinstance(v, (int, float)) and v > 0 else None
+    return pick(host_io.bps, "bps"), pick(host_io.iops, "iops")
+
+
 def write_json(path: Path, obj: Any, mode: int = 0o600) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
 

@@ -33,6 +33,18 @@ _STATE_STYLE = {"running": "green", "starting": "yellow", "stopping": "yellow",
                 "orphaned": "bold magenta"}
 
 
+def _pair(a: float | None, b: float | None) -> str:
+    """Two rates as ``1.2M/340K`` (a second each), ``-`` where not measured."""
+    def one(v: float | None) -> str:
+        if v is None:
+            return "-"
+        for unit, m in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+            if v >= m:
+                return f"{v / m:.1f}{unit}"
+        return f"{v:.0f}"
+    return "-" if a is None and b is None else f"{one(a)}/{one(b)}"
+
+
 def status_table(doc: dict) -> Table:
     title = "guests"
     if doc.get("instance"):
@@ -40,6 +52,7 @@ def status_table(doc: dict) -> Table:
     t = Table(title=title, title_justify="left")
     for col, just in (("guest", "left"), ("state", "left"), ("uptime", "right"),
                       ("vCPUs", "right"), ("CPU %", "right"), ("memory", "right"),
+                      ("disk r/w", "right"), ("net rx/tx", "right"),
                       ("IPs", "left"), ("restarts", "right"), ("last event", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for g in doc.get("guests", []):
@@ -47,8 +60,11 @@ def status_table(doc: dict) -> Table:
         if g.get("balloon_bytes") is not None:
             mem = f"{human_size(g['balloon_bytes'])} / {mem}"
         cpu = f"{g['cpu_percent']:.0f}" if g.get("cpu_percent") is not None else "-"
+        io = g.get("io") or {}
         t.add_row(g["name"], Text(g["state"], style=_STATE_STYLE.get(g["state"], "")),
                   human_uptime(g.get("uptime_s")), str(g["vcpus"]), cpu, mem,
+                  _pair(io.get("disk_read_bps"), io.get("disk_write_bps")),
+                  _pair(io.get("net_rx_bps"), io.get("net_tx_bps")),
                   ", ".join(g.get("ips") or []) or "-", str(g.get("restarts", 0)),
                   Text(g.get("last_event") or "-"))
     notes = [f"{g['name']}: {e}" for g in doc.get("guests", []) for e in g.get("errors") or []]
@@ -68,7 +84,7 @@ def explain_table(doc: dict) -> Table:
              f"rebalancer: host memory {rb.get('host_state')}, budget "
              f"{human_size(rb.get('budget_bytes'))}, {rb.get('ticks')} ticks")
     t = Table(title=title, title_justify="left", show_lines=True)
-    for col in ("guest", "CPU weight", "why", "balloon", "why"):
+    for col in ("guest", "CPU weight", "why", "balloon", "why", "disk share", "why"):
         t.add_column(col, overflow="fold")
     for g in doc.get("guests", []):
         ex = g.get("explain") or {}
@@ -78,7 +94,11 @@ def explain_table(doc: dict) -> Table:
             bal = f"{human_size(mem.get('actual'))} -> {human_size(mem.get('target'))}"
             if mem.get("ws") is not None:
                 bal += f"\n(ws {human_size(mem['ws'])})"
+        io = ex.get("io") or {}
+        share = "-" if not io else ("none" if io.get("bps") is None else
+                                    f"{human_size(io['bps'])}/s")
         t.add_row(g["name"], str(cpu.get("weight", "-")), Text(cpu.get("reason", "-")), bal,
                   Text(mem.get("reason", "-"),
-                       style="bold yellow" if mem.get("pressure") else ""))
+                       style="bold yellow" if mem.get("pressure") else ""),
+                  share, Text(io.get("reason", "-")))
     return t

@@ -139,6 +139,7 @@ class FleetCollector:
                     m.add_metric([fleet], v)
                     yield m
         yield from _backup_metrics(r, fleet)
+        yield from _io_metrics(r, fleet)
         if r.budget is not None:
             m = GaugeMetricFamily("consolidator_host_budget_bytes", "Guest memory budget.",
                                   labels=["fleet"])
@@ -155,6 +156,48 @@ class FleetCollector:
                                     "Rebalancer iterations.", labels=["fleet"])
             t.add_metric([fleet], r.ticks)
             yield t
+
+
+def _io_metrics(r: Reading, fleet: str) -> Iterator[Any]:
+    """Disk and NIC counters since each QEMU started (rate() them), and the last
+    interval's rates as the rebalancer saw them."""
+    snap = r.snapshot
+    if snap is None:
+        return
+    L = ["fleet", "guest"]
+    fams = {
+        "disk_rd": CounterMetricFamily("consolidator_guest_disk_read_bytes",
+                                       "Bytes the guest's disks read.", labels=L),
+        "disk_wr": CounterMetricFamily("consolidator_guest_disk_written_bytes",
+                                       "Bytes the guest's disks wrote.", labels=L),
+        "disk_ops": CounterMetricFamily("consolidator_guest_disk_operations",
+                                        "Read and write requests of the guest's disks.",
+                                        labels=L),
+        "net_rx": CounterMetricFamily("consolidator_guest_net_received_bytes",
+                                      "Bytes sent to the guest's NICs.", labels=L),
+        "net_tx": CounterMetricFamily("consolidator_guest_net_transmitted_bytes",
+                                      "Bytes the guest's NICs sent.", labels=L),
+        "disk_bps": GaugeMetricFamily("consolidator_guest_disk_bytes_per_second",
+                                      "Disk bytes read and written a second, last interval.",
+                                      labels=L),
+        "net_bps": GaugeMetricFamily("consolidator_guest_net_bytes_per_second",
+                                     "NIC bytes both ways a second, last interval.",
+                                     labels=L)}
+    for name, o in sorted(snap.guests.items()):
+        lab = [fleet, name]
+        if o.disk_bytes is not None:
+            fams["disk_rd"].add_metric(lab, o.disk_bytes[0])
+            fams["disk_wr"].add_metric(lab, o.disk_bytes[1])
+        if o.disk_ops is not None:
+            fams["disk_ops"].add_metric(lab, sum(o.disk_ops))
+        if o.net_bytes is not None:
+            fams["net_rx"].add_metric(lab, o.net_bytes[0])
+            fams["net_tx"].add_metric(lab, o.net_bytes[1])
+        if o.disk_rd is not None and o.disk_wr is not None:
+            fams["disk_bps"].add_metric(lab, o.disk_rd + o.disk_wr)
+        if o.net_rx is not None and o.net_tx is not None:
+            fams["net_bps"].add_metric(lab, o.net_rx + o.net_tx)
+    yield from fams.values()
 
 
 def _backup_metrics(r: Reading, fleet: str) -> Iterator[Any]:

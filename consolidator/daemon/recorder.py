@@ -79,11 +79,17 @@ class Recorder:
                          "available": o.available if o else None,
                          "balloon": o.balloon if o else None,
                          "cgmem": o.cgroup_memory if o else None,
-                         "max": g.intent.memory.max}
+                         "max": g.intent.memory.max,
+                         "disk_rd": o.disk_rd if o else None,
+                         "disk_wr": o.disk_wr if o else None,
+                         "disk_iops": o.disk_iops if o else None,
+                         "net_rx": o.net_rx if o else None,
+                         "net_tx": o.net_tx if o else None}
         hist.record(snap.t, {"cpu": host.cpu_busy, "mem_available": host.mem_available,
                              "mem_used": host.mem_total - host.mem_available,
                              "psi_mem": host.psi_mem_some10, "psi_cpu": host.psi_cpu_some10,
-                             "budget": info.get("budget")}, guests, maintain=False)
+                             "budget": info.get("budget"), "disk_bps": host.disk_bps,
+                             "io_budget": info.get("io_budget")}, guests, maintain=False)
         self.record_ms.append((time.perf_counter() - t0) * 1000)
         del self.record_ms[:-200]
 

@@ -15,6 +15,13 @@ from ..sched.rebalancer import Rebalancer
 from .runtime import GuestRuntime, Runtime
 
 
+class _NoIo:
+    io_bps = None
+
+
+_NO_IO = _NoIo()
+
+
 def _cpu_percent(g: GuestRuntime, rb: Rebalancer | None) -> float | None:
     """From the rebalancer's last snapshot (it observes every running guest each
     interval, also when it only observes), if taken since this run of the guest began."""
@@ -35,6 +42,25 @@ def _backup(name: str, figures: dict[str, Any] | None, now: float) -> dict[str, 
         return None
     return {"last": last["id"] if last else None, "at": last["at"] if last else None,
             "age_s": round(now - last["at"], 1) if last else None, "failure": failed}
+
+
+def _io(o: Any, share: tuple[int | None, int | None] | None) -> dict[str, Any] | None:
+    """The last interval's disk and NIC rates, the counters since QEMU started, and the
+    guest's part of the host budget in force."""
+    if o is None:
+        return None
+
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 1)
+    return {"disk_read_bps": r(o.disk_rd), "disk_write_bps": r(o.disk_wr),
+            "disk_iops": r(o.disk_iops), "net_rx_bps": r(o.net_rx), "net_tx_bps": r(o.net_tx),
+            "disk_read_bytes": o.disk_bytes[0] if o.disk_bytes else None,
+            "disk_written_bytes": o.disk_bytes[1] if o.disk_bytes else None,
+            "disk_ops": sum(o.disk_ops) if o.disk_ops else None,
+            "net_rx_bytes": o.net_bytes[0] if o.net_bytes else None,
+            "net_tx_bytes": o.net_bytes[1] if o.net_bytes else None,
+            "share_bps": share[0] if share else None,
+            "share_iops": share[1] if share else None}
 
 
 def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
@@ -71,6 +97,7 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "ready": g.intent.ready,
             "agent": g.agent_view if running and g.agent_view else None,
             "backup": _backup(n, backups, now),
+            "io": _io(o, rb.io_caps.get(n) if rb else None),
         }
         if explain:
             row["explain"] = rb.explain.get(n) if rb else None
@@ -85,6 +112,9 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "net_guard": net_guard or {"restores": 0, "last_restore": None, "error": None},
             "rebalancer": ({"enabled": rb.active, "ticks": rb.ticks,
                             "host_state": rb.host_state.value,
-                            "budget_bytes": fleet.budget if fleet else None}
+                            "budget_bytes": fleet.budget if fleet else None,
+                            "io_budget_bps": (rb.settings() or _NO_IO).io_bps,
+                            "disk_bps": (round(snap.host.disk_bps, 1) if snap is not None
+                                         and snap.host.disk_bps is not None else None)}
                            if rb else {"enabled": False}),
             "guests": guests}

@@ -35,7 +35,8 @@ from ..errors import CgroupError, ConflictError
 from ..model import GuestState
 from ..sched.observe import Tracked
 from ..sched.rebalancer import LoopSettings, Rebalancer
-from ..state import StateDir, atomic_write
+from ..net import names
+from ..state import StateDir, atomic_write, io_budget
 from ..report import document
 from . import guestlog, metrics, protocol, status, teardown
 from .applier import Applier
@@ -69,6 +70,11 @@ class GuestControls:
         g = self.runtime.get(name)
         if g.guest is not None:
             await g.guest.set_balloon(target)
+
+    async def set_io_share(self, name: str, bps: int | None, iops: int | None) -> None:
+        g = self.runtime.get(name)
+        if g.guest is not None:
+            await g.guest.set_io_share(bps, iops)
 
 
 class Supervisor:
@@ -210,7 +216,7 @@ class Supervisor:
         if fleet is None or self.rebalancer is not None:
             return
         rb = Rebalancer(self._loop_settings, self._tracked, self._usage,
-                        GuestControls(self.runtime, self.lifecycle))
+                        GuestControls(self.runtime, self.lifecycle), net=self._net)
         rb.on_tick.append(self.recorder.on_tick)
         self.lifecycle.on_start.append(rb.forget)
         rb.start()
@@ -230,8 +236,25 @@ class Supervisor:
         f = self.runtime.fleet
         if f is None or self.lifecycle.executor is None:
             return None
+        bps, iops = io_budget(f.host.io, self.state.root)
         return LoopSettings(f.host.rebalance.interval, f.host.rebalance.enabled, f.budget,
-                            f.usable_cpus)
+                            f.usable_cpus, bps, iops)
+
+    def _net(self) -> dict[str, tuple[int, int, int, int]]:
+        """Each running guest's NIC counters, from one read of the fabric's links."""
+        ex = self.lifecycle.executor
+        if ex is None:
+            return {}
+        ports = {names.guest_port(ex.instance, g.name, i): g.name
+                 for g in self.runtime.guests.values() for i in range(len(g.intent.nics))}
+        if not ports:
+            return {}
+        out: dict[str, tuple[int, int, int, int]] = {}
+        for port, (rx, tx, rxp, txp) in ex.fabric.port_counters(set(ports)).items():
+            a = out.get(ports[port], (0, 0, 0, 0))
+            # the port's transmit is what goes to the guest, its receive what comes from it
+            out[ports[port]] = (a[0] + tx, a[1] + rx, a[2] + txp, a[3] + rxp)
+        return out
 
     def _tracked(self) -> list[Tracked]:
         return [Tracked(g.name, g.intent, g.guest) for g in self.runtime.guests.values()

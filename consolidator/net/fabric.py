@@ -381,6 +381,21 @@ class Fabric:
                 ipr.link("set", index=port, master=b, state="up")
         ipr.link("set", index=b, state="up")
 
+    def port_counters(self, ports: set[str]) -> dict[str, tuple[int, int, int, int]]:
+        """(rx bytes, tx bytes, rx packets, tx packets) of each of ``ports`` (guest ports
+        in the fabric netns), from one dump of its links."""
+        if self.netns is not None and not ns.exists(self.netns):
+            return {}
+        out = {}
+        with ns.iproute(self.netns) as ipr:
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME")
+                if name in ports:
+                    st = link.get_attr("IFLA_STATS64") or {}
+                    out[name] = (int(st.get("rx_bytes", 0)), int(st.get("tx_bytes", 0)),
+                                 int(st.get("rx_packets", 0)), int(st.get("tx_packets", 0)))
+        return out
+
     def shape_guest(self, guest: str, shapes: list[NicShape]) -> list[str]:
         """Each NIC's rate, both ways, as a tbf on the egress of the two links of its
         guest netns: ``tap{i}`` (to the guest) and ``vnic{i}`` (from it). A NIC without

@@ -25,9 +25,14 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import StateError
 
-SCHEMA_VERSION = 1
-HOST_METRICS = ("cpu", "mem_available", "mem_used", "psi_mem", "psi_cpu", "budget")
-GUEST_METRICS = ("cpu", "ws", "available", "balloon", "cgmem", "max")
+SCHEMA_VERSION = 2
+HOST_METRICS = ("cpu", "mem_available", "mem_used", "psi_mem", "psi_cpu", "budget",
+                "disk_bps", "io_budget")
+GUEST_METRICS = ("cpu", "ws", "available", "balloon", "cgmem", "max",
+                 "disk_rd", "disk_wr", "disk_iops", "net_rx", "net_tx")
+#: metrics each schema version added: an older file gains their columns when opened
+ADDED = {2: (("disk_bps", "io_budget"),
+             ("disk_rd", "disk_wr", "disk_iops", "net_rx", "net_tx"))}
 STATS = ("min", "mean", "max", "p95")
 RES = {"1m": 60, "1h": 3600}
 
@@ -90,9 +95,16 @@ def _open(path: Path, readonly: bool) -> sqlite3.Connection:
     version = _check_version(db, path, readonly=False)
     if version < SCHEMA_VERSION:
         db.execute("BEGIN")
-        for stmt in _schema():
-            db.execute(stmt)
-        # future migrations: if version < 2: ALTER TABLE ...
+        if version == 0:
+            for stmt in _schema():
+                db.execute(stmt)
+        for v, (host, guest) in sorted(ADDED.items()):
+            if 0 < version < v:                 # one transaction: all of it, or none
+                for table, metrics in (("host", host), ("guest", guest)):
+                    for m in metrics:
+                        db.execute(f"ALTER TABLE raw_{table} ADD COLUMN {m} REAL")
+                    for c in _agg_cols(metrics):
+                        db.execute(f"ALTER TABLE agg_{table} ADD COLUMN {c} REAL")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
     return db

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ from .cgroup import CgroupUsage, host_psi
 
 log = structlog.get_logger("observe")
 UsageReader = Callable[[str], CgroupUsage]
+#: each guest's NIC counters summed, seen from the fabric's side of its veths:
+#: (bytes to the guest, bytes from it, packets to it, packets from it)
+NetReader = Callable[[], dict[str, tuple[int, int, int, int]]]
 
 
 class GuestProbe(Protocol):
@@ -64,6 +68,9 @@ class GuestProbe(Protocol):
     def balloon_range(self, since: float) -> tuple[int, int] | None: ...
 
     async def guest_stats(self) -> Any: ...
+
+    async def disk_counters(self) -> dict[str, Any]:
+        """Each disk's counters (rd_bytes, wr_bytes, rd_ops, wr_ops) since QEMU began."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,15 @@ class GuestObs:
     major_fault_rate: float = 0.0
     swap_in_rate: float = 0.0
     stale: bool = True
+    # I/O over the interval (bytes or operations a second), and counters since start
+    disk_rd: float | None = None
+    disk_wr: float | None = None
+    disk_iops: float | None = None
+    net_rx: float | None = None           # to the guest
+    net_tx: float | None = None           # from the guest
+    disk_bytes: tuple[int, int] | None = None     # read, written
+    disk_ops: tuple[int, int] | None = None
+    net_bytes: tuple[int, int] | None = None      # to, from
     # smallest and largest size the balloon may have had when the stats were taken
     stats_balloon: tuple[int, int] | None = None
     errors: tuple[str, ...] = ()          # readings that failed this tick, and why
@@ -109,6 +125,7 @@ class HostObs:
     psi_mem_full10: float
     psi_cpu_some10: float
     cpu_busy: float | None                # cores busy over the interval
+    disk_bps: float | None = None         # the guests' disks, read and written, in all
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,24 @@ class Snapshot:
     mono: float
     host: HostObs
     guests: dict[str, GuestObs]
+
+
+def has_disks(intent: GuestIntent) -> bool:
+    return bool(intent.disks or intent.image_spec.disk)
+
+
+async def _no_net() -> tuple[None, None]:
+    return None, None
+
+
+def _read_net(net: NetReader | None) -> tuple[dict[str, tuple[int, int, int, int]] | None,
+                                               str | None]:
+    if net is None:
+        return None, None
+    try:
+        return net(), None
+    except (OSError, ConsolidatorError) as e:
+        return None, f"NIC counters: {type(e).__name__}: {e}"
 
 
 def schedstat(pid: int, held: HeldFiles) -> tuple[int, int]:
@@ -154,6 +189,7 @@ def _proc_stat(held: HeldFiles) -> tuple[int, int]:
 
 
 QUIET_CPU_S = 0.020     # a guest that ran less since its stats were asked: ask later
+IO_QUIET_CPU_S = 0.002  # ... and since its disks were asked: a request costs QEMU more
 REFRESH_AFTER_S = 3.0   # ... but no later than this: the policy converges as when asked
 
 
@@ -171,6 +207,8 @@ class Observer:
         self._stats: dict[str, _Asked] = {}
         self._held = HeldFiles()
         self.stats_asked = 0          # guest-stats queries made (bench and tests)
+        self.disks_asked = 0
+        self._disks: dict[str, tuple[float, int | None, Any]] = {}   # mono, cpu_ns, totals
 
     def forget(self, name: str) -> None:
         prev = self._prev.pop(name, None)
@@ -178,11 +216,13 @@ class Observer:
             self._held.forget(f"/proc/{prev['pid']}/")
         self._failing.pop(name, None)
         self._stats.pop(name, None)
+        self._disks.pop(name, None)
 
     def close(self) -> None:
         self._held.close()
 
-    async def observe(self, guests: list[Tracked], usage: UsageReader | None) -> Snapshot:
+    async def observe(self, guests: list[Tracked], usage: UsageReader | None,
+                      net: NetReader | None = None) -> Snapshot:
         now, mono = time.time(), time.monotonic()
         for gone in set(self._prev) - {t.name for t in guests}:
             self.forget(gone)                     # its held files go with it
@@ -190,8 +230,24 @@ class Observer:
         cgroup = {t.name: self._cgroup(t.name, usage) for t in guests}
         due = [t for t in guests
                if self._stats_due(t.name, cgroup[t.name], t.probe.balloon_actual, mono)]
-        answers = await asyncio.gather(*(self._guest_stats(t.probe) for t in due))
+        disk_due = [t for t in guests if has_disks(t.intent) and
+                    self._disks_due(t.name, cgroup[t.name], mono)]
+        # the NICs' counters are a netlink dump: in a thread (pyroute2's sync socket will
+        # not run inside the loop), while the loop asks the QEMUs
+        answers, disk_answers, nets = await asyncio.gather(
+            asyncio.gather(*(self._guest_stats(t.probe) for t in due)),
+            asyncio.gather(*(self._disk_counters(t.probe) for t in disk_due)),
+            asyncio.to_thread(_read_net, net) if net is not None else _no_net())
         self.stats_asked += len(due)
+        self.disks_asked += len(disk_due)
+        disk_errors: dict[str, str] = {}
+        for t, (totals, d_err) in zip(disk_due, disk_answers):
+            cs = cgroup[t.name]
+            if d_err:
+                disk_errors[t.name] = d_err
+            else:
+                self._disks[t.name] = (mono, cs.cpu_usage_ns if isinstance(cs, CgroupUsage)
+                                       else None, totals)
         errors: dict[str, str | None] = {}
         for t, (st, st_err) in zip(due, answers):
             errors[t.name] = st_err
@@ -200,10 +256,68 @@ class Observer:
                 cs, CgroupUsage) else None, t.probe.balloon_actual, st)
         out: dict[str, GuestObs] = {}
         for t in guests:
-            out[t.name] = self._guest(t.name, t.probe, cgroup[t.name],
-                                      self._stats.get(t.name), errors.get(t.name), now, mono)
-            self._report(t.name, out[t.name].errors)
+            o = self._guest(t.name, t.probe, cgroup[t.name],
+                            self._stats.get(t.name), errors.get(t.name), now, mono)
+            o = self._io(o, self._disks.get(t.name), disk_errors.get(t.name),
+                         nets[0].get(t.name) if nets[0] is not None else None, nets[1], mono)
+            out[t.name] = o
+            self._report(t.name, o.errors)
+        rates = [o.disk_rd + o.disk_wr for o in out.values()
+                 if o.disk_rd is not None and o.disk_wr is not None]
+        if rates:
+            host = dataclasses.replace(host, disk_bps=sum(rates))
         return Snapshot(now, mono, host, out)
+
+    def _disks_due(self, name: str, cs: CgroupUsage | str | None, mono: float) -> bool:
+        """A guest's disks are read when it has run since (QEMU works for every request
+        it serves, so a guest that did not run did no I/O) or every ``refresh_after``."""
+        last = self._disks.get(name)
+        if last is None or last[1] is None or not isinstance(cs, CgroupUsage):
+            return True
+        return mono - last[0] >= self.refresh_after or \
+            cs.cpu_usage_ns - last[1] >= IO_QUIET_CPU_S * 1e9
+
+    @staticmethod
+    async def _disk_counters(probe: GuestProbe) -> tuple[tuple[int, int, int, int] | None,
+                                                         str | None]:
+        try:
+            per = await probe.disk_counters()
+        except QMPError as e:
+            return None, f"disk counters: {e.error_class or 'QMPError'}: {e.message}"
+        return (sum(c.rd_bytes for c in per.values()), sum(c.wr_bytes for c in per.values()),
+                sum(c.rd_ops for c in per.values()), sum(c.wr_ops for c in per.values())), None
+
+    def _io(self, o: GuestObs, disks: tuple[float, int | None, Any] | None,
+            disk_error: str | None, net: tuple[int, int, int, int] | None,
+            net_error: str | None, mono: float) -> GuestObs:
+        """Rates from the counters' last readings: disks as of when they were last asked
+        (unchanged since, when not asked: the guest did not run), NICs every tick."""
+        prev = self._prev.get(o.name, {})
+        cur: dict[str, Any] = {}
+        f: dict[str, Any] = {}
+        errors = list(o.errors) + [e for e in (disk_error, net_error) if e]
+        if disks is not None:
+            t_read, _, (rd, wr, rops, wops) = disks
+            f.update(disk_bytes=(rd, wr), disk_ops=(rops, wops))
+            last = prev.get("disk")               # (time, read, written, ops) before
+            if last is None or t_read > last[0]:  # a new reading
+                if last is not None and rd >= last[1] and wr >= last[2]:
+                    dt = t_read - last[0]
+                    f.update(disk_rd=(rd - last[1]) / dt, disk_wr=(wr - last[2]) / dt,
+                             disk_iops=(rops + wops - last[3]) / dt)
+                cur["disk"] = (t_read, rd, wr, rops + wops)
+            else:                                 # not asked: it did not run, so no I/O
+                f.update(disk_rd=0.0, disk_wr=0.0, disk_iops=0.0)
+        if net is not None:
+            f["net_bytes"] = (net[0], net[1])
+            cur["net"] = (mono, net[0], net[1])
+            if "net" in prev and mono > prev["net"][0] and net[0] >= prev["net"][1] \
+                    and net[1] >= prev["net"][2]:
+                dt = mono - prev["net"][0]
+                f.update(net_rx=(net[0] - prev["net"][1]) / dt,
+                         net_tx=(net[1] - prev["net"][2]) / dt)
+        self._prev[o.name] = {**prev, **cur}
+        return dataclasses.replace(o, errors=tuple(errors), **f)
 
     @staticmethod
     def _cgroup(name: str, usage: UsageReader | None) -> CgroupUsage | str | None:

@@ -36,7 +36,8 @@ from ..model import GuestIntent
 from .cpu import CpuDecision, CpuInput, cpu_policy, smooth_demand
 from .memory import (HostState, MemDecision, MemHost, MemInput, MemParams, memory_policy,
                      watchdog_target)
-from .observe import Observer, Snapshot, Tracked, UsageReader
+from .io import IoInput, io_policy
+from .observe import NetReader, Observer, Snapshot, Tracked, UsageReader, has_disks
 from .psi import PsiWatch, watch_memory_pressure
 
 log = structlog.get_logger("rebalancer")
@@ -55,6 +56,8 @@ class LoopSettings:
     enabled: bool             # false: observe and record only (host.rebalance.enabled)
     budget: int               # guest memory budget, bytes
     usable_cpus: float
+    io_bps: float | None = None       # the host's disk budget (host.io), None: none
+    io_iops: float | None = None
 
 
 class Controls(Protocol):
@@ -66,6 +69,9 @@ class Controls(Protocol):
     async def set_balloon(self, name: str, target: int) -> None:
         """Ask the guest's balloon for ``target`` bytes. Raises QMPError."""
 
+    async def set_io_share(self, name: str, bps: int | None, iops: int | None) -> None:
+        """Set the ceiling on the guest's disks together (None: none). Raises QMPError."""
+
 
 TickHook = Callable[[Snapshot, dict[str, Any]], None]
 
@@ -74,10 +80,11 @@ class Rebalancer:
     def __init__(self, settings: Callable[[], LoopSettings | None],
                  guests: Callable[[], list[Tracked]], usage: UsageReader | None,
                  controls: Controls, *, params: MemParams = MemParams(),
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, net: NetReader | None = None) -> None:
         self.settings = settings
         self.guests = guests
         self.usage = usage
+        self.net = net
         self.controls = controls
         self.params = params
         self.observer = observer or Observer()
@@ -86,6 +93,7 @@ class Rebalancer:
         self.demand: dict[str, float] = {}
         self.weights: dict[str, int] = {}       # the weight last decided, per guest
         self.requested: dict[str, int] = {}     # balloon targets sent, per guest
+        self.io_caps: dict[str, tuple[int | None, int | None]] = {}   # share ceilings set
         self.host_state = HostState.NORMAL
         self.explain: dict[str, dict[str, Any]] = {}
         self.last: Snapshot | None = None
@@ -150,7 +158,7 @@ class Rebalancer:
     def forget(self, name: str) -> None:
         """A guest (re)starts: its cgroup is new, and what was known of it is gone."""
         for d in (self.estimates, self.holds, self.demand, self.weights, self.requested,
-                  self.explain, self.cpu_explain):
+                  self.explain, self.cpu_explain, self.io_caps):
             d.pop(name, None)
         self._cpu_in = [c for c in self._cpu_in if c.name != name]
         self.observer.forget(name)
@@ -188,7 +196,7 @@ class Rebalancer:
         if settings is None:
             return
         running = self.guests()
-        snap = await self.observer.observe(running, self.usage)
+        snap = await self.observer.observe(running, self.usage, self.net)
         self.last = snap
         self.ticks += 1
         if not settings.enabled:
@@ -202,12 +210,13 @@ class Rebalancer:
         decisions: dict[str, Any] = {}
         await self._cpu(snap, running, settings, decisions)
         budget = await self._memory(snap, running, settings, decisions)
+        await self._io(snap, running, settings, decisions)
         for t in running:
             self.explain[t.name] = {"t": snap.t, **decisions.get(t.name, {})}
             if t.name in self.cpu_explain:          # a respec may have decided since
                 self.explain[t.name]["cpu"] = self.cpu_explain[t.name]
         self._notify(snap, {"budget": budget, "host_state": self.host_state.value,
-                            "decisions": decisions})
+                            "io_budget": settings.io_bps, "decisions": decisions})
 
     async def _cpu(self, snap: Snapshot, running: list[Tracked], settings: LoopSettings,
                    decisions: dict[str, Any]) -> None:
@@ -257,11 +266,16 @@ class Rebalancer:
                     self.explain[d.name]["cpu"] = e
 
     async def _restore_static(self, running: list[Tracked]) -> None:
-        """Rebalancing was switched off: every weight goes back to the inventory's shares."""
+        """Rebalancing was switched off: every weight goes back to the inventory's shares,
+        and no guest's disks keep a share ceiling."""
         for t in running:
             if self.weights.get(t.name) not in (None, t.intent.cpu.shares):
                 await self.controls.set_weight(t.name, t.intent.cpu.shares)
+            if self.io_caps.get(t.name, (None, None)) != (None, None):
+                with contextlib.suppress(QMPError):
+                    await self.controls.set_io_share(t.name, None, None)
         self.weights.clear()
+        self.io_caps.clear()
         self._cpu_in = []
 
     async def _memory(self, snap: Snapshot, running: list[Tracked], settings: LoopSettings,
@@ -297,6 +311,32 @@ class Rebalancer:
                 sets.append(d)
         await asyncio.gather(*(self._set_balloon(d) for d in sets))
         return res.budget
+
+    async def _io(self, snap: Snapshot, running: list[Tracked], settings: LoopSettings,
+                  decisions: dict[str, Any]) -> None:
+        """Each busy guest's part of the host's disk budget, by its io.shares."""
+        io_in = []
+        for t in running:
+            if not has_disks(t.intent):
+                continue
+            o = snap.guests[t.name]
+            rate = None if o.disk_rd is None or o.disk_wr is None else o.disk_rd + o.disk_wr
+            io_in.append(IoInput(t.name, t.intent.io.shares, rate, o.disk_iops,
+                                 *_ceilings(t.intent)))
+        for d in io_policy(io_in, budget_bps=settings.io_bps, budget_iops=settings.io_iops,
+                           previous=self.io_caps):
+            decisions.setdefault(d.name, {})["io"] = {"bps": d.bps, "iops": d.iops,
+                                                      "reason": d.reason}
+            if not d.changed:
+                continue
+            try:
+                await self.controls.set_io_share(d.name, d.bps, d.iops)
+            except QMPError as e:
+                log.warning("io.set_failed", guest=d.name, error_class=e.error_class)
+                continue
+            self.io_caps[d.name] = (d.bps, d.iops)
+            log.info("io.share", guest=d.name, old=d.previous, bps=d.bps, iops=d.iops,
+                     reason=d.reason)
 
     def _notify(self, snap: Snapshot, info: dict[str, Any]) -> None:
         for hook in self.on_tick:
@@ -343,6 +383,19 @@ class Rebalancer:
                     self.explain.setdefault(t.name, {})["memory"] = {
                         "target": target, "actual": cur, "ws": None, "pressure": False,
                         "reason": "rebalancer stalled: watchdog deflating"}
+
+
+def _ceilings(intent: GuestIntent) -> tuple[float | None, float | None]:
+    """The most the guest's own limits let its disks move together: the sum over its
+    disks, when every disk has one."""
+    limits = [intent.disk_io] if intent.image_spec.disk else []
+    limits += [d.io for d in intent.disks]
+    bps = [None if io is None else (io.bps or (io.read_bps + io.write_bps
+                                               if io.read_bps and io.write_bps else None))
+           for io in limits]
+    iops = [None if io is None else io.iops for io in limits]
+    return (sum(bps) if bps and None not in bps else None,  # type: ignore[arg-type]
+            sum(iops) if iops and None not in iops else None)  # type: ignore[arg-type]
 
 
 def _cpu_input(name: str, intent: GuestIntent, demand: float, usage: float) -> CpuInput:

@@ -4,7 +4,9 @@ host budget under contention, and the figures status, the metrics and the report
 from __future__ import annotations
 
 import base64
+import json
 import os
+from datetime import datetime
 
 import pytest
 
@@ -15,7 +17,10 @@ MiB = 1 << 20
 
 FLEET = """
 instance: {inst}
-host: {{fabric_netns: {inst}-fab, io: {{bps: @BUDGET@}}}}
+host:
+  fabric_netns: {inst}-fab
+  io: {{bps: @BUDGET@}}
+  metrics: {{enabled: true, listen: "127.0.0.1:@PORT@"}}
 networks:
   lan: {{subnet: 10.83.0.0/24}}
 guests:
@@ -37,7 +42,18 @@ def inventory(a_io: str = "", a_rate: str = "", b_shares: int = 3000,
     """The fleet's text (still to be formatted with the instance)."""
     return (FLEET.replace("@A_IO@", a_io and f", io: {{{{{a_io}}}}}")
             .replace("@A_RATE@", a_rate and f", rate: {a_rate}")
-            .replace("@B_SHARES@", str(b_shares)).replace("@BUDGET@", budget))
+            .replace("@B_SHARES@", str(b_shares)).replace("@BUDGET@", budget)
+            .replace("@PORT@", str(PORT)))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +144,78 @@ def test_a_nic_rate_holds_both_ways_and_changes_live(fleet):
     out = mbit("a", "10.83.0.20", "b")
     assert 3.6 <= out <= 4.4, out
     assert fleet.guests()["a"]["pid"] == pid
+
+
+def io_rows(f: CliFleet, explain: bool = False) -> dict[str, dict]:
+    from consolidator.daemon import protocol
+    with protocol.Client(protocol.socket_path(f.state)) as c:
+        doc = c.call("status", explain=explain)
+    return {g["name"]: {**(g["io"] or {}), "explain": g.get("explain")}
+            for g in doc["guests"]}
+
+
+def test_shares_divide_the_host_budget_while_both_write_and_one_takes_all_alone(fleet):
+    import time
+    apply(fleet, inventory())                    # a: shares 1000, b: 3000, budget 24MiB/s
+    budget = 24 * MiB
+    writer = ("rm -f /tmp/stop; (while [ ! -e /tmp/stop ]; do dd if=/dev/zero of=/dev/vda "
+              "bs=1M count=128 oflag=direct; done) >/dev/null 2>&1 </dev/null &")
+    stop = "touch /tmp/stop; killall dd; true"
+    sh(fleet, "a", writer)
+    sh(fleet, "b", writer)
+    try:
+        time.sleep(3.0)                          # two ticks to see both busy, one to settle
+        a = b = 0.0
+        for _ in range(4):
+            time.sleep(1.0)
+            rows = io_rows(fleet)
+            a += rows["a"]["disk_write_bps"] / 4
+            b += rows["b"]["disk_write_bps"] / 4
+        assert a / (a + b) == pytest.approx(0.25, rel=0.10), (a / MiB, b / MiB)
+        assert a + b == pytest.approx(budget, rel=0.10), (a / MiB, b / MiB)
+        why = io_rows(fleet, explain=True)["b"]["explain"]["io"]["reason"]
+        assert "shares 3000 of 4000 busy" in why
+        t_stop = time.time()
+        sh(fleet, "a", stop)
+        t0 = time.monotonic()
+        while True:
+            time.sleep(0.5)
+            rows = io_rows(fleet)
+            if rows["b"]["share_bps"] is not None and rows["b"]["share_bps"] >= budget * 0.95 \
+                    and rows["b"]["disk_write_bps"] >= budget * 0.9:
+                break
+            assert time.monotonic() - t0 < 5, rows["b"]
+        # when the supervisor gave b the whole budget, by its log (status is polled)
+        given = [e for e in map(json.loads, (fleet.state / "supervisor" / "log.jsonl")
+                                .read_text().splitlines())
+                 if e.get("event") == "io.share" and e.get("guest") == "b"
+                 and (e.get("bps") or 0) >= budget * 0.95]
+        at = datetime.fromisoformat(given[-1]["timestamp"].replace("Z", "+00:00"))
+        assert at.timestamp() - t_stop <= 2.0, at.timestamp() - t_stop
+        assert rows["a"]["share_bps"] is None      # idle: keeps nothing back
+    finally:
+        sh(fleet, "a", stop)
+        sh(fleet, "b", stop)
+
+
+def test_status_and_the_metrics_count_the_bytes_written(fleet):
+    import re
+    import time
+
+    def prom(name: str) -> float:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        m = re.search(rf'^{name}(?:_total)?{{fleet="{fleet.instance}",guest="a"}} (\S+)$',
+                      text, re.M)
+        assert m, name
+        return float(m[1])
+    time.sleep(1.5)
+    before = io_rows(fleet)["a"]["disk_written_bytes"]
+    before_prom = prom("consolidator_guest_disk_written_bytes")
+    sh(fleet, "a", "dd if=/dev/zero of=/dev/vda bs=1M count=32 oflag=direct 2>/dev/null")
+    time.sleep(2.5)                              # a tick or two to read the counters
+    assert io_rows(fleet)["a"]["disk_written_bytes"] - before == 32 * MiB
+    assert prom("consolidator_guest_disk_written_bytes") - before_prom == 32 * MiB
+    net = io_rows(fleet)["a"]
+    assert net["net_rx_bytes"] is not None and net["net_tx_bytes"] > 0

@@ -171,8 +171,42 @@ def test_the_reader_checks_the_schema_version(tmp_path):
     from consolidator.report.history import open_db
     path = tmp_path / "history.sqlite"
     open_db(path).execute("PRAGMA user_version=7")
-    with pytest.raises(StateError, match="history schema 7, this consolidator reads 1"):
+    with pytest.raises(StateError, match="history schema 7, this consolidator reads 2"):
         open_db(path, readonly=True)
+
+
+def test_a_version_1_file_gains_the_io_columns_and_keeps_its_samples(tmp_path):
+    """The format of the stop before I/O was measured: its samples stay, and the new
+    metrics are recorded beside them."""
+    import sqlite3
+    from consolidator.report.history import History, _agg_cols
+    path = tmp_path / "history.sqlite"
+    v1_host = ("cpu", "mem_available", "mem_used", "psi_mem", "psi_cpu", "budget")
+    v1_guest = ("cpu", "ws", "available", "balloon", "cgmem", "max")
+    db = sqlite3.connect(path)
+    db.executescript(
+        f"CREATE TABLE raw_host (t REAL PRIMARY KEY, {', '.join(m + ' REAL' for m in v1_host)});"
+        f"CREATE TABLE raw_guest (t REAL, guest TEXT, state TEXT, "
+        f"{', '.join(m + ' REAL' for m in v1_guest)}, PRIMARY KEY (guest, t));"
+        f"CREATE TABLE agg_host (res TEXT, t REAL, n INTEGER, "
+        f"{', '.join(c + ' REAL' for c in _agg_cols(v1_host))}, PRIMARY KEY (res, t));"
+        f"CREATE TABLE agg_guest (res TEXT, t REAL, guest TEXT, n INTEGER, "
+        f"{', '.join(c + ' REAL' for c in _agg_cols(v1_guest))}, PRIMARY KEY (res, guest, t));"
+        "CREATE TABLE marks (name TEXT PRIMARY KEY, t REAL);"
+        "INSERT INTO raw_host (t, cpu) VALUES (10.0, 0.5);"
+        "INSERT INTO raw_guest (t, guest, cpu) VALUES (10.0, 'g', 0.25);"
+        "PRAGMA user_version=1;")
+    db.commit()
+    db.close()
+    h = History(path)
+    h.record(11.0, {"cpu": 1.0, "disk_bps": 2e6}, {"g": {"cpu": 0.5, "disk_wr": 1e6}},
+             maintain=False)
+    rows = h.db.execute("SELECT t, cpu, disk_wr FROM raw_guest ORDER BY t").fetchall()
+    assert rows == [(10.0, 0.25, None), (11.0, 0.5, 1e6)]
+    assert h.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    cols = {r[1] for r in h.db.execute("PRAGMA table_info(agg_guest)")}
+    assert {"disk_wr_p95", "net_tx_max"} <= cols
+    h.close()
 
 
 def test_the_database_and_its_wal_are_for_root_only(tmp_path):

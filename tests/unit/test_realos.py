@@ -75,7 +75,7 @@ def test_winxp_argv_is_the_hardware_of_its_day(tmp_path):
     argv = argv_for(xp)
     assert "-machine pc " in argv and "-rtc base=localtime" in argv
     assert "-device e1000,netdev=net0" in argv and "virtio-net" not in argv
-    assert "ide-hd,bus=ide.0,unit=0,drive=data-data0,serial=data0" in argv
+    assert "ide-hd,bus=ide.0,unit=0,drive=data-data0-io,serial=data0" in argv
     assert "ide-cd,bus=ide.0,unit=1,drive=cd0" in argv
     assert "-device VGA" in argv and "-vnc none" in argv
     assert "hv_relaxed" not in argv                   # Hyper-V enlightenments: KVM only
@@ -90,7 +90,7 @@ def test_debian12_and_centos7_argv_are_virtio_on_q35(tmp_path):
     a, b = argv_for(f.guests["a"]), argv_for(f.guests["b"])
     assert "-machine q35,pflash0=fw-code,pflash1=fw-vars" in a
     assert "filename=/dev/fdset/2,read-only=on" in a      # OVMF's code: read-only
-    assert "virtio-blk-pci,drive=data-data0,serial=data0,bootindex=0" in a
+    assert "virtio-blk-pci,drive=data-data0-io,serial=data0,bootindex=0" in a
     assert "virtio-net-pci,netdev=net0" in a and "-rtc" not in a
     assert "-machine q35 " in b and "pflash" not in b     # centos7: BIOS
     assert "ide-cd,bus=ide.0,drive=cd0,bootindex=1" in b  # the q35's AHCI
@@ -130,8 +130,8 @@ def test_boot_order_and_buses_on_pc(tmp_path):
                         " disks: [{size: 1GiB}, {size: 2GiB, bus: ide, name: old}]}\n")
     argv = argv_for(f.guests["a"])
     assert "-device ahci,id=ahci0" in argv
-    assert "ide-hd,bus=ahci0.0,drive=data-data0,serial=data0,bootindex=1" in argv
-    assert "ide-hd,bus=ide.0,unit=0,drive=data-old,serial=old" in argv
+    assert "ide-hd,bus=ahci0.0,drive=data-data0-io,serial=data0,bootindex=1" in argv
+    assert "ide-hd,bus=ide.0,unit=0,drive=data-old-io,serial=old" in argv
     assert "ide-cd,bus=ide.0,unit=1,drive=cd0,bootindex=0" in argv
 
 
