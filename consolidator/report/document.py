@@ -85,14 +85,19 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
             if first is not None:
                 history_s = max(0.0, now - first)
             source = choose_source(db, since)
-            host = host_table(db, ("cpu", "mem_used", "budget"), since, source)
-            guests_t = guest_table(db, ("cpu", "ws", "balloon"), since, source)
+            host = host_table(db, ("cpu", "mem_used", "budget", "disk_bps", "io_budget"),
+                              since, source)
+            guests_t = guest_table(db, ("cpu", "ws", "balloon", "disk_rd", "disk_wr",
+                                        "disk_iops", "net_rx", "net_tx"), since, source)
             series = {
                 "host_cpu": host["cpu"], "host_mem_used": host["mem_used"],
                 "budget": host["budget"],
                 "cpu": {g: m["cpu"] for g, m in guests_t.items()},
                 "ws": {g: m["ws"] for g, m in guests_t.items()},
                 "balloon": {g: m["balloon"] for g, m in guests_t.items()},
+                "disk_bps": host["disk_bps"], "io_budget": host["io_budget"],
+                "io": {g: {k: m[k] for k in ("disk_rd", "disk_wr", "disk_iops", "net_rx",
+                                             "net_tx")} for g, m in guests_t.items()},
             }
         finally:
             db.close()
@@ -225,10 +230,72 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
         },
         "guests": guests,
         "storage": storage,
+        "io": _io(series, fleet) if have else None,
         "fits": fits,
         "charts": _chart_data(series, fleet) if have else None,
     }
     return doc
+
+
+def _summed(*series: Any) -> list[float]:
+    """The series added sample by sample (a sample missing from one counts as 0)."""
+    per_t: dict[float, float] = {}
+    for sr in series:
+        for t, v in sr.points:
+            if v is not None:
+                per_t[t] = per_t.get(t, 0.0) + v
+    return [per_t[t] for t in sorted(per_t)]
+
+
+def _moved(*series: Any) -> float:
+    """Bytes a rate series adds up to over the window: each raw sample is the rate over
+    the interval it ends, an aggregate's mean over its whole bucket."""
+    total = 0.0
+    for sr in series:
+        pts = [(t, v) for t, v in sr.points if v is not None]
+        if sr.source != "raw":
+            total += sum(v for _, v in pts) * (60 if sr.source == "1m" else 3600)
+            continue
+        gaps = sorted(b[0] - a[0] for a, b in zip(pts, pts[1:]))
+        typical = gaps[len(gaps) // 2] if gaps else 1.0
+        for i, (t, v) in enumerate(pts):
+            dt = t - pts[i - 1][0] if i else typical
+            total += v * min(dt, 3 * typical)     # a gap (supervisor down) is not I/O
+    return total
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    return {"p50": _p(values, 0.5), "p95": _p(values, 0.95),
+            "max": max(values) if values else None,
+            "mean": sum(values) / len(values) if values else None}
+
+
+def _io(series: dict[str, Any], fleet: Fleet) -> dict[str, Any]:
+    """Disk and NIC rates over the window: each guest's p50/p95/max, the top consumers by
+    their mean, and how often the guests together filled the host's disk budget."""
+    per = {}
+    for name in sorted(fleet.guests):
+        m = series["io"].get(name)
+        if m is None:
+            continue
+        per[name] = {"disk_bps": _stats(_summed(m["disk_rd"], m["disk_wr"])),
+                     "disk_iops": _stats(m["disk_iops"].values()),
+                     "net_bps": _stats(_summed(m["net_rx"], m["net_tx"])),
+                     "disk_bytes": _moved(m["disk_rd"], m["disk_wr"]),
+                     "net_bytes": _moved(m["net_rx"], m["net_tx"])}
+
+    def top(key: str) -> list[dict[str, Any]]:
+        ranked = sorted(((v[key]["mean"] or 0.0, n) for n, v in per.items()), reverse=True)
+        return [{"guest": n, "mean": mean, "p95": per[n][key]["p95"]}
+                for mean, n in ranked[:3] if mean > 0]
+    host = series["disk_bps"].points
+    budgets = dict((t, v) for t, v in series["io_budget"].points if v)
+    full = [t for t, v in host if v is not None and t in budgets and v >= 0.95 * budgets[t]]
+    seen = [t for t, v in host if v is not None and t in budgets]
+    return {"guests": per, "top_disk": top("disk_bps"), "top_net": top("net_bps"),
+            "host_disk_bps": _stats([v for _, v in host if v is not None]),
+            "budget_bps": max(budgets.values()) if budgets else None,
+            "saturated_fraction": len(full) / len(seen) if seen else None}
 
 
 def _storage(st: StateDir, fleet: Fleet, now: float) -> dict[str, Any]:

@@ -143,6 +143,8 @@ def tables(doc: dict[str, Any]) -> list[Any]:
     out.append(r)
     if doc.get("storage"):
         out.append(_storage_table(doc["storage"]))
+    if doc.get("io") and doc["io"]["guests"]:
+        out.append(_io_table(doc["io"]))
     tiered = any(x.get("tiers") for x in doc["fits"])
     f = Table(title="how many more fit", title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False)
@@ -161,6 +163,33 @@ def tables(doc: dict[str, Any]) -> list[Any]:
         f.add_row(*row)
     out.append(f)
     return out
+
+
+def _io_table(io: dict[str, Any]) -> Any:
+    def rate(v: float | None) -> str:
+        return "-" if v is None else f"{size(v)}/s"
+
+    def three(x: dict[str, Any], fmt: Any = rate) -> str:
+        return " / ".join(fmt(x[k]) for k in ("p50", "p95", "max"))
+    budget = io.get("budget_bps")
+    sat = io.get("saturated_fraction")
+    title = "I/O: p50 / p95 / max a second"
+    if budget:
+        title += (f"; host disk budget {rate(budget)}, filled "
+                  f"{'-' if sat is None else f'{sat:.0%}'} of the window")
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("guest", "disk bytes", "disk ops", "net bytes"):
+        t.add_column(col, overflow="fold")
+    for name, x in io["guests"].items():
+        t.add_row(name, three(x["disk_bps"]),
+                  three(x["disk_iops"], lambda v: "-" if v is None else f"{v:.0f}"),
+                  three(x["net_bps"]))
+    tops = [f"{kind}: " + ", ".join(f"{g['guest']} {rate(g['mean'])}" for g in io[key])
+            for kind, key in (("disk", "top_disk"), ("net", "top_net")) if io[key]]
+    if any(tops):
+        t.caption = "top consumers (mean): " + "; ".join(tops)
+        t.caption_justify = "left"
+    return t
 
 
 def _storage_table(sto: dict[str, Any]) -> Any:

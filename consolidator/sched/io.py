@@ -61,9 +61,11 @@ class IoParams:
     min_change: float = 0.10
 
 
-def _fill(budget: float, wants: dict[str, float], shares: dict[str, int]) -> dict[str, float]:
+def _fill(budget: float, wants: dict[str, float], shares: dict[str, int],
+          limits: dict[str, float]) -> dict[str, float]:
     """Weighted max-min fair division of ``budget``; a guest never gets over its want,
-    unless every want is met, when what is left is shared by weight too."""
+    unless every want is met, when what is left is shared by weight too, up to each
+    guest's ``limits`` (its declared ceiling, or none)."""
     out: dict[str, float] = {}
     left, open_ = budget, dict(wants)
     while open_:
@@ -76,9 +78,18 @@ def _fill(budget: float, wants: dict[str, float], shares: dict[str, int]) -> dic
         for n in met:
             out[n] = open_.pop(n)
             left -= out[n]
-    if left > 0:                          # every want met: the rest by weight, for growth
-        total = sum(shares[n] for n in out)
-        out = {n: v + left * shares[n] / total for n, v in out.items()}
+    # every want met: the rest by weight, for growth, as far as the ceilings allow
+    while left > 1e-6:
+        room = [n for n in out if out[n] < limits[n]]
+        if not room:
+            break
+        total = sum(shares[n] for n in room)
+        given = 0.0
+        for n in room:
+            add = min(left * shares[n] / total, limits[n] - out[n])
+            out[n] += add
+            given += add
+        left -= given
     return out
 
 
@@ -104,7 +115,7 @@ def _divide(guests: list[IoInput], budget: float | None, kind: str, idle: float,
         want = INF if held else u * params.headroom
         wants[g.name] = min(want, ceiling[g.name] or INF)
     share_of = {g.name: g.shares for g in busy}
-    got = _fill(budget, wants, share_of)
+    got = _fill(budget, wants, share_of, {g.name: ceiling[g.name] or INF for g in busy})
     total = sum(share_of.values())
     for g in busy:
         caps[g.name] = got[g.name]

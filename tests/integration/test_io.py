@@ -217,5 +217,13 @@ def test_status_and_the_metrics_count_the_bytes_written(fleet):
     time.sleep(2.5)                              # a tick or two to read the counters
     assert io_rows(fleet)["a"]["disk_written_bytes"] - before == 32 * MiB
     assert prom("consolidator_guest_disk_written_bytes") - before_prom == 32 * MiB
-    net = io_rows(fleet)["a"]
-    assert net["net_rx_bytes"] is not None and net["net_tx_bytes"] > 0
+    now = io_rows(fleet)
+    assert now["a"]["net_rx_bytes"] is not None and now["a"]["net_tx_bytes"] > 0
+    # the report adds up the history's rates: every byte a's disk moved since it booted
+    doc = json.loads(fleet.cli("report", "--format", "json").stdout)["io"]
+    moved = now["a"]["disk_read_bytes"] + now["a"]["disk_written_bytes"]
+    assert doc["guests"]["a"]["disk_bytes"] == pytest.approx(moved, rel=0.05)
+    assert doc["guests"]["a"]["disk_bps"]["max"] > 5 * MiB
+    assert doc["budget_bps"] == 24 * MiB
+    assert {g["guest"] for g in doc["top_disk"]} == {"a", "b"}
+    assert "I/O: p50 / p95 / max" in fleet.cli("report").stdout
