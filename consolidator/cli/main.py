@@ -118,8 +118,11 @@ def plan(c: Ctx, as_json: bool, detailed_exitcode: bool, prune: bool, purge: boo
 @cli.command()
 @common_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+@click.option("--measure-io", is_flag=True,
+              help="Also measure the state dir's disk (3 s of direct writes) and keep the "
+                   "figures as the disk budget of host.io: auto")
 @handled
-def doctor(c: Ctx, as_json: bool) -> None:
+def doctor(c: Ctx, as_json: bool, measure_io: bool) -> None:
     """Check this host: KVM (hardware or PVM), cgroups, tun, netns, QEMU, busybox, kernel.
 
     Exits 4 when something required is missing.
@@ -134,12 +137,29 @@ def doctor(c: Ctx, as_json: bool) -> None:
     except ConsolidatorError:
         pass
     report = gather(instance, Path(c.state_dir) / "images", host)
+    if measure_io:
+        from ..hostfacts import measure_disk_io
+        from ..state import HOST_IO, StateDir, write_json
+        from ..units import human_rate
+        st = StateDir(c.state_dir).ensure()
+        try:
+            report["io"] = measure_disk_io(str(st.root))
+            write_json(st.root / HOST_IO, report["io"])
+        except OSError as e:
+            report["io"] = {"error": f"cannot measure {st.root}: {e.strerror or e}"}
     if as_json:
         out.print_json(json.dumps(report))
     else:
         show(out, doctor_table(report))
         out.print(Text(f"Guests will run under {report['accel']['name'].upper()}: ",
                        style="bold") + Text(report["accel"]["reason"]))
+        io = report.get("io")
+        if io and "error" in io:
+            out.print(Text("disk: ", style="bold") + Text(io["error"], style="red"))
+        elif io:
+            out.print(Text("disk budget (host.io: auto): ", style="bold") +
+                      Text(f"{human_rate(io['bps'])}, {io['iops']} IOPS "
+                           f"({io['how']}, measured in {io['dir']})"))
         if not report["ok"]:
             out.print(Text("missing: ", style="bold red") +
                       Text(", ".join(report["missing"])))

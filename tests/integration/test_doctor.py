@@ -93,3 +93,17 @@ def test_doctor_exits_4_when_qemu_is_missing(need_root, tmp_path):
     assert {"qemu-system-x86_64", "qemu-img", "nft"} <= set(rep["missing"])
     fixes = {f["name"]: f["fix"] for f in rep["facts"]}
     assert fixes["qemu-system-x86_64"] == "apt-get install qemu-system-x86"
+
+
+def test_doctor_measures_the_state_dir_s_disk_for_host_io_auto(need_root, need_qemu, tmp_path):
+    from consolidator.inventory.schema import HostIo
+    from consolidator.state import io_budget
+    state = tmp_path / "state"
+    res = subprocess.run([sys.executable, "-m", "consolidator", "--state-dir", str(state),
+                          "doctor", "--measure-io", "--json"], capture_output=True, text=True,
+                         timeout=120)
+    io = json.loads(res.stdout)["io"]
+    assert io["bps"] > 1 << 20 and io["iops"] > 10, io
+    assert [p.name for p in state.iterdir() if p.name.startswith(".io-probe")] == []
+    assert io_budget(HostIo(), state) == (io["bps"], io["iops"])
+    assert io_budget(HostIo(bps="8MiB/s", iops=None), state) == (8 << 20, None)
