@@ -36,7 +36,7 @@ from ..model import GuestState
 from ..sched.observe import Tracked
 from ..sched.rebalancer import LoopSettings, Rebalancer
 from ..net import names
-from ..state import StateDir, atomic_write, io_budget
+from ..state import HOST_IO, StateDir, atomic_write, io_budget
 from ..report import document
 from . import guestlog, metrics, protocol, status, teardown
 from .applier import Applier
@@ -89,6 +89,8 @@ class Supervisor:
         self.lifecycle = Lifecycle(self.runtime)
         self.recorder = Recorder(self.runtime)
         self.rebalancer: Rebalancer | None = None
+        # the loop's settings, kept while the fleet and doctor's measurement are the same
+        self._settings: tuple[Any, float | None, LoopSettings] | None = None
         self.dhcp = DhcpServers(self.runtime, self.lifecycle)
         self.applier = Applier(self.runtime, self.lifecycle, lambda: self.rebalancer,
                                networks_ready=self.dhcp.sync)
@@ -236,9 +238,17 @@ class Supervisor:
         f = self.runtime.fleet
         if f is None or self.lifecycle.executor is None:
             return None
-        bps, iops = io_budget(f.host.io, self.state.root)
-        return LoopSettings(f.host.rebalance.interval, f.host.rebalance.enabled, f.budget,
-                            f.usable_cpus, bps, iops)
+        try:                            # doctor --measure-io may write it any time
+            measured = (self.state.root / HOST_IO).stat().st_mtime
+        except OSError:
+            measured = None
+        if self._settings is None or self._settings[0] is not f or \
+                self._settings[1] != measured:
+            bps, iops = io_budget(f.host.io, self.state.root)
+            self._settings = (f, measured, LoopSettings(f.host.rebalance.interval,
+                                                        f.host.rebalance.enabled, f.budget,
+                                                        f.usable_cpus, bps, iops))
+        return self._settings[2]
 
     def _net(self) -> dict[str, tuple[int, int, int, int]]:
         """Each running guest's NIC counters, from one read of the fabric's links."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 from datetime import datetime
 
 import pytest
@@ -144,6 +145,11 @@ def test_a_nic_rate_holds_both_ways_and_changes_live(fleet):
     out = mbit("a", "10.83.0.20", "b")
     assert 3.6 <= out <= 4.4, out
     assert fleet.guests()["a"]["pid"] == pid
+    apply(fleet, inventory())                          # lifted: no qdisc of ours is left
+    for dev in ("tap0", "vnic0"):
+        shown = subprocess.run(["ip", "netns", "exec", f"{fleet.instance}-a", "tc", "qdisc",
+                                "show", "dev", dev], capture_output=True, text=True).stdout
+        assert "tbf" not in shown, shown
 
 
 def io_rows(f: CliFleet, explain: bool = False) -> dict[str, dict]:
