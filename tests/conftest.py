@@ -26,6 +26,17 @@ REQUIRE_INTEGRATION = os.environ.get("CONSOLIDATOR_REQUIRE_INTEGRATION") == "1"
 
 
 _NOT_HERE: list[str] = []
+#: CONSOLIDATOR_TEST_PHASE splits the suite for tools/bootstrap.sh, which runs "os" (the
+#: real-OS boots: minutes of one TCG core each) beside "shared" (everything else that does
+#: not measure the host's CPU), then "quiet" (the tests marked quiet: they measure CPU
+#: shares, rates or usage and want the host to themselves). Unset: every test.
+PHASE = os.environ.get("CONSOLIDATOR_TEST_PHASE", "")
+
+
+def _phase(item: pytest.Item) -> str:
+    if "integration/test_realos.py" in item.nodeid:
+        return "os"
+    return "quiet" if item.get_closest_marker("quiet") else "shared"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -35,6 +46,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         elif "unit" in parts:
             item.add_marker(pytest.mark.unit)
+    if PHASE:
+        other = [i for i in items if _phase(i) != PHASE]
+        items[:] = [i for i in items if _phase(i) == PHASE]
+        config.hook.pytest_deselected(items=other)
     # Tests that can only mean something on a pure cgroup v2 host are not collected
     # elsewhere (rather than skipped, which would read as passing); the summary says so.
     if any(i.get_closest_marker("v2host") for i in items) and not _v2_host():

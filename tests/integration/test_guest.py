@@ -51,6 +51,7 @@ async def fresh_stats(g, after: int, timeout: float = 10.0):
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.quiet                   # QEMU must get a whole core when its guest burns one
 def test_boot_agent_balloon_load_and_graceful_stop(make_guest):
     g = make_guest("{vcpus: 1, memory: {max: 256MiB}}")
 

@@ -13,7 +13,7 @@ import pytest
 
 from .env import CliFleet, cli_fleet, leftovers
 
-pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
+pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.quiet]
 MiB = 1 << 20
 
 FLEET = """

@@ -15,7 +15,7 @@ from consolidator.daemon import protocol
 from .env import CliFleet, cli_fleet
 from .test_supervisor import wait_for
 
-pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
+pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.quiet]
 MiB = 1 << 20
 
 

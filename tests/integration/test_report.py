@@ -18,7 +18,7 @@ from consolidator.hostfacts import HostFacts
 
 from .env import CliFleet, cli_fleet, shipped_inventory
 
-pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
+pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.quiet]
 
 
 def free_port() -> int:
