@@ -158,31 +158,27 @@ class FleetCollector:
             yield t
 
 
+_IO_FAMILIES = (
+    ("disk_rd", CounterMetricFamily, "disk_read_bytes", "Bytes the guest's disks read."),
+    ("disk_wr", CounterMetricFamily, "disk_written_bytes", "Bytes the guest's disks wrote."),
+    ("disk_ops", CounterMetricFamily, "disk_operations",
+     "Read and write requests of the guest's disks."),
+    ("net_rx", CounterMetricFamily, "net_received_bytes", "Bytes sent to the guest's NICs."),
+    ("net_tx", CounterMetricFamily, "net_transmitted_bytes", "Bytes the guest's NICs sent."),
+    ("disk_bps", GaugeMetricFamily, "disk_bytes_per_second",
+     "Disk bytes read and written a second, last interval."),
+    ("net_bps", GaugeMetricFamily, "net_bytes_per_second",
+     "NIC bytes both ways a second, last interval."))
+
+
 def _io_metrics(r: Reading, fleet: str) -> Iterator[Any]:
     """Disk and NIC counters since each QEMU started (rate() them), and the last
     interval's rates as the rebalancer saw them."""
     snap = r.snapshot
     if snap is None:
         return
-    L = ["fleet", "guest"]
-    fams = {
-        "disk_rd": CounterMetricFamily("consolidator_guest_disk_read_bytes",
-                                       "Bytes the guest's disks read.", labels=L),
-        "disk_wr": CounterMetricFamily("consolidator_guest_disk_written_bytes",
-                                       "Bytes the guest's disks wrote.", labels=L),
-        "disk_ops": CounterMetricFamily("consolidator_guest_disk_operations",
-                                        "Read and write requests of the guest's disks.",
-                                        labels=L),
-        "net_rx": CounterMetricFamily("consolidator_guest_net_received_bytes",
-                                      "Bytes sent to the guest's NICs.", labels=L),
-        "net_tx": CounterMetricFamily("consolidator_guest_net_transmitted_bytes",
-                                      "Bytes the guest's NICs sent.", labels=L),
-        "disk_bps": GaugeMetricFamily("consolidator_guest_disk_bytes_per_second",
-                                      "Disk bytes read and written a second, last interval.",
-                                      labels=L),
-        "net_bps": GaugeMetricFamily("consolidator_guest_net_bytes_per_second",
-                                     "NIC bytes both ways a second, last interval.",
-                                     labels=L)}
+    fams = {key: kind(f"consolidator_guest_{name}", help_, labels=["fleet", "guest"])
+            for key, kind, name, help_ in _IO_FAMILIES}
     for name, o in sorted(snap.guests.items()):
         lab = [fleet, name]
         if o.disk_bytes is not None:

@@ -1,4 +1,5 @@
-"""The backup figures the supervisor's Prometheus endpoint serves (from a plain reading)."""
+"""The backup and I/O figures the supervisor's Prometheus endpoint serves (from a plain
+reading)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,23 @@ def test_no_backups_no_backup_metrics():
                 host_state=None, ticks=0)
     names = {f.name for f in FleetCollector(lambda: r).collect()}
     assert not any("backup" in n for n in names)
+
+
+def test_io_counters_and_rates_are_served():
+    from consolidator.sched.observe import GuestObs, HostObs, Snapshot
+    o = GuestObs("web", disk_rd=10.0, disk_wr=30.0, disk_iops=2.0, net_rx=5.0, net_tx=7.0,
+                 disk_bytes=(4096, 1 << 20), disk_ops=(1, 256), net_bytes=(100, 200))
+    bare = GuestObs("db")                       # no disk, no NIC: no sample
+    snap = Snapshot(1.0, 1.0, HostObs(0, 0, 0.0, 0.0, 0.0, None), {"web": o, "db": bare})
+    r = Reading(instance="prod", budget=None, guests=(), snapshot=snap, weights={},
+                host_state=None, ticks=0)
+    fams = {f.name: f for f in FleetCollector(lambda: r).collect()}
+    got = {n: [(s.labels["guest"], s.value) for s in fams[n].samples]
+           for n in ("consolidator_guest_disk_written_bytes",
+                     "consolidator_guest_disk_operations",
+                     "consolidator_guest_net_transmitted_bytes",
+                     "consolidator_guest_disk_bytes_per_second")}
+    assert got == {"consolidator_guest_disk_written_bytes": [("web", 1 << 20)],
+                   "consolidator_guest_disk_operations": [("web", 257)],
+                   "consolidator_guest_net_transmitted_bytes": [("web", 200)],
+                   "consolidator_guest_disk_bytes_per_second": [("web", 40.0)]}

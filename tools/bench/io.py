@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rebalance import Fleet  # noqa: E402
+from rebalance import Fleet, tick_cpu_ms  # noqa: E402
 
 CACHE = os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images")
 MiB = 1 << 20
@@ -151,24 +151,17 @@ def loop_cost(n: int, io: bool, seconds: float = 15) -> float:
         extra = (f", disks: [{{size: 64MiB, name: d}}], nics: [{{network: lan, "
                  f"ip: 10.202.0.{10 + i}}}]") if io else ""
         lines.append(f"  g{i:02d}: {{memory: {{max: 128MiB}}{extra}}}")
-    f = Fleet("\n".join(lines) + "\n")
-    try:
-        f.cli("apply")
-        with f.client() as c:
-            for i in range(n):
-                if io:          # every guest writing: its disk counters are asked each tick
-                    c.call("agent", name=f"g{i:02d}", command="sh", timeout=30,
-                           arg="(while true; do dd if=/dev/zero of=/dev/vda bs=64k "
-                               "count=64 oflag=direct; sleep 0.2; done) >/dev/null 2>&1 "
-                               "</dev/null &")
-                else:           # as busy, without disks: the loop asks it as often
-                    c.call("agent", name=f"g{i:02d}", command="cpu", arg="20", timeout=30)
-        time.sleep(seconds)
-        with f.client() as c:
-            ticks = c.call("rebalancer")["tick_cpu_ms"]
-        return statistics.median(ticks[-int(seconds):])
-    finally:
-        f.destroy()
+
+    def load(c: object) -> None:
+        for i in range(n):
+            if io:              # every guest writing: its disk counters are asked each tick
+                c.call("agent", name=f"g{i:02d}", command="sh", timeout=30,  # type: ignore
+                       arg="(while true; do dd if=/dev/zero of=/dev/vda bs=64k count=64 "
+                           "oflag=direct; sleep 0.2; done) >/dev/null 2>&1 </dev/null &")
+            else:               # as busy, without disks: the loop asks it as often
+                c.call("agent", name=f"g{i:02d}", command="cpu", arg="20",  # type: ignore
+                       timeout=30)
+    return tick_cpu_ms(Fleet("\n".join(lines) + "\n"), seconds, load)
 
 
 def main() -> None:

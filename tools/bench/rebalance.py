@@ -27,6 +27,7 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -162,9 +163,17 @@ def loop_cost(n: int, seconds: float = 20, enabled: bool = True) -> float:
              "  overcommit: {cpus: 32, memory: 4}",
              f"  rebalance: {{enabled: {str(enabled).lower()}}}", "guests:"]
     lines += [f"  g{i:02d}: {{memory: {{max: 160MiB, min: 96MiB}}}}" for i in range(n)]
-    f = Fleet("\n".join(lines) + "\n")
+    return tick_cpu_ms(Fleet("\n".join(lines) + "\n"), seconds)
+
+
+def tick_cpu_ms(f: Fleet, seconds: float, load: Callable[[Any], None] | None = None) -> float:
+    """Apply ``f``, give its guests ``load`` (through a client), and after ``seconds``
+    the median of the loop's CPU per tick; the fleet goes either way."""
     try:
         f.cli("apply")
+        if load is not None:
+            with f.client() as c:
+                load(c)
         time.sleep(seconds)
         with f.client() as c:
             ticks = c.call("rebalancer")["tick_cpu_ms"]
