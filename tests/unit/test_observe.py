@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from structlog.testing import capture_logs
 
 from consolidator.errors import CgroupError, QMPError
@@ -135,3 +136,51 @@ def test_a_quiet_guest_whose_balloon_moved_is_asked_again():
     probe.balloon_actual = 200 << 20
     observe(obs, usage, probe)
     assert probe.asked == 2
+
+
+DISKED = parse_fleet("networks: {lan: {subnet: 10.9.0.0/24}}\n"
+                     "guests: {web: {disks: [{size: 64MiB}], nics: [{network: lan}]}}\n",
+                     "t.yaml", HostFacts(cpus=(0, 1), memory_total=8 << 30))
+
+
+class Disked(Probe):
+    """A guest with a disk whose counters move as the test says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+        self.asked = 0
+
+    async def disk_counters(self):
+        from consolidator.vm.qmp import DiskCounters
+        self.asked += 1
+        return {"data-data0": DiskCounters(0, self.written, 0, self.written >> 20)}
+
+
+def test_disk_and_nic_rates_and_a_guest_that_did_not_run_is_not_asked():
+    import time
+    cpu, probe, nic = [0], Disked(), [(0, 0, 0, 0)]
+    obs = Observer(ncpu=2)
+
+    def usage(name: str) -> CgroupUsage:
+        return CgroupUsage(cpu[0], 64 << 20)
+
+    def snap():
+        return asyncio.run(obs.observe([Tracked("web", DISKED.guests["web"], probe)], usage,
+                                       lambda: {"web": nic[0]})).guests["web"]
+    first = snap()
+    assert first.disk_wr is None and first.disk_bytes == (0, 0)      # no interval yet
+    t0 = time.monotonic()
+    time.sleep(0.2)
+    cpu[0] += 50_000_000                       # it ran: asked again
+    probe.written += 10 << 20
+    nic[0] = (1000, 3000, 10, 30)
+    busy = snap()
+    dt = time.monotonic() - t0
+    assert busy.disk_wr == pytest.approx((10 << 20) / dt, rel=0.2)
+    assert busy.disk_iops == pytest.approx(10 / dt, rel=0.2)
+    assert busy.net_rx == pytest.approx(1000 / dt, rel=0.2)
+    assert busy.net_tx == pytest.approx(3000 / dt, rel=0.2)
+    assert busy.disk_bytes == (0, 10 << 20) and busy.net_bytes == (1000, 3000)
+    idle = snap()                              # no CPU since: not asked, no I/O
+    assert probe.asked == 2 and idle.disk_wr == 0.0 and idle.disk_bytes == (0, 10 << 20)
