@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
 
 
 def parse_cpulist(text: str) -> tuple[int, ...]:
@@ -130,56 +129,3 @@ def host_tsc_khz() -> int | None:
         return None
     return parse_tsc_khz(_read_kmsg(), cpuinfo)
 
-
-def measure_disk_io(directory: str, seconds: float = 1.5) -> dict[str, float | str]:
-    """What the filesystem under ``directory`` sustains: sequential 1 MiB writes (bytes a
-    second) and random 4 KiB writes (operations a second), each for about ``seconds``,
-    with O_DIRECT where the filesystem has it (else written through with fdatasync), in
-    a scratch file removed after. The default of ``host.io: auto`` (doctor
-    --measure-io)."""
-    import mmap
-    import random
-    import tempfile
-    import time
-    fd, path = tempfile.mkstemp(prefix=".io-probe-", dir=directory)
-    os.close(fd)
-    span = 64 << 20
-    try:
-        try:
-            fd = os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
-            how = "O_DIRECT"
-        except OSError:
-            fd, how = os.open(path, os.O_WRONLY), "fdatasync"
-        try:
-            big, small = mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 4096)  # page-aligned
-            big.write(os.urandom(1 << 20))
-            small.write(os.urandom(4096))
-            sync = how == "fdatasync"
-
-            def run(buf: mmap.mmap, offsets: Any) -> tuple[float, int]:
-                n, t0 = 0, time.monotonic()
-                while time.monotonic() - t0 < seconds:
-                    try:
-                        os.pwrite(fd, buf, next(offsets))
-                    except OSError:
-                        if n:
-                            raise
-                        raise OSError("the filesystem refuses direct writes") from None
-                    n += 1
-                    if sync and n % 8 == 0:
-                        os.fdatasync(fd)
-                if sync:
-                    os.fdatasync(fd)
-                return time.monotonic() - t0, n
-
-            seq = (i * (1 << 20) % span for i in range(1 << 30))
-            t, n = run(big, seq)
-            bps = n * (1 << 20) / t
-            rnd = (random.randrange(span >> 12) << 12 for _ in range(1 << 30))
-            t, n = run(small, rnd)
-            return {"bps": round(bps), "iops": round(n / t), "how": how,
-                    "measured_at": time.time(), "dir": directory}
-        finally:
-            os.close(fd)
-    finally:
-        os.unlink(path)

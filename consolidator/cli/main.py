@@ -138,7 +138,7 @@ def doctor(c: Ctx, as_json: bool, measure_io: bool) -> None:
         pass
     report = gather(instance, Path(c.state_dir) / "images", host)
     if measure_io:
-        from ..hostfacts import measure_disk_io
+        from .doctor import measure_disk_io
         from ..state import HOST_IO, StateDir, write_json
         from ..units import human_rate
         st = StateDir(c.state_dir).ensure()
