@@ -29,6 +29,7 @@ from typing import Any
 from ..errors import ConflictError, QMPError
 from ..inventory.files import qemu_img
 from ..model import GuestIntent
+from . import throttle
 from .qmp import QMP
 
 BACKUP_FDSET = 70
@@ -148,10 +149,20 @@ async def check_snapshottable(qmp: QMP, disks: tuple[DiskNode, ...]) -> None:
                                 "snapshots need qcow2")
 
 
+def root_node(node: str, have: dict[str, Any]) -> str:
+    """The node a disk's device is attached to: the top of its throttle filters
+    (vm/throttle.py), or the format node itself for a guest started without them."""
+    top = throttle.top_node(node)
+    return top if top in have else node
+
+
 async def snapshot_disks(qmp: QMP, disks: tuple[DiskNode, ...], tag: str) -> None:
-    """Every disk at one instant, the guest running on."""
+    """Every disk at one instant, the guest running on. QEMU takes an internal snapshot
+    only through the root node; the filters above the qcow2 pass it down."""
+    have = await nodes(qmp)
     await qmp.execute("transaction", {"actions": [
-        {"type": "blockdev-snapshot-internal-sync", "data": {"device": d.node, "name": tag}}
+        {"type": "blockdev-snapshot-internal-sync",
+         "data": {"device": root_node(d.node, have), "name": tag}}
         for d in disks]}, timeout=60.0)
 
 

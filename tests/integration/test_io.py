@@ -233,3 +233,13 @@ def test_status_and_the_metrics_count_the_bytes_written(fleet):
     assert doc["budget_bps"] == 24 * MiB
     assert {g["guest"] for g in doc["top_disk"]} == {"a", "b"}
     assert "I/O: p50 / p95 / max" in fleet.cli("report").stdout
+
+
+def test_a_disk_under_its_filters_still_grows_live(fleet):
+    """block_resize acts on the qcow2 under the throttle filters; the guest sees it."""
+    pid = fleet.guests()["b"]["pid"]
+    apply(fleet, inventory().replace("disks: [{{size: 256MiB, name: data}}]",
+                                     "disks: [{{size: 320MiB, name: data}}]"))
+    sectors = int(sh(fleet, "b", "cat /sys/block/vda/size").strip())
+    assert sectors * 512 == 320 * MiB
+    assert fleet.guests()["b"]["pid"] == pid
