@@ -27,14 +27,15 @@ REQUIRE_INTEGRATION = os.environ.get("CONSOLIDATOR_REQUIRE_INTEGRATION") == "1"
 
 _NOT_HERE: list[str] = []
 #: CONSOLIDATOR_TEST_PHASE splits the suite for tools/bootstrap.sh, which runs "os" (the
-#: real-OS boots: minutes of one TCG core each) beside "shared" (everything else that does
-#: not measure the host's CPU), then "quiet" (the tests marked quiet: they measure CPU
-#: shares, rates or usage and want the host to themselves). Unset: every test.
+#: real-OS boots: minutes of one TCG core each, and the tests marked long, to even the two
+#: processes out) beside "shared" (everything else that does not measure the host's CPU),
+#: then "quiet" (the tests marked quiet: they measure CPU shares, rates or usage and want
+#: the host to themselves). Unset: every test.
 PHASE = os.environ.get("CONSOLIDATOR_TEST_PHASE", "")
 
 
 def _phase(item: pytest.Item) -> str:
-    if "integration/test_realos.py" in item.nodeid:
+    if "integration/test_realos.py" in item.nodeid or item.get_closest_marker("long"):
         return "os"
     return "quiet" if item.get_closest_marker("quiet") else "shared"
 

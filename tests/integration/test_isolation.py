@@ -372,6 +372,7 @@ def uplink(env: Env) -> Iterator[str]:
         yield outside
 
 
+@pytest.mark.long
 def test_forwarding_only_where_the_inventory_allows_it(tmp_path):
     with fleet_env(tmp_path, ROUTED) as env, uplink(env) as outside:
         env.start("ga", "gb", "gc")

@@ -423,6 +423,7 @@ guests:
 """
 
 
+@pytest.mark.long
 def test_eight_linked_clones_cost_one_template_and_small_overlays(tmp_path):
     with cli_fleet(tmp_path, CLONES) as f:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(f.root / "base.qcow2"),
