@@ -116,7 +116,10 @@ class QMP:
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, *,
                       timeout: float = 5.0) -> Any:
         try:
-            return await asyncio.wait_for(self._client.execute(cmd, args), timeout)
+            # a deadline on this task, not wait_for's task of its own per call (the loop
+            # makes a few of these calls a guest every second)
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(cmd, args)
         except ExecuteError as e:
             raise QMPError(f"{self.name}: {cmd}: {e}", error_class=e.error_class,
                            command=cmd) from e
