@@ -131,6 +131,37 @@ def _charts(doc: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _io_html(section: dict[str, Any]) -> str:
+    """The I/O section: each guest's rates as p50/p95/max, the top consumers, how often
+    the host's disk budget was full."""
+    e = html.escape
+
+    def rate(v: float | None) -> str:
+        return "–" if v is None else f"{size(v)}/s"
+
+    def three(x: dict[str, Any], fmt: Any = rate) -> str:
+        return " / ".join(e(fmt(x[k])) for k in ("p50", "p95", "max"))
+    rows = "".join(
+        f"<tr><td>{e(n)}</td><td class='n'>{three(x['disk_bps'])}</td>"
+        f"<td class='n'>{three(x['disk_iops'], lambda v: '–' if v is None else f'{v:.0f}')}"
+        f"</td><td class='n'>{three(x['net_bps'])}</td>"
+        f"<td class='n'>{e(size(x['disk_bytes']))}</td></tr>"
+        for n, x in section["guests"].items())
+    sub = []
+    if section.get("budget_bps"):
+        sat = section.get("saturated_fraction")
+        sub.append(f"host disk budget {rate(section['budget_bps'])}, full "
+                   f"{'–' if sat is None else f'{sat:.0%}'} of the window")
+    for kind, key in (("disk", "top_disk"), ("network", "top_net")):
+        if section[key]:
+            sub.append(f"top {kind}: " + ", ".join(f"{g['guest']} {rate(g['mean'])}"
+                                                    for g in section[key]))
+    return ("<h2>I/O</h2>" + "".join(f"<div class='sub'>{e(x)}</div>" for x in sub) +
+            "<table id='io'><tr><th>guest</th><th>disk bytes p50/p95/max</th>"
+            "<th>disk ops p50/p95/max</th><th>net bytes p50/p95/max</th>"
+            "<th>disk bytes in the window</th></tr>" + rows + "</table>")
+
+
 def render(doc: dict[str, Any]) -> str:
     e = html.escape
     w, h = doc["window"], doc["host"]
@@ -188,6 +219,8 @@ def render(doc: dict[str, Any]) -> str:
                  "<th>vCPUs</th><th>CPU cores p50/p95/max</th><th>memory max/min</th>"
                  "<th>working set p50/p95/max</th><th>balloon range</th><th>restarts</th>"
                  "<th>recommendation</th></tr>" + "".join(rows) + "</table>")
+    if doc.get("io") and doc["io"]["guests"]:
+        parts.append(_io_html(doc["io"]))
     frows = []
     for f in doc["fits"]:
         bg, bo = f["by_guarantees"], f.get("by_observed")
