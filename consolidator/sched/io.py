@@ -13,7 +13,8 @@ keeps nothing back:
 - the inventory's own limits are ceilings the share never exceeds (a guest whose every
   disk is limited wants no more than their sum);
 - a ceiling changes only when it moves by more than ``min_change`` (hysteresis), so
-  noise in the counters does not rewrite QEMU's throttle group each tick.
+  noise in the counters does not rewrite QEMU's throttle group each tick; when a guest
+  starts or stops competing, every ceiling is set exactly.
 
 Demand is the rate measured over the last interval, not smoothed: a guest that stops must
 hand its part back within a tick or two, and a guest held at its ceiling shows as busy.
@@ -134,6 +135,12 @@ def io_policy(guests: list[IoInput], *, budget_bps: float | None, budget_iops: f
                          {n: p[0] for n, p in prev.items()}, params)
     iops, why_i = _divide(guests, budget_iops, "iops", params.idle_iops,
                           {n: p[1] for n, p in prev.items()}, params)
+    # Hysteresis is for noise in the counters: when a guest starts or stops competing,
+    # every part is set exactly (held back, the last part of a stopped guest's budget
+    # would never reach the others).
+    steady = [{g.name for g in guests if got[g.name] is not None} ==
+              {g.name for g in guests if (prev.get(g.name) or (None, None))[i] is not None}
+              for i, got in enumerate((bps, iops))]
     out = []
     for g in guests:
         old = prev.get(g.name)
@@ -141,8 +148,8 @@ def io_policy(guests: list[IoInput], *, budget_bps: float | None, budget_iops: f
         reason = f"bytes: {why_b[g.name]}; operations: {why_i[g.name]}"
         if old is not None:
             for i in (0, 1):
-                if old[i] is not None and new[i] is not None and new[i] != old[i] and \
-                        abs(new[i] - old[i]) <= params.min_change * old[i]:
+                if steady[i] and old[i] is not None and new[i] is not None and \
+                        new[i] != old[i] and abs(new[i] - old[i]) <= params.min_change * old[i]:
                     new[i] = old[i]
                     reason += f"; kept {('bytes', 'operations')[i]} within " \
                               f"{params.min_change:.0%}"

@@ -62,6 +62,12 @@ def test_a_small_move_is_held_by_hysteresis():
     assert got["a"].bps == 6 * MiB and "kept bytes" in got["a"].reason
 
 
+def test_when_a_guest_stops_the_other_gets_all_of_the_budget_past_hysteresis():
+    prev = {"a": (1_562_515, None), "b": (23_603_308, None)}   # a was stopping
+    got = caps([IoInput("a", 1000, 0.0, 0), IoInput("b", 3000, 22.5 * MiB, 22)], prev)
+    assert got["a"].bps is None and got["b"].bps == BUDGET      # 6.6 %: not held back
+
+
 def test_operations_are_divided_by_their_own_budget():
     got = caps([IoInput("a", 1000, 1 * MiB, 400), IoInput("b", 1000, 1 * MiB, 400)],
                previous={"a": (None, 200), "b": (None, 200)}, budget=None, iops=400)
