@@ -15,13 +15,6 @@ from ..sched.rebalancer import Rebalancer
 from .runtime import GuestRuntime, Runtime
 
 
-class _NoIo:
-    io_bps = None
-
-
-_NO_IO = _NoIo()
-
-
 def _cpu_percent(g: GuestRuntime, rb: Rebalancer | None) -> float | None:
     """From the rebalancer's last snapshot (it observes every running guest each
     interval, also when it only observes), if taken since this run of the guest began."""
@@ -113,7 +106,7 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "rebalancer": ({"enabled": rb.active, "ticks": rb.ticks,
                             "host_state": rb.host_state.value,
                             "budget_bytes": fleet.budget if fleet else None,
-                            "io_budget_bps": (rb.settings() or _NO_IO).io_bps,
+                            "io_budget_bps": getattr(rb.settings(), "io_bps", None),
                             "disk_bps": (round(snap.host.disk_bps, 1) if snap is not None
                                          and snap.host.disk_bps is not None else None)}
                            if rb else {"enabled": False}),
