@@ -205,8 +205,7 @@ def resolve(inv: Inventory, facts: HostFacts, base_dir: Path,
         mem = g.memory
         guests[name] = GuestIntent(
             name=name, image=g.image, image_spec=img, vcpus=g.vcpus, cpu=g.cpu,
-            memory=MemorySpec(max=mem.max, min=mem.max if mem.min is None else mem.min,
-                              shares=mem.shares),
+            memory=mem.model_copy(update={"min": mem.max if mem.min is None else mem.min}),
             nics=tuple(nics), restart=g.restart, autostart=g.autostart, labels=g.labels,
             disks=disks, disk_io=_limits(g.disk_io), io=g.io,
             cloud_init=_user_data(g, base_dir), backup=g.backup,

@@ -123,6 +123,7 @@ GUEST_FIELDS: dict[str, Impact] = {
     "memory.max": Impact.RESTART,
     "memory.min": Impact.LIVE,
     "memory.shares": Impact.LIVE,
+    "memory.merge": Impact.RESTART,  # QEMU marks guest RAM mergeable when it maps it
     "nics": Impact.RESTART,
     "restart": Impact.LIVE,
     "autostart": Impact.LIVE,

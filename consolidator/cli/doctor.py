@@ -17,6 +17,7 @@ import psutil
 
 from ..inventory.schema import HostSpec
 from ..sched.cgroup import CgroupLayout, detect
+from ..sched import ksmfs
 from ..sched.psi import probe as psi_probe
 from ..vm.accel import KvmFacts, KvmKind, choose_accel, probe_kvm
 from ..vm.image import describe_kernel_source, is_static_elf
@@ -161,6 +162,7 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
     if host.metrics.enabled:
         facts.append(metrics_fact(host.metrics.listen))
     facts.append(qemu_user_fact(host))
+    facts.append(ksm_fact(host.ksm))
     missing = [f.name for f in facts if f.required and not f.ok]
     accel = choose_accel(kvm)
     return {
@@ -177,6 +179,28 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
                    if layout.backend != "none" else {}},
         "facts": [asdict(f) for f in facts],
     }
+
+
+def ksm_fact(mode: str, root: Path = ksmfs.KSM_DIR,
+             run_dir: Path = ksmfs.RUN_DIR) -> Fact:
+    """KSM: built in or not, what it runs with and saves now, and who tunes it."""
+    if not ksmfs.available(root):
+        return Fact("KSM (same-page merging)", "not in this kernel", False, False,
+                    "a kernel with CONFIG_KSM; guests then hold their identical pages "
+                    "each")
+    v = {}
+    for k in ("run", "pages_to_scan", "sleep_millisecs", "pages_shared", "pages_sharing"):
+        with contextlib.suppress(OSError, ValueError):
+            v[k] = int((root / k).read_text())
+    state = {0: "stopped", 1: "running", 2: "unmerging"}.get(v.get("run", -1), "unknown")
+    value = (f"{state}, {v.get('pages_to_scan')} pages every {v.get('sleep_millisecs')} ms; "
+             f"saves {v.get('pages_sharing', 0) * 4096 >> 20} MiB; host.ksm: {mode}")
+    owner = ksmfs.read_owner(run_dir / "ksm.owner")
+    if owner:
+        value += f"; tuned by the supervisor ({owner})"
+    elif (run_dir / "ksm-found.json").exists():
+        value += "; a supervisor that tuned it died: the next one puts the settings back"
+    return Fact("KSM (same-page merging)", value, True, False)
 
 
 def realos_facts(host: HostSpec) -> list[Fact]:

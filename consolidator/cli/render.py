@@ -69,12 +69,24 @@ def status_table(doc: dict) -> Table:
                   Text(g.get("last_event") or "-"))
     notes = [f"{g['name']}: {e}" for g in doc.get("guests", []) for e in g.get("errors") or []]
     notes = ["readings failing: " + "; ".join(notes)] if notes else []
+    ksm = (doc.get("rebalancer") or {}).get("ksm")
+    if ksm and (ksm.get("run") or ksm.get("saved_bytes")):
+        notes.append(_ksm_line(ksm))
     if (doc.get("metrics") or {}).get("error"):
         notes.append(f"metrics: {doc['metrics']['error']} (retried every 10 s)")
     if notes:
         t.caption = Text("\n".join(notes), style="yellow")
         t.caption_justify = "left"
     return t
+
+
+def _ksm_line(k: dict) -> str:
+    cpu = "-" if k.get("cpu") is None else f"{k['cpu'] * 100:.1f}%"
+    scan = (f"scanning {k['pages_to_scan']} pages every {k['sleep_ms']} ms" if k.get("run")
+            else "scanner stopped")
+    return (f"KSM ({k.get('mode') or 'off'}): {scan}, ksmd CPU {cpu}; saves "
+            f"{human_size(k.get('saved_bytes'))} on the host, "
+            f"{human_size(k.get('fleet_saved_bytes'))} of it this fleet's")
 
 
 def explain_table(doc: dict) -> Table:
@@ -101,4 +113,13 @@ def explain_table(doc: dict) -> Table:
                   Text(mem.get("reason", "-"),
                        style="bold yellow" if mem.get("pressure") else ""),
                   share, Text(io.get("reason", "-")))
+    ksm = rb.get("ksm")
+    if ksm:
+        ex = ksm.get("explain") or {}
+        lines = [_ksm_line(ksm)]
+        if ex.get("reason"):
+            phase = f"{ex['phase']}: " if ex.get("phase") else ""
+            lines.append(f"KSM policy: {phase}{ex['reason']}")
+        t.caption = Text("\n".join(lines))
+        t.caption_justify = "left"
     return t

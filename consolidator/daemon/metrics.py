@@ -140,6 +140,7 @@ class FleetCollector:
                     yield m
         yield from _backup_metrics(r, fleet)
         yield from _io_metrics(r, fleet)
+        yield from _ksm_metrics(r, fleet)
         if r.budget is not None:
             m = GaugeMetricFamily("consolidator_host_budget_bytes", "Guest memory budget.",
                                   labels=["fleet"])
@@ -194,6 +195,44 @@ def _io_metrics(r: Reading, fleet: str) -> Iterator[Any]:
         if o.net_rx is not None and o.net_tx is not None:
             fams["net_bps"].add_metric(lab, o.net_rx + o.net_tx)
     yield from fams.values()
+
+
+def _ksm_metrics(r: Reading, fleet: str) -> Iterator[Any]:
+    """KSM: the host's counters and ksmd's CPU, and each guest's merged pages and its
+    part of what merging saves."""
+    snap = r.snapshot
+    k = snap.host.ksm if snap is not None else None
+    if k is None:
+        return
+    for name, kind, help_, v in (
+            ("consolidator_host_ksm_pages_shared", GaugeMetricFamily,
+             "KSM pages in use (each held once for all that share it).", k.pages_shared),
+            ("consolidator_host_ksm_pages_sharing", GaugeMetricFamily,
+             "Pages sharing a KSM page: each is memory not held.", k.pages_sharing),
+            ("consolidator_host_ksm_saved_bytes", GaugeMetricFamily,
+             "Memory merging saves on the host, all processes.", k.saved),
+            ("consolidator_host_ksm_running", GaugeMetricFamily,
+             "1 while ksmd scans.", 1.0 if k.run == 1 else 0.0),
+            ("consolidator_host_ksmd_cpu_seconds", CounterMetricFamily,
+             "CPU time ksmd used since boot.", k.cpu_s),
+            ("consolidator_host_ksmd_cpu_cores", GaugeMetricFamily,
+             "ksmd's CPU over the last interval, in cores.", snap.host.ksm_cpu)):
+        if v is not None:
+            m = kind(name, help_, labels=["fleet"])
+            m.add_metric([fleet], v)
+            yield m
+    pages = GaugeMetricFamily("consolidator_guest_ksm_merged_bytes",
+                              "Guest RAM KSM merged with other pages.",
+                              labels=["fleet", "guest"])
+    saved = GaugeMetricFamily("consolidator_guest_ksm_saved_bytes",
+                              "The guest's part of what merging saves.",
+                              labels=["fleet", "guest"])
+    for name, o in sorted(snap.guests.items()):
+        if o.ksm_pages is not None:
+            pages.add_metric([fleet, name], o.ksm_pages * 4096)
+        if o.ksm_saved is not None:
+            saved.add_metric([fleet, name], o.ksm_saved)
+    yield from (pages, saved)
 
 
 def _backup_metrics(r: Reading, fleet: str) -> Iterator[Any]:

@@ -84,12 +84,18 @@ class Recorder:
                          "disk_wr": o.disk_wr if o else None,
                          "disk_iops": o.disk_iops if o else None,
                          "net_rx": o.net_rx if o else None,
-                         "net_tx": o.net_tx if o else None}
+                         "net_tx": o.net_tx if o else None,
+                         "ksm_saved": o.ksm_saved if o else None}
         hist.record(snap.t, {"cpu": host.cpu_busy, "mem_available": host.mem_available,
                              "mem_used": host.mem_total - host.mem_available,
                              "psi_mem": host.psi_mem_some10, "psi_cpu": host.psi_cpu_some10,
                              "budget": info.get("budget"), "disk_bps": host.disk_bps,
-                             "io_budget": info.get("io_budget")}, guests, maintain=False)
+                             "io_budget": info.get("io_budget"),
+                             "ksm_saved": host.ksm_saved,
+                             "ksm_shared": host.ksm.pages_shared * 4096 if host.ksm else None,
+                             "ksm_cpu": host.ksm_cpu,
+                             "ksm_fleet": sum(g.get("ksm_saved") or 0 for g in guests.values())
+                             if host.ksm else None}, guests, maintain=False)
         self.record_ms.append((time.perf_counter() - t0) * 1000)
         del self.record_ms[:-200]
 

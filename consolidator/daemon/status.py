@@ -56,6 +56,24 @@ def _io(o: Any, share: tuple[int | None, int | None] | None) -> dict[str, Any] |
             "share_iops": share[1] if share else None}
 
 
+def _ksm(snap: Any, rb: Rebalancer, explain: bool) -> dict[str, Any] | None:
+    """The host's KSM: its counters, what it saves, ksmd's CPU, and (explain) the
+    policy's last decision and why."""
+    k = snap.host.ksm if snap is not None else None
+    if k is None:
+        return None
+    out: dict[str, Any] = {
+        "mode": (rb.ksm_explain or {}).get("mode"), "run": k.run,
+        "pages_to_scan": k.pages_to_scan, "sleep_ms": k.sleep_ms,
+        "pages_shared": k.pages_shared, "pages_sharing": k.pages_sharing,
+        "saved_bytes": k.saved, "full_scans": k.full_scans,
+        "fleet_saved_bytes": sum(o.ksm_saved or 0 for o in snap.guests.values()),
+        "cpu": None if snap.host.ksm_cpu is None else round(snap.host.ksm_cpu, 4)}
+    if explain:
+        out["explain"] = rb.ksm_explain
+    return out
+
+
 def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
              explain: bool = False, metrics: dict[str, Any] | None = None,
              net_guard: dict[str, Any] | None = None,
@@ -91,6 +109,10 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "agent": g.agent_view if running and g.agent_view else None,
             "backup": _backup(n, backups, now),
             "io": _io(o, rb.io_caps.get(n) if rb else None),
+            "memory_merge": g.intent.memory.merge,
+            "ksm_merged_bytes": o.ksm_pages * 4096 if o is not None and o.ksm_pages
+            is not None else None,
+            "ksm_saved_bytes": o.ksm_saved if o is not None else None,
         }
         if explain:
             row["explain"] = rb.explain.get(n) if rb else None
@@ -108,6 +130,7 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
                             "budget_bytes": fleet.budget if fleet else None,
                             "io_budget_bps": getattr(rb.settings(), "io_bps", None),
                             "disk_bps": (round(snap.host.disk_bps, 1) if snap is not None
-                                         and snap.host.disk_bps is not None else None)}
+                                         and snap.host.disk_bps is not None else None),
+                            "ksm": _ksm(snap, rb, explain)}
                            if rb else {"enabled": False}),
             "guests": guests}

@@ -33,7 +33,9 @@ import structlog
 
 from ..errors import CgroupError, ConflictError
 from ..model import GuestState
-from ..sched.observe import Tracked
+from ..sched.ksm import KsmDecision, KsmMode, KsmObs
+from ..sched.ksmfs import KsmSysfs, available as ksm_available
+from ..sched.observe import Observer, Tracked
 from ..sched.rebalancer import LoopSettings, Rebalancer
 from ..net import names
 from ..state import HOST_IO, StateDir, atomic_write, io_budget
@@ -54,11 +56,26 @@ log = structlog.get_logger("supervisor")
 
 
 class GuestControls:
-    """What the rebalancer may move: a guest's CPU weight (cgroup) and its balloon (QMP)."""
+    """What the rebalancer may move: a guest's CPU weight (cgroup), its balloon and disk
+    share (QMP), and the host's KSM scanner (sysfs)."""
 
-    def __init__(self, runtime: Runtime, lifecycle: Lifecycle) -> None:
+    def __init__(self, runtime: Runtime, lifecycle: Lifecycle, ksm: KsmSysfs | None) -> None:
         self.runtime = runtime
         self.lifecycle = lifecycle
+        self.ksm = ksm
+
+    def set_ksm(self, d: KsmDecision, current: KsmObs) -> bool:
+        if self.ksm is None:
+            return False
+        try:
+            return self.ksm.write(d.run, d.pages_to_scan, d.sleep_ms, current)
+        except OSError as e:
+            log.warning("ksm.set_failed", error=f"{type(e).__name__}: {e}")
+            return True
+
+    def release_ksm(self) -> None:
+        if self.ksm is not None:
+            self.ksm.restore()
 
     async def set_weight(self, name: str, weight: int) -> bool:
         ex = self.lifecycle.executor
@@ -89,6 +106,7 @@ class Supervisor:
         self.lifecycle = Lifecycle(self.runtime)
         self.recorder = Recorder(self.runtime)
         self.rebalancer: Rebalancer | None = None
+        self.ksm = KsmSysfs() if ksm_available() else None
         # the loop's settings, kept while the fleet and doctor's measurement are the same
         self._settings: tuple[Any, float | None, LoopSettings] | None = None
         self.dhcp = DhcpServers(self.runtime, self.lifecycle)
@@ -178,6 +196,9 @@ class Supervisor:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
         if self.rebalancer is not None:
             await self.rebalancer.close()
+        if self.ksm is not None:
+            with contextlib.suppress(Exception):      # logged inside
+                self.ksm.restore()
         self.recorder.close()
         self.metrics.stop()
         with contextlib.suppress(Exception):
@@ -218,7 +239,8 @@ class Supervisor:
         if fleet is None or self.rebalancer is not None:
             return
         rb = Rebalancer(self._loop_settings, self._tracked, self._usage,
-                        GuestControls(self.runtime, self.lifecycle), net=self._net)
+                        GuestControls(self.runtime, self.lifecycle, self.ksm), net=self._net,
+                        observer=Observer(ksm=self.ksm))
         rb.on_tick.append(self.recorder.on_tick)
         self.lifecycle.on_start.append(rb.forget)
         rb.start()
@@ -247,7 +269,8 @@ class Supervisor:
             bps, iops = io_budget(f.host.io, self.state.root)
             self._settings = (f, measured, LoopSettings(f.host.rebalance.interval,
                                                         f.host.rebalance.enabled, f.budget,
-                                                        f.usable_cpus, bps, iops))
+                                                        f.usable_cpus, bps, iops,
+                                                        KsmMode(f.host.ksm)))
         return self._settings[2]
 
     def _net(self) -> dict[str, tuple[int, int, int, int]]:

@@ -299,6 +299,14 @@ class HostIo(_Model):
         "auto", description="operations a second, as bps")
 
 
+def _on_off(v: Any) -> Any:
+    # YAML 1.1 reads a bare on/off as a boolean: `ksm: off` is false
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+OnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
+
+
 class HostSpec(_Model):
     reserve: HostReserve = HostReserve()
     memory: Literal["auto"] | Size = Field(
@@ -331,6 +339,10 @@ class HostSpec(_Model):
     metrics: Metrics = Metrics()
     backup: HostBackup = HostBackup()
     io: HostIo = HostIo()
+    ksm: OnOff = Field(
+        "auto", description="same-page merging: auto = tuned by memory pressure and what "
+                            "it saves; on = always, tuned; off = the host's settings are "
+                            "left alone")
 
 
 # --------------------------------------------------------------------------- images
@@ -410,6 +422,9 @@ class MemorySpec(_Model):
     min: Size | None = Field(None, description="floor the balloon never goes under; "
                                                "default: max (no ballooning)")
     shares: int = Field(1000, ge=0, le=50000, description="weight when memory is short")
+    merge: bool = Field(True, description="false: KSM never merges this guest's memory "
+                                          "(for guests that handle secrets: merging opens "
+                                          "a timing side channel between guests)")
 
 
 class IoSpec(_Model):

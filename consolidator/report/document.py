@@ -85,10 +85,11 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
             if first is not None:
                 history_s = max(0.0, now - first)
             source = choose_source(db, since)
-            host = host_table(db, ("cpu", "mem_used", "budget", "disk_bps", "io_budget"),
-                              since, source)
+            host = host_table(db, ("cpu", "mem_used", "budget", "disk_bps", "io_budget",
+                                   "ksm_saved", "ksm_fleet", "ksm_cpu"), since, source)
             guests_t = guest_table(db, ("cpu", "ws", "balloon", "disk_rd", "disk_wr",
-                                        "disk_iops", "net_rx", "net_tx"), since, source)
+                                        "disk_iops", "net_rx", "net_tx", "ksm_saved"),
+                                   since, source)
             series = {
                 "host_cpu": host["cpu"], "host_mem_used": host["mem_used"],
                 "budget": host["budget"],
@@ -98,6 +99,9 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
                 "disk_bps": host["disk_bps"], "io_budget": host["io_budget"],
                 "io": {g: {k: m[k] for k in ("disk_rd", "disk_wr", "disk_iops", "net_rx",
                                              "net_tx")} for g, m in guests_t.items()},
+                "ksm_host": host["ksm_saved"], "ksm_fleet": host["ksm_fleet"],
+                "ksm_cpu": host["ksm_cpu"],
+                "ksm": {g: m["ksm_saved"] for g, m in guests_t.items()},
             }
         finally:
             db.close()
@@ -161,6 +165,14 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
     guest_cpu_p95 = sum((g["cpu"]["p95"] or 0.0) for g in guests)
     obs = cap.Observed(cpu_p95=guest_cpu_p95,
                        memory_p95=int(_p(mem_hold, 0.95) or committed.memory_max))
+    merging = _merging(series, fleet) if have else None
+    obs_merged = None
+    if merging is not None and merging["fleet_saved"]["max"]:
+        # what the host holds for the guests: their sizes less what merging saves, at
+        # each instant
+        held = _summed(*series["balloon"].values(),
+                       *(_negated(sr) for sr in series["ksm"].values()))
+        obs_merged = cap.Observed(obs.cpu_p95, int(_p(held, 0.95) or obs.memory_p95))
 
     if not shapes:
         seen: dict[tuple, cap.Shape] = {}
@@ -193,6 +205,18 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
                                                          "memory": int(per_mem)}
         else:
             entry["by_observed"] = None
+        entry["by_observed_merged"] = None
+        if obs_merged is not None:
+            # a new guest of the shape saves what its like save now (a mean of means)
+            saves = [merging["guests"][g["name"]]["mean"] or 0.0 for g in same
+                     if g["name"] in merging["guests"]]
+            per_merged = max(MiB, per_mem - (sum(saves) / len(saves) if saves else 0.0))
+            entry["by_observed_merged"] = _fit_json(cap.by_observed(
+                s, capacity, committed, obs_merged, per_guest_cpu=per_cpu,
+                per_guest_memory=int(per_merged), headroom=headroom,
+                per_guest_disk=per_disk))
+            entry["by_observed_merged"]["assumed_per_guest"] = {"cpu": per_cpu,
+                                                                "memory": int(per_merged)}
         if tiered:
             entry["tiers"] = [{"shape": t.shape.label(), "count": t.count,
                                "binding": t.binding}
@@ -231,10 +255,50 @@ def build(state_dir: Path, window: str = "1h", shapes: list[cap.Shape] | None = 
         "guests": guests,
         "storage": storage,
         "io": _io(series, fleet) if have else None,
+        "merging": merging,
         "fits": fits,
         "charts": _chart_data(series, fleet) if have else None,
     }
     return doc
+
+
+class _negated:
+    """A series with its values' signs turned (to subtract it in :func:`_summed`)."""
+
+    def __init__(self, sr: Any) -> None:
+        self.points = [(t, None if v is None else -v) for t, v in sr.points]
+
+
+def _ksm_now(root: Path = Path("/sys/kernel/mm/ksm")) -> dict[str, Any] | None:
+    """The kernel's counters as the report is made (None: no KSM here)."""
+    try:
+        shared = int((root / "pages_shared").read_text())
+        sharing = int((root / "pages_sharing").read_text())
+        run = int((root / "run").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"run": run, "pages_shared": shared, "pages_sharing": sharing,
+            "saved_bytes": sharing * 4096}
+
+
+def _merging(series: dict[str, Any], fleet: Fleet) -> dict[str, Any]:
+    """Memory saved by same-page merging over the window: the fleet's part (each guest's
+    merged pages less its share of the pages that hold them), the host's in all, ksmd's
+    CPU, and the kernel's counters now."""
+    fleet_v = series["ksm_fleet"].values()
+    host_v = series["ksm_host"].values()
+    per = {n: _stats(series["ksm"][n].values()) for n in sorted(fleet.guests)
+           if n in series["ksm"]}
+    return {"mode": fleet.host.ksm,
+            "fleet_saved": {**_stats(fleet_v), "now": fleet_v[-1] if fleet_v else None},
+            "host_saved": {**_stats(host_v), "now": host_v[-1] if host_v else None},
+            "ksmd_cpu": _stats(series["ksm_cpu"].values()),
+            "guests": per,
+            "no_merge": sorted(n for n, g in fleet.guests.items() if not g.memory.merge),
+            "kernel_now": _ksm_now(),
+            "includes_merging": ["merging.*", "fits[].by_observed_merged"],
+            "excludes_merging": ["host.usage.guest_memory_*", "host.headroom.memory",
+                                 "fits[].by_observed", "guests[].balloon"]}
 
 
 def _summed(*series: Any) -> list[float]:

@@ -25,14 +25,15 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import StateError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 HOST_METRICS = ("cpu", "mem_available", "mem_used", "psi_mem", "psi_cpu", "budget",
-                "disk_bps", "io_budget")
+                "disk_bps", "io_budget", "ksm_saved", "ksm_shared", "ksm_cpu", "ksm_fleet")
 GUEST_METRICS = ("cpu", "ws", "available", "balloon", "cgmem", "max",
-                 "disk_rd", "disk_wr", "disk_iops", "net_rx", "net_tx")
+                 "disk_rd", "disk_wr", "disk_iops", "net_rx", "net_tx", "ksm_saved")
 #: metrics each schema version added: an older file gains their columns when opened
 ADDED = {2: (("disk_bps", "io_budget"),
-             ("disk_rd", "disk_wr", "disk_iops", "net_rx", "net_tx"))}
+             ("disk_rd", "disk_wr", "disk_iops", "net_rx", "net_tx")),
+         3: (("ksm_saved", "ksm_shared", "ksm_cpu", "ksm_fleet"), ("ksm_saved",))}
 STATS = ("min", "mean", "max", "p95")
 RES = {"1m": 60, "1h": 3600}
 

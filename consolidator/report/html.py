@@ -162,6 +162,26 @@ def _io_html(section: dict[str, Any]) -> str:
             "<th>disk bytes in the window</th></tr>" + rows + "</table>")
 
 
+def _merging_html(mg: dict[str, Any]) -> str:
+    """Memory saved by merging: per guest and for the fleet, against the kernel now."""
+    e = html.escape
+
+    def three(x: dict[str, Any]) -> str:
+        return " / ".join(e(size(x[k])) for k in ("p50", "p95", "max"))
+    rows = "".join(f"<tr><td>{e(n)}</td><td class='n'>{three(x)}</td></tr>"
+                   for n, x in mg["guests"].items())
+    f, k, c = mg["fleet_saved"], mg.get("kernel_now") or {}, mg["ksmd_cpu"]
+    sub = (f"host.ksm {mg['mode']}: the fleet saves {size(f['now'])} now (p95 "
+           f"{size(f['p95'])}); the host {size(mg['host_saved']['now'])}, kernel "
+           f"{size(k.get('saved_bytes'))}; ksmd CPU mean {cores(c['mean'])} cores. The other "
+           "memory figures leave merging out.")
+    if mg["no_merge"]:
+        sub += " Never merged: " + ", ".join(mg["no_merge"]) + "."
+    return ("<h2>Memory saved by merging</h2>" + f"<div class='sub'>{e(sub)}</div>"
+            "<table id='merging'><tr><th>guest</th><th>saved p50/p95/max</th></tr>" +
+            rows + f"<tr><td><b>fleet</b></td><td class='n'>{three(f)}</td></tr></table>")
+
+
 def render(doc: dict[str, Any]) -> str:
     e = html.escape
     w, h = doc["window"], doc["host"]
@@ -221,6 +241,9 @@ def render(doc: dict[str, Any]) -> str:
                  "<th>recommendation</th></tr>" + "".join(rows) + "</table>")
     if doc.get("io") and doc["io"]["guests"]:
         parts.append(_io_html(doc["io"]))
+    mg = doc.get("merging")
+    if mg and (mg["fleet_saved"]["max"] or mg["host_saved"]["max"]):
+        parts.append(_merging_html(mg))
     frows = []
     for f in doc["fits"]:
         bg, bo = f["by_guarantees"], f.get("by_observed")
@@ -231,9 +254,12 @@ def render(doc: dict[str, Any]) -> str:
             f"<td><span class='fail'>{bg['binding']}</span> {e(bg['detail'])}</td>"
             + (f"<td class='n'>{bo['count']}</td><td><span class='fail'>{bo['binding']}</span> "
                f"{e(bo['detail'])}</td>" if bo else "<td>–</td><td>no history yet</td>")
+            + (f"<td class='n'>{f['by_observed_merged']['count']}</td>"
+               if f.get("by_observed_merged") else "<td>–</td>")
             + f"<td>{tiers}</td></tr>")
     parts.append("<h2>How many more fit</h2><table id='fits'><tr><th>shape</th>"
                  "<th>by guarantees</th><th>binding</th><th>by observed p95</th>"
-                 "<th>binding</th><th>tiers</th></tr>" + "".join(frows) + "</table>")
+                 "<th>binding</th><th>observed, with merging</th><th>tiers</th></tr>" +
+                 "".join(frows) + "</table>")
     parts.append("</main></body></html>")
     return "".join(parts)

@@ -145,11 +145,16 @@ def tables(doc: dict[str, Any]) -> list[Any]:
         out.append(_storage_table(doc["storage"]))
     if doc.get("io") and doc["io"]["guests"]:
         out.append(_io_table(doc["io"]))
+    mg = doc.get("merging")
+    if mg and (mg["fleet_saved"]["max"] or mg["host_saved"]["max"]):
+        out.append(_merging_table(mg))
+    merged = any(x.get("by_observed_merged") for x in doc["fits"])
     tiered = any(x.get("tiers") for x in doc["fits"])
     f = Table(title="how many more fit", title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False)
     f.add_column("shape", no_wrap=True)
-    for col in ("by guarantees", "by observed p95") + (("tiers",) if tiered else ()):
+    for col in ("by guarantees", "by observed p95") + \
+            (("observed, with merging",) if merged else ()) + (("tiers",) if tiered else ()):
         f.add_column(col, overflow="fold", max_width=36)
     for x in doc["fits"]:
         bg = x["by_guarantees"]
@@ -157,12 +162,35 @@ def tables(doc: dict[str, Any]) -> list[Any]:
         row = [x["shape"], f"[bold]{bg['count']}[/] {bg['binding']}\n{bg['detail']}",
                f"[bold]{bo['count']}[/] {bo['binding']}\n{bo['detail']}" if bo
                else "no history"]
+        if merged:
+            bm = x.get("by_observed_merged")
+            row.append(f"[bold]{bm['count']}[/] {bm['binding']}\n{bm['detail']}" if bm
+                       else "-")
         if tiered:
             row.append("\n".join(f"{t['count']} x {t['shape']} ({t['binding']})"
                                   for t in x.get("tiers", [])) or "-")
         f.add_row(*row)
     out.append(f)
     return out
+
+
+def _merging_table(mg: dict[str, Any]) -> Any:
+    t = Table(title=f"memory saved by merging (KSM, host.ksm {mg['mode']}); the other "
+                    "memory figures leave merging out", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("guest", "saved p50", "saved p95", "max"):
+        t.add_column(col, justify="left" if col == "guest" else "right")
+    for name, x in mg["guests"].items():
+        t.add_row(name, size(x["p50"]), size(x["p95"]), size(x["max"]))
+    f, h, c = mg["fleet_saved"], mg["host_saved"], mg["ksmd_cpu"]
+    t.add_row("[bold]fleet[/]", size(f["p50"]), size(f["p95"]), size(f["max"]))
+    k = mg.get("kernel_now") or {}
+    t.caption = (f"now: the fleet saves {size(f['now'])}, the host {size(h['now'])} "
+                 f"(kernel: {size(k.get('saved_bytes'))}); ksmd CPU mean {cores(c['mean'])}, "
+                 f"p95 {cores(c['p95'])}" + (f"; never merged: {', '.join(mg['no_merge'])}"
+                                            if mg["no_merge"] else ""))
+    t.caption_justify = "left"
+    return t
 
 
 def _io_table(io: dict[str, Any]) -> Any:

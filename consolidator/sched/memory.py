@@ -38,7 +38,9 @@ hold throughout: ``min`` for everyone, and for a guest under pressure or unseen,
 floors do, and no pressured guest ever feeds an idle one.
 
 Host pressure (PSI memory, MemAvailable) moves the host between normal, soft and hard,
-with hysteresis; soft and hard shrink the budget.
+with hysteresis; soft and hard shrink the budget. Memory KSM merged (``MemHost.merged``,
+what the host does not hold twice) is added to it: the budget bounds what the host
+spends, and the guests' sizes count merged pages once per guest.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class MemHost:
     mem_total: int
     psi_some10: float = 0.0          # /proc/pressure/memory some avg10 (%)
     psi_full10: float = 0.0
+    merged: int = 0                  # bytes of the guests' RAM KSM merged away (credited)
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,9 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
     state = host_state(host, prev_state)
     factor = {HostState.NORMAL: 1.0, HostState.SOFT: p.soft_factor,
               HostState.HARD: p.hard_factor}[state]
-    budget = int(host.budget * factor)
+    # merged pages are held once for all their guests: what the host spends for the
+    # guests is their sizes less that, so the sizes may add up to the budget plus it
+    budget = int(host.budget * factor) + max(0, host.merged)
     est_out: dict[str, float] = {}
     rows: dict[str, dict] = {}
 
@@ -291,6 +296,8 @@ def memory_policy(guests: list[MemInput], host: MemHost, *,
     _pace_growth(rows, {g.name: g for g in guests}, budget)
     if state is not HostState.NORMAL:
         notes.append(f"host memory {state.value}: budget x{factor:g}")
+    if host.merged > 0:
+        notes.append(f"budget includes {host.merged // MiB}MiB merged by KSM")
 
     decisions = []
     for g in guests:

@@ -48,6 +48,8 @@ from ..hostfacts import HostFacts, parse_meminfo
 from ..linux import HeldFiles
 from ..model import GuestIntent
 from .cgroup import CgroupUsage, host_psi
+from .ksm import KsmObs, guest_saved
+from .ksmfs import KsmSysfs, available as ksm_available, merging_pages
 
 log = structlog.get_logger("observe")
 UsageReader = Callable[[str], CgroupUsage]
@@ -107,6 +109,8 @@ class GuestObs:
     net_bytes: tuple[int, int] | None = None      # to, from
     # smallest and largest size the balloon may have had when the stats were taken
     stats_balloon: tuple[int, int] | None = None
+    ksm_pages: int | None = None          # its pages KSM merged (None: not known)
+    ksm_saved: int | None = None          # bytes of its memory the host does not hold
     errors: tuple[str, ...] = ()          # readings that failed this tick, and why
 
     def working_set(self, max_bytes: int) -> int | None:
@@ -126,6 +130,12 @@ class HostObs:
     psi_cpu_some10: float
     cpu_busy: float | None                # cores busy over the interval
     disk_bps: float | None = None         # the guests' disks, read and written, in all
+    ksm: KsmObs | None = None             # ksmd's settings and counters (None: no KSM)
+    ksm_cpu: float | None = None          # cores ksmd used over the interval
+
+    @property
+    def ksm_saved(self) -> int | None:
+        return self.ksm.saved if self.ksm is not None else None
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,9 @@ REFRESH_AFTER_S = 3.0   # ... but no later than this: the policy converges as wh
 class Observer:
     def __init__(self, stale_after: float = 4.0, ncpu: int | None = None,
                  quiet_cpu_s: float = QUIET_CPU_S,
-                 refresh_after: float = REFRESH_AFTER_S) -> None:
+                 refresh_after: float = REFRESH_AFTER_S,
+                 ksm: KsmSysfs | None = None) -> None:
+        self.ksm = ksm if ksm is not None else (KsmSysfs() if ksm_available() else None)
         self.stale_after = stale_after
         self.refresh_after = refresh_after
         self.quiet_cpu_ns = int(quiet_cpu_s * 1e9)
@@ -266,7 +278,23 @@ class Observer:
                  if o.disk_rd is not None and o.disk_wr is not None]
         if rates:
             host = dataclasses.replace(host, disk_bps=sum(rates))
+        if host.ksm is not None:
+            out = self._merged(out, guests, host.ksm)
         return Snapshot(now, mono, host, out)
+
+    def _merged(self, out: dict[str, GuestObs], guests: list[Tracked],
+                ksm: KsmObs) -> dict[str, GuestObs]:
+        """Each guest's merged pages (one pread of its QEMU's counter), and its part of
+        what merging saves. Nothing merged anywhere: all zero, nothing read."""
+        for t in guests:
+            pid = t.probe.pid
+            if not pid:
+                continue
+            pages = 0 if ksm.pages_shared == 0 else merging_pages(pid, self._held)
+            if pages is not None:
+                out[t.name] = dataclasses.replace(out[t.name], ksm_pages=pages,
+                                                  ksm_saved=guest_saved(pages, ksm))
+        return out
 
     def _disks_due(self, name: str, cs: CgroupUsage | str | None, mono: float) -> bool:
         """A guest's disks are read when it has run since (QEMU works for every request
@@ -367,10 +395,15 @@ class Observer:
             if dt_ticks > 0:
                 busy = (dt_ticks - (idle - prev["idle"])) / dt_ticks * self.ncpu
         mem = psi.get("memory", {})
-        self._host_prev = {"total": total, "idle": idle}
+        ksm = self.ksm.read(self._held, mono) if self.ksm is not None else None
+        ksm_cpu = None
+        if ksm is not None and prev.get("ksm") is not None and mono > prev["ksm"].mono:
+            ksm_cpu = max(0.0, (ksm.cpu_s - prev["ksm"].cpu_s) / (mono - prev["ksm"].mono))
+        self._host_prev = {"total": total, "idle": idle, "ksm": ksm}
         return HostObs(mi.get("MemAvailable", 0), mi.get("MemTotal", 0),
                        mem.get("some_avg10", 0.0), mem.get("full_avg10", 0.0),
-                       psi.get("cpu", {}).get("some_avg10", 0.0), busy)
+                       psi.get("cpu", {}).get("some_avg10", 0.0), busy, ksm=ksm,
+                       ksm_cpu=ksm_cpu)
 
     def _guest(self, name: str, g: GuestProbe, cs: CgroupUsage | str | None,
                asked: _Asked | None, st_error: str | None, now: float, mono: float

@@ -37,6 +37,7 @@ from .cpu import CpuDecision, CpuInput, cpu_policy, smooth_demand
 from .memory import (HostState, MemDecision, MemHost, MemInput, MemParams, memory_policy,
                      watchdog_target)
 from .io import IoInput, io_policy
+from .ksm import KsmDecision, KsmMode, KsmNeed, KsmObs, KsmParams, KsmState, ksm_policy
 from .observe import NetReader, Observer, Snapshot, Tracked, UsageReader, has_disks
 from .psi import PsiWatch, watch_memory_pressure
 
@@ -58,6 +59,7 @@ class LoopSettings:
     usable_cpus: float
     io_bps: float | None = None       # the host's disk budget (host.io), None: none
     io_iops: float | None = None
+    ksm: KsmMode = KsmMode.OFF        # host.ksm
 
 
 class Controls(Protocol):
@@ -71,6 +73,12 @@ class Controls(Protocol):
 
     async def set_io_share(self, name: str, bps: int | None, iops: int | None) -> None:
         """Set the ceiling on the guest's disks together (None: none). Raises QMPError."""
+
+    def set_ksm(self, d: KsmDecision, current: KsmObs) -> bool:
+        """Give ksmd the decided settings; False: another supervisor owns KSM here."""
+
+    def release_ksm(self) -> None:
+        """Put back KSM's settings as they were found, if they were changed."""
 
 
 TickHook = Callable[[Snapshot, dict[str, Any]], None]
@@ -94,6 +102,10 @@ class Rebalancer:
         self.weights: dict[str, int] = {}       # the weight last decided, per guest
         self.requested: dict[str, int] = {}     # balloon targets sent, per guest
         self.io_caps: dict[str, tuple[int | None, int | None]] = {}   # share ceilings set
+        self.ksm_params = KsmParams()
+        self.ksm_state: KsmState | None = None
+        self.ksm_explain: dict[str, Any] | None = None
+        self.merge_credit = 0.9     # of what KSM saves, counted into the memory budget
         self.host_state = HostState.NORMAL
         self.explain: dict[str, dict[str, Any]] = {}
         self.last: Snapshot | None = None
@@ -202,6 +214,7 @@ class Rebalancer:
         if not settings.enabled:
             if self._was_active:
                 await self._restore_static(running)
+            self._ksm_off("host.rebalance.enabled is false: KSM left as the host had it")
             self._was_active = False
             self._notify(snap, {"budget": settings.budget, "host_state": "static",
                                 "decisions": {}})
@@ -210,6 +223,7 @@ class Rebalancer:
         decisions: dict[str, Any] = {}
         await self._cpu(snap, running, settings, decisions)
         budget = await self._memory(snap, running, settings, decisions)
+        self._ksm(snap, running, settings)
         await self._io(snap, running, settings, decisions)
         for t in running:
             self.explain[t.name] = {"t": snap.t, **decisions.get(t.name, {})}
@@ -289,8 +303,10 @@ class Rebalancer:
             mem_in.append(MemInput(t.name, m.max, t.intent.memory_min, m.shares, actual,
                                    o.total, o.available, o.major_fault_rate, o.swap_in_rate,
                                    o.stale, self.requested.get(t.name), o.stats_balloon))
+        merged = sum(snap.guests[t.name].ksm_saved or 0 for t in running)
         host = MemHost(settings.budget, snap.host.mem_available, snap.host.mem_total,
-                       snap.host.psi_mem_some10, snap.host.psi_mem_full10)
+                       snap.host.psi_mem_some10, snap.host.psi_mem_full10,
+                       int(merged * self.merge_credit))
         res = memory_policy(mem_in, host, estimates=self.estimates, holds=self.holds,
                             prev_state=self.host_state, params=self.params)
         if res.host_state is not self.host_state:
@@ -311,6 +327,45 @@ class Rebalancer:
                 sets.append(d)
         await asyncio.gather(*(self._set_balloon(d) for d in sets))
         return res.budget
+
+    def _ksm(self, snap: Snapshot, running: list[Tracked], settings: LoopSettings) -> None:
+        """ksmd's settings from the host's memory state and what merging buys."""
+        obs = snap.host.ksm
+        if settings.ksm is KsmMode.OFF or obs is None:
+            self._ksm_off("host.ksm is off: the host's settings are left alone"
+                          if obs is not None else "KSM is not available on this kernel")
+            return
+        mergeable = [t for t in running if t.intent.memory.merge]
+        need = KsmNeed(self.host_state, sum(t.intent.memory.max for t in running),
+                       settings.budget, len(mergeable))
+        d = ksm_policy(settings.ksm, obs, need, self.ksm_state, self.ksm_params)
+        assert d is not None
+        prev_phase = self.ksm_state.phase if self.ksm_state else None
+        self.ksm_state = d.state
+        owner = True
+        if d.changed(obs):
+            owner = self.controls.set_ksm(d, obs)
+            if owner:
+                log.info("ksm.set", run=d.run, pages_to_scan=d.pages_to_scan,
+                         sleep_ms=d.sleep_ms, phase=d.phase, budget=round(d.budget, 3),
+                         reason=d.reason)
+        elif d.phase != prev_phase:
+            log.info("ksm.phase", phase=d.phase, reason=d.reason)
+        self.ksm_explain = {
+            "mode": settings.ksm.value, "phase": d.phase, "run": d.run,
+            "pages_to_scan": d.pages_to_scan if d.run else None,
+            "sleep_ms": d.sleep_ms if d.run else None,
+            "cpu_budget": round(d.budget, 3), "cpu_predicted": round(d.predicted, 4),
+            "cpu": None if snap.host.ksm_cpu is None else round(snap.host.ksm_cpu, 4),
+            "saved_bytes": obs.saved, "pay": None if d.state.pay is None
+            else round(d.state.pay), "reason": d.reason if owner else
+            "another supervisor on this host tunes KSM: counters read only"}
+
+    def _ksm_off(self, reason: str) -> None:
+        if self.ksm_state is not None:
+            self.controls.release_ksm()
+            self.ksm_state = None
+        self.ksm_explain = {"mode": "off", "reason": reason}
 
     async def _io(self, snap: Snapshot, running: list[Tracked], settings: LoopSettings,
                   decisions: dict[str, Any]) -> None:

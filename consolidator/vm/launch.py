@@ -147,6 +147,6 @@ def launch_spec(intent: GuestIntent, boot: Boot, paths: RunPaths, host: VirtHost
         pvm_host=host.kvm.kind is KvmKind.PVM, uuid=guest_uuid(paths.dir.parent),
         vhost=accel.name == "kvm" and host.vhost_net, disk_bus=intent.disk_bus,
         display=intent.display, rtc=intent.rtc, cpu_model=intent.cpu.model,
-        hyperv=intent.hyperv, boot_order=intent.boot,
+        hyperv=intent.hyperv, boot_order=intent.boot, mem_merge=intent.memory.merge,
         limits=tuple((k, tuple(v.items())) for k, v in
                      throttle.guest_limits(intent, bool(boot.disk)).items()), **extra)

@@ -195,6 +195,7 @@ class LaunchSpec:
     cpu_model: str | None = None   # the inventory's; None: cpu_model() decides
     hyperv: bool = False           # Hyper-V enlightenments, under KVM
     boot_order: tuple[str, ...] = ()   # of "disk", "cdrom"
+    mem_merge: bool = True         # False: guest RAM is never offered to KSM
     # each drive's own limits (vm/throttle.py), by drive node; None: no throttle nodes at
     # all (the bench's baseline), so no limit can be set live
     limits: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] | None = ()
@@ -443,6 +444,8 @@ def build_argv(spec: LaunchSpec, h: Handles, binary: str = "qemu-system-x86_64")
         machine = "microvm,acpi=on,auto-kernel-cmdline=off,pit=on,pic=on,rtc=on"
     else:
         machine = m.name + (",pflash0=fw-code,pflash1=fw-vars" if uefi else "")
+    if not spec.mem_merge:
+        machine += ",mem-merge=off"   # no MADV_MERGEABLE on guest RAM: KSM never sees it
     if spec.accel.name == "tcg":
         accel = f"tcg,tb-size={spec.tb_size_mib}"
     else:

@@ -346,8 +346,11 @@ def test_crash_restart_backoff_and_failed(tmp_path):
                                            and e["t"] >= killed - 0.01), None), 10, "crash")
             assert crash["t"] - killed < 1.0, crash["t"] - killed      # seen within 1 s
             assert crash["signal"] == 9 and "SIGKILL" in crash["how"]
-            sched = next(e for e in f.log("flaky") if e.get("event") == "restart_scheduled"
-                         and e["t"] >= killed)
+            # written just after the crash event: wait for it too (read at once, it
+            # was missing in a CI run)
+            sched = wait_for(lambda: next((e for e in f.log("flaky")
+                                           if e.get("event") == "restart_scheduled"
+                                           and e["t"] >= killed), None), 5, "restart_scheduled")
             delays.append(sched["delay_s"])
             wait_for(lambda: f.guests()["flaky"]["state"] == "running"
                      and f.guests()["flaky"]["pid"] != pid, 60, f"restart {n}")

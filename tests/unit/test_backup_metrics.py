@@ -45,3 +45,33 @@ def test_io_counters_and_rates_are_served():
                    "consolidator_guest_disk_operations": [("web", 257)],
                    "consolidator_guest_net_transmitted_bytes": [("web", 200)],
                    "consolidator_guest_disk_bytes_per_second": [("web", 40.0)]}
+
+
+def test_ksm_counters_and_each_guest_s_part_are_served():
+    from consolidator.sched.ksm import KsmObs
+    from consolidator.sched.observe import GuestObs, HostObs, Snapshot
+    k = KsmObs(1.0, 1, 160, 20, 1000, 3000, 4, 2.5, 10_000)
+    host = HostObs(0, 0, 0.0, 0.0, 0.0, None, ksm=k, ksm_cpu=0.012)
+    snap = Snapshot(1.0, 1.0, host, {"a": GuestObs("a", ksm_pages=2000,
+                                                   ksm_saved=1500 * 4096),
+                                     "b": GuestObs("b")})
+    r = Reading(instance="prod", budget=None, guests=(), snapshot=snap, weights={},
+                host_state=None, ticks=0)
+    fams = {f.name: f for f in FleetCollector(lambda: r).collect()}
+    one = {n: fams[n].samples[0].value for n in (
+        "consolidator_host_ksm_pages_sharing", "consolidator_host_ksm_saved_bytes",
+        "consolidator_host_ksm_running", "consolidator_host_ksmd_cpu_seconds",
+        "consolidator_host_ksmd_cpu_cores")}
+    assert one == {"consolidator_host_ksm_pages_sharing": 3000,
+                   "consolidator_host_ksm_saved_bytes": 3000 * 4096,
+                   "consolidator_host_ksm_running": 1.0,
+                   "consolidator_host_ksmd_cpu_seconds": 2.5,
+                   "consolidator_host_ksmd_cpu_cores": 0.012}
+    saved = [(s.labels["guest"], s.value)
+             for s in fams["consolidator_guest_ksm_saved_bytes"].samples]
+    assert saved == [("a", 1500 * 4096)]           # b: not known, no sample
+    # no KSM in the kernel: no KSM family at all
+    bare = Snapshot(1.0, 1.0, HostObs(0, 0, 0.0, 0.0, 0.0, None), {})
+    r2 = Reading(instance="prod", budget=None, guests=(), snapshot=bare, weights={},
+                 host_state=None, ticks=0)
+    assert not [f for f in FleetCollector(lambda: r2).collect() if "ksm" in f.name]

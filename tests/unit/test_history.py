@@ -171,11 +171,11 @@ def test_the_reader_checks_the_schema_version(tmp_path):
     from consolidator.report.history import open_db
     path = tmp_path / "history.sqlite"
     open_db(path).execute("PRAGMA user_version=7")
-    with pytest.raises(StateError, match="history schema 7, this consolidator reads 2"):
+    with pytest.raises(StateError, match="history schema 7, this consolidator reads 3"):
         open_db(path, readonly=True)
 
 
-def test_a_version_1_file_gains_the_io_columns_and_keeps_its_samples(tmp_path):
+def test_a_version_1_file_gains_the_io_and_ksm_columns_and_keeps_its_samples(tmp_path):
     """The format of the stop before I/O was measured: its samples stay, and the new
     metrics are recorded beside them."""
     import sqlite3
@@ -199,13 +199,15 @@ def test_a_version_1_file_gains_the_io_columns_and_keeps_its_samples(tmp_path):
     db.commit()
     db.close()
     h = History(path)
-    h.record(11.0, {"cpu": 1.0, "disk_bps": 2e6}, {"g": {"cpu": 0.5, "disk_wr": 1e6}},
-             maintain=False)
-    rows = h.db.execute("SELECT t, cpu, disk_wr FROM raw_guest ORDER BY t").fetchall()
-    assert rows == [(10.0, 0.25, None), (11.0, 0.5, 1e6)]
-    assert h.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    h.record(11.0, {"cpu": 1.0, "disk_bps": 2e6, "ksm_saved": 5e6},
+             {"g": {"cpu": 0.5, "disk_wr": 1e6, "ksm_saved": 4096.0}}, maintain=False)
+    rows = h.db.execute("SELECT t, cpu, disk_wr, ksm_saved FROM raw_guest ORDER BY t").fetchall()
+    assert rows == [(10.0, 0.25, None, None), (11.0, 0.5, 1e6, 4096.0)]
+    assert h.db.execute("PRAGMA user_version").fetchone()[0] == 3
     cols = {r[1] for r in h.db.execute("PRAGMA table_info(agg_guest)")}
-    assert {"disk_wr_p95", "net_tx_max"} <= cols
+    assert {"disk_wr_p95", "net_tx_max", "ksm_saved_p95"} <= cols
+    cols = {r[1] for r in h.db.execute("PRAGMA table_info(agg_host)")}
+    assert {"ksm_saved_max", "ksm_cpu_mean", "ksm_fleet_p95"} <= cols
     h.close()
 
 

@@ -194,6 +194,8 @@ NET = NetworkSpec(subnet="10.1.0.0/24", gateway="10.1.0.1")
     ({"labels": {"a": "b"}}, "labels", Impact.LIVE),
     ({"vcpus": 2}, "vcpus", Impact.RESTART),
     ({"memory": MemorySpec(max=512 * MiB, min=128 * MiB)}, "memory.max", Impact.RESTART),
+    ({"memory": MemorySpec(max=256 * MiB, min=128 * MiB, merge=False)}, "memory.merge",
+     Impact.RESTART),
     ({"nics": (nic("n1", NET, 5, "web", 0),)}, "nics", Impact.RESTART),
     ({"image": "tiny2", "image_spec": IMAGES["tiny2"]}, "image_spec.kernel", Impact.RESTART),
     ({"image": "disk1", "image_spec": IMAGES["disk1"]}, "image_spec.disk", Impact.REPLACE),

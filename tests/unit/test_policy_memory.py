@@ -217,3 +217,17 @@ def test_properties(rows, budget_mib, psi):
 ])
 def test_the_watchdog_walks_balloons_towards_deflated(current, maximum, step, want):
     assert watchdog_target(current, maximum, step) == want
+
+
+def test_memory_merged_by_ksm_is_counted_once():
+    """What merging saves is memory the host does not hold: the guests' sizes may add up
+    to the budget plus it, and the decision says so."""
+    gs = [guest("a", mx=512, mn=64, actual=300, used=200),
+          guest("b", mx=512, mn=64, actual=300, used=200)]
+    plain = MemHost(budget=500 * MiB, mem_available=20000 * MiB, mem_total=24000 * MiB)
+    r0, _ = run(gs, plain)
+    r1, _ = run(gs, replace(plain, merged=80 * MiB))
+    assert r0.budget == 500 * MiB and r1.budget == 580 * MiB
+    assert sum(x.target for x in r0.decisions) <= 500 * MiB
+    assert 500 * MiB < sum(x.target for x in r1.decisions) <= 580 * MiB
+    assert any("merged by KSM" in n for n in r1.notes)

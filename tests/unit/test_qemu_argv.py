@@ -102,6 +102,14 @@ def test_balloon_options():
     assert "id=balloon0" in balloon
 
 
+@pytest.mark.parametrize("machine", ["microvm", "q35"])
+def test_memory_merge_off_keeps_guest_ram_away_from_ksm(machine):
+    m = Machine(machine, "test")
+    assert "mem-merge" not in opt(argv_of(spec(machine=m)), "-machine")[0]
+    (arg,) = opt(argv_of(spec(machine=m, mem_merge=False)), "-machine")
+    assert arg.startswith(machine) and arg.endswith(",mem-merge=off")
+
+
 def test_basics_and_files():
     argv = argv_of(spec(uuid=guest_uuid(Path("/s/guests/web"))))
     for flag in ("-nodefaults", "-no-user-config"):

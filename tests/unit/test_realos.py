@@ -274,3 +274,16 @@ def test_plan_says_a_user_data_change_waits_for_a_new_instance(tmp_path):
     (a,) = p.actions
     assert a.kind == "update" and a.impact is Impact.LIVE
     assert any("takes effect only when the guest is replaced" in n for n in p.notes)
+
+
+def test_memory_merge_false_reaches_qemu_and_yaml_off_is_off(tmp_path):
+    """From the inventory's text to QEMU's argv (a stop lost ``merge`` on the way), and
+    YAML 1.1's bare ``off``/``on`` (booleans to PyYAML) read as the words."""
+    f = fleet(tmp_path, "  a: {image: inst, memory: {max: 256MiB, merge: false}}\n"
+                        "  b: {image: inst}\n")
+    assert f.guests["a"].memory.merge is False and f.guests["b"].memory.merge is True
+    assert ",mem-merge=off" in argv_for(f.guests["a"])
+    assert "mem-merge" not in argv_for(f.guests["b"])
+    for word, mode in (("off", "off"), ("on", "on"), ("auto", "auto")):
+        g = parse_fleet(f"host: {{ksm: {word}}}\nguests:\n  a: {{}}\n", "t.yaml", FACTS)
+        assert g.host.ksm == mode
