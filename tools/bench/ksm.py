@@ -58,8 +58,8 @@ host:
 images:
   deb12: {disk: @DISK@, os: debian12, firmware: uefi}
 guests:
-  web1: {image: deb12, machine: q35, memory: {max: 768MiB}, ready: agent}
-  web2: {image: deb12, machine: q35, memory: {max: 768MiB}, ready: agent}
+  web1: {image: deb12, machine: q35, memory: {max: 768MiB, min: 384MiB}, ready: agent}
+  web2: {image: deb12, machine: q35, memory: {max: 768MiB, min: 384MiB}, ready: agent}
 """
 
 
@@ -137,17 +137,19 @@ def main() -> None:
         raise SystemExit("run as root")
     found = {k: read(k) for k in KNOBS}
     try:
-        guests = "\n".join(f"  g{i}: {{memory: {{max: 256MiB, min: 96MiB}}}}" for i in range(a.guests))
+        guests = "\n".join(f"  g{i}: {{memory: {{max: 256MiB, min: 96MiB}}}}"
+                           for i in range(a.guests))
         budget = a.guests * 256 * 3 // 4                  # maxima over the budget: short
         run(TINY.replace("@GUESTS@", guests).replace("@BUDGET@", str(budget)), a.guests,
             a.seconds, a.tail, "builtin tiny guests, idle")
         if a.debian:
-            cache = Path(os.environ.get("CONSOLIDATOR_TEST_IMAGES",
+            from consolidator.vm.osimage import find_built
+            cache = Path(os.environ.get("CONSOLIDATOR_IMAGE_CACHE",
                                         "/var/tmp/consolidator-test-images"))
-            disk = next(iter(sorted(cache.glob("debian-bookworm-uefi*.qcow2"))), None)
-            if disk is None:
+            img = find_built(cache, "bookworm", "uefi")
+            if img is None:
                 raise SystemExit(f"no Debian 12 UEFI image in {cache}: run the suite first")
-            run(DEBIAN.replace("@ROOT@", str(cache)).replace("@DISK@", str(disk)), 2,
+            run(DEBIAN.replace("@ROOT@", str(img.dir)).replace("@DISK@", str(img.disk)), 2,
                 a.seconds * 2, a.tail, "Debian 12 guests, idle")
     finally:
         unmerge()
