@@ -61,7 +61,11 @@ def status_table(doc: dict) -> Table:
             mem = f"{human_size(g['balloon_bytes'])} / {mem}"
         cpu = f"{g['cpu_percent']:.0f}" if g.get("cpu_percent") is not None else "-"
         io = g.get("io") or {}
-        t.add_row(g["name"], Text(g["state"], style=_STATE_STYLE.get(g["state"], "")),
+        state = Text(g["state"], style=_STATE_STYLE.get(g["state"], ""))
+        if g.get("unresponsive_s") is not None:
+            state = Text(f"{g['state']}, unresponsive {g['unresponsive_s']:.0f}s",
+                         style="bold red")
+        t.add_row(g["name"], state,
                   human_uptime(g.get("uptime_s")), str(g["vcpus"]), cpu, mem,
                   _pair(io.get("disk_read_bps"), io.get("disk_write_bps")),
                   _pair(io.get("net_rx_bps"), io.get("net_tx_bps")),
@@ -69,6 +73,11 @@ def status_table(doc: dict) -> Table:
                   Text(g.get("last_event") or "-"))
     notes = [f"{g['name']}: {e}" for g in doc.get("guests", []) for e in g.get("errors") or []]
     notes = ["readings failing: " + "; ".join(notes)] if notes else []
+    for n in doc.get("networks") or []:
+        d = n.get("dhcp") or {}
+        if d.get("unresponsive"):
+            notes.append(f"network {n['name']}: its DHCP/DNS server (dnsmasq, pid "
+                         f"{d.get('pid')}) does not answer: {d['unresponsive']}")
     ksm = (doc.get("rebalancer") or {}).get("ksm")
     if ksm and (ksm.get("run") or ksm.get("saved_bytes")):
         notes.append(_ksm_line(ksm))

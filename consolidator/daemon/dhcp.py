@@ -47,6 +47,17 @@ class _Server:
     history: list[float] = field(default_factory=list)
 
 
+def _stopped(pid: int) -> str | None:
+    """Why a live dnsmasq cannot answer, as its process state says: stopped by a signal
+    (SIGSTOP, a debugger). It is not restarted for it: after SIGCONT it answers again."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read(512).rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return {b"T": "stopped by a signal", b"t": "stopped by a tracer"}.get(state)
+
+
 class DhcpServers:
     def __init__(self, runtime: Runtime, lifecycle: Lifecycle) -> None:
         self.runtime = runtime
@@ -193,5 +204,7 @@ class DhcpServers:
     def state(self) -> dict[str, Any]:
         return {n: {"pid": s.proc.pid if self._alive(s) else None,
                     "address": s.service.address, "hosts": len(s.service.hosts),
-                    "restarts": s.restarts, "error": s.error}
+                    "restarts": s.restarts, "error": s.error,
+                    "unresponsive": _stopped(s.proc.pid) if self._alive(s) and s.proc
+                    else None}
                 for n, s in sorted(self.servers.items())}

@@ -80,6 +80,8 @@ class FleetCollector:
             return GaugeMetricFamily(name, help_, labels=labels)
 
         up = g("consolidator_guest_up", "1 when the guest's QEMU runs.")
+        hung = g("consolidator_guest_unresponsive",
+                 "1 while the guest's QEMU does not answer QMP (hung or stopped).")
         state = g("consolidator_guest_state", "The guest's state (1 for the current one).",
                   L + ["state"])
         cpu = g("consolidator_guest_cpu_cores", "CPU used over the last interval, in cores.")
@@ -109,6 +111,7 @@ class FleetCollector:
                 balloon.add_metric(lab, gr.balloon)
             o = snap.guests.get(name) if snap else None
             if o is not None and running:
+                hung.add_metric(lab, 0.0 if o.unresponsive_s is None else 1.0)
                 if o.cpu_rate is not None:
                     cpu.add_metric(lab, o.cpu_rate)
                 if o.demand is not None:
@@ -122,7 +125,7 @@ class FleetCollector:
                     ws.add_metric(lab, w)
             if name in r.weights and running:
                 weight.add_metric(lab, r.weights[name])
-        yield from (up, state, cpu, demand, weight, ws, avail, balloon, mmax, mmin, cg,
+        yield from (up, hung, state, cpu, demand, weight, ws, avail, balloon, mmax, mmin, cg,
                     restarts)
         if snap is not None:
             h = snap.host

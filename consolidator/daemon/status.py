@@ -103,6 +103,10 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "accel": q.spec.accel.name if q and running else None,
             "uid": (g.facts.get("identity") or {}).get("uid"),
             "errors": list(o.errors) if o is not None else [],
+            # QEMU has not answered QMP for this long (a hung or stopped process): the
+            # rebalancer leaves it alone until it answers again; null: it answers
+            "unresponsive_s": round(o.unresponsive_s, 1) if o is not None and
+            o.unresponsive_s is not None else None,
             "os": g.intent.os,
             "firmware": g.intent.firmware,
             "ready": g.intent.ready,

@@ -74,6 +74,9 @@ class GuestProbe(Protocol):
     async def disk_counters(self) -> dict[str, Any]:
         """Each disk's counters (rd_bytes, wr_bytes, rd_ops, wr_ops) since QEMU began."""
 
+    async def ping(self) -> None:
+        """One QMP round trip (query-status). Raises QMPError."""
+
 
 @dataclass(frozen=True)
 class Tracked:
@@ -111,6 +114,7 @@ class GuestObs:
     stats_balloon: tuple[int, int] | None = None
     ksm_pages: int | None = None          # its pages KSM merged (None: not known)
     ksm_saved: int | None = None          # bytes of its memory the host does not hold
+    unresponsive_s: float | None = None   # QEMU has not answered QMP for this long
     errors: tuple[str, ...] = ()          # readings that failed this tick, and why
 
     def working_set(self, max_bytes: int) -> int | None:
@@ -156,6 +160,9 @@ class Snapshot:
     guests: dict[str, GuestObs]
 
 
+_HUNG = object()     # an answer that did not come in time
+
+
 def has_disks(intent: GuestIntent) -> bool:
     return bool(intent.disks or intent.image_spec.disk)
 
@@ -198,6 +205,7 @@ def _proc_stat(held: HeldFiles) -> tuple[int, int]:
     return sum(parts), idle
 
 
+ANSWER_WITHIN_S = 1.5   # a QEMU that takes longer to answer the loop is unresponsive
 QUIET_CPU_S = 0.020     # a guest that ran less since its stats were asked: ask later
 IO_QUIET_CPU_S = 0.002  # ... and since its disks were asked: a request costs QEMU more
 REFRESH_AFTER_S = 3.0   # ... but no later than this: the policy converges as when asked
@@ -221,6 +229,9 @@ class Observer:
         self.stats_asked = 0          # guest-stats queries made (bench and tests)
         self.disks_asked = 0
         self._disks: dict[str, tuple[float, int | None, Any]] = {}   # mono, cpu_ns, totals
+        self.answer_within = ANSWER_WITHIN_S
+        self._hung: dict[str, float] = {}          # guest -> since when it does not answer
+        self._pings: dict[str, asyncio.Task[bool]] = {}
 
     def forget(self, name: str) -> None:
         prev = self._prev.pop(name, None)
@@ -229,8 +240,15 @@ class Observer:
         self._failing.pop(name, None)
         self._stats.pop(name, None)
         self._disks.pop(name, None)
+        self._hung.pop(name, None)
+        ping = self._pings.pop(name, None)
+        if ping is not None:
+            ping.cancel()
 
     def close(self) -> None:
+        for ping in self._pings.values():
+            ping.cancel()
+        self._pings.clear()
         self._held.close()
 
     async def observe(self, guests: list[Tracked], usage: UsageReader | None,
@@ -240,10 +258,16 @@ class Observer:
             self.forget(gone)                     # its held files go with it
         host = self._host(mono)
         cgroup = {t.name: self._cgroup(t.name, usage) for t in guests}
-        due = [t for t in guests
-               if self._stats_due(t.name, cgroup[t.name], t.probe.balloon_actual, mono)]
-        disk_due = [t for t in guests if has_disks(t.intent) and
-                    self._disks_due(t.name, cgroup[t.name], mono)]
+        self._hear_pings(mono)
+        # a guest that stopped answering is not asked by the loop (each ask would hold
+        # the tick for everyone): a ping of its own, off the tick, says when it is back
+        for t in guests:
+            if t.name in self._hung and t.name not in self._pings:
+                self._pings[t.name] = asyncio.ensure_future(self._ping(t.probe))
+        due = [t for t in guests if t.name not in self._hung and
+               self._stats_due(t.name, cgroup[t.name], t.probe.balloon_actual, mono)]
+        disk_due = [t for t in guests if has_disks(t.intent) and t.name not in self._hung
+                    and self._disks_due(t.name, cgroup[t.name], mono)]
         # the NICs' counters are a netlink dump: in a thread (pyroute2's sync socket will
         # not run inside the loop), while the loop asks the QEMUs
         answers, disk_answers, nets = await asyncio.gather(
@@ -255,6 +279,10 @@ class Observer:
         disk_errors: dict[str, str] = {}
         for t, (totals, d_err) in zip(disk_due, disk_answers):
             cs = cgroup[t.name]
+            if totals is _HUNG:
+                self._hang(t.name, mono)
+                disk_errors[t.name] = d_err or ""
+                continue
             if d_err:
                 disk_errors[t.name] = d_err
             else:
@@ -263,6 +291,9 @@ class Observer:
         errors: dict[str, str | None] = {}
         for t, (st, st_err) in zip(due, answers):
             errors[t.name] = st_err
+            if st is _HUNG:
+                self._hang(t.name, mono)
+                continue
             cs = cgroup[t.name]
             self._stats[t.name] = _Asked(mono, now, cs.cpu_usage_ns if isinstance(
                 cs, CgroupUsage) else None, t.probe.balloon_actual, st)
@@ -272,6 +303,9 @@ class Observer:
                             self._stats.get(t.name), errors.get(t.name), now, mono)
             o = self._io(o, self._disks.get(t.name), disk_errors.get(t.name),
                          nets[0].get(t.name) if nets[0] is not None else None, nets[1], mono)
+            if t.name in self._hung:
+                o = dataclasses.replace(o, unresponsive_s=mono - self._hung[t.name],
+                                        stale=True)
             out[t.name] = o
             self._report(t.name, o.errors)
         rates = [o.disk_rd + o.disk_wr for o in out.values()
@@ -305,13 +339,15 @@ class Observer:
         return mono - last[0] >= self.refresh_after or \
             cs.cpu_usage_ns - last[1] >= IO_QUIET_CPU_S * 1e9
 
-    @staticmethod
-    async def _disk_counters(probe: GuestProbe) -> tuple[tuple[int, int, int, int] | None,
-                                                         str | None]:
+    async def _disk_counters(self, probe: GuestProbe) -> tuple[Any, str | None]:
         try:
-            per = await probe.disk_counters()
+            async with asyncio.timeout(self.answer_within):
+                per = await probe.disk_counters()
+        except TimeoutError:
+            return _HUNG, f"disk counters: no answer within {self.answer_within:g}s"
         except QMPError as e:
-            return None, f"disk counters: {e.error_class or 'QMPError'}: {e.message}"
+            return (_HUNG if e.error_class == "Timeout" else None,
+                    f"disk counters: {e.error_class or 'QMPError'}: {e.message}")
         return (sum(c.rd_bytes for c in per.values()), sum(c.wr_bytes for c in per.values()),
                 sum(c.rd_ops for c in per.values()), sum(c.wr_ops for c in per.values())), None
 
@@ -368,6 +404,32 @@ class Observer:
         return mono - asked.mono >= self.refresh_after or \
             cs.cpu_usage_ns - asked.cpu_ns >= self.quiet_cpu_ns
 
+    def _hang(self, name: str, mono: float) -> None:
+        if name not in self._hung:
+            self._hung[name] = mono
+            log.warning("observe.unresponsive", guest=name, within_s=self.answer_within,
+                        action="not asked by the loop, left alone; pinged until it answers")
+
+    async def _ping(self, probe: GuestProbe) -> bool:
+        try:
+            async with asyncio.timeout(self.answer_within):
+                await probe.ping()
+            return True
+        except (TimeoutError, QMPError):
+            return False
+
+    def _hear_pings(self, mono: float) -> None:
+        """Pings that ended: a guest that answered is asked by the loop again."""
+        for name, task in list(self._pings.items()):
+            if not task.done():
+                continue
+            del self._pings[name]
+            if not task.cancelled() and task.exception() is None and task.result():
+                since = self._hung.pop(name, None)
+                log.info("observe.responsive_again", guest=name,
+                         after_s=None if since is None else round(mono - since, 1))
+                self._stats.pop(name, None)        # asked afresh, not read as stale
+
     def _report(self, name: str, errors: tuple[str, ...]) -> None:
         """Log a guest's failing readings when they start and when they stop failing."""
         before = self._failing.get(name, ())
@@ -377,12 +439,15 @@ class Observer:
             log.info("observe.reading_recovered", guest=name)
         self._failing[name] = errors
 
-    @staticmethod
-    async def _guest_stats(probe: GuestProbe) -> tuple[Any, str | None]:
+    async def _guest_stats(self, probe: GuestProbe) -> tuple[Any, str | None]:
         try:
-            return await probe.guest_stats(), None
+            async with asyncio.timeout(self.answer_within):
+                return await probe.guest_stats(), None
+        except TimeoutError:
+            return _HUNG, f"guest stats: no answer within {self.answer_within:g}s"
         except QMPError as e:
-            return None, f"guest stats: {e.error_class or 'QMPError'}: {e.message}"
+            return (_HUNG if e.error_class == "Timeout" else None,
+                    f"guest stats: {e.error_class or 'QMPError'}: {e.message}")
 
     def _host(self, mono: float) -> HostObs:
         mi = parse_meminfo(self._held.read("/proc/meminfo").decode())

@@ -227,7 +227,8 @@ class Rebalancer:
         await self._io(snap, running, settings, decisions)
         for t in running:
             self.explain[t.name] = {"t": snap.t, **decisions.get(t.name, {})}
-            if t.name in self.cpu_explain:          # a respec may have decided since
+            if t.name in self.cpu_explain and snap.guests[t.name].unresponsive_s is None:
+                # a respec may have decided since
                 self.explain[t.name]["cpu"] = self.cpu_explain[t.name]
         self._notify(snap, {"budget": budget, "host_state": self.host_state.value,
                             "io_budget": settings.io_bps, "decisions": decisions})
@@ -239,6 +240,8 @@ class Rebalancer:
             cpu_in = []
             for t in running:
                 o = snap.guests[t.name]
+                if o.unresponsive_s is not None:
+                    continue                # left alone: its weight stays as it is
                 want = o.demand if o.demand is not None else (o.cpu_rate or 0.0)
                 self.demand[t.name] = smooth_demand(self.demand.get(t.name), want)
                 cpu_in.append(_cpu_input(t.name, current.get(t.name, t.intent),
@@ -300,6 +303,10 @@ class Rebalancer:
             o = snap.guests[t.name]
             m = t.intent.memory
             actual = o.balloon if o.balloon is not None else m.max
+            if o.unresponsive_s is not None:
+                # left alone, and counted at the size it holds: a size it cannot leave
+                mem_in.append(MemInput(t.name, actual, actual, m.shares, actual, stale=True))
+                continue
             mem_in.append(MemInput(t.name, m.max, t.intent.memory_min, m.shares, actual,
                                    o.total, o.available, o.major_fault_rate, o.swap_in_rate,
                                    o.stale, self.requested.get(t.name), o.stats_balloon))
@@ -319,9 +326,16 @@ class Rebalancer:
             log.debug("memory.note", note=note)
         sets = []
         for d in res.decisions:
+            hung = snap.guests[d.name].unresponsive_s
             decisions.setdefault(d.name, {})["memory"] = {
                 "target": d.target, "actual": d.actual, "ws": d.ws, "pressure": d.pressure,
-                "reason": d.reason}
+                "reason": d.reason if hung is None else
+                f"QEMU has not answered for {hung:.0f}s: left alone at its size"}
+            if hung is not None:
+                decisions[d.name]["cpu"] = {"weight": self.weights.get(d.name),
+                                            "reason": "QEMU does not answer: left alone",
+                                            "demand": None}
+                continue
             if abs(d.target - d.actual) >= self.params.min_change and \
                     self.requested.get(d.name) != d.target:
                 sets.append(d)
@@ -372,7 +386,7 @@ class Rebalancer:
         """Each busy guest's part of the host's disk budget, by its io.shares."""
         io_in = []
         for t in running:
-            if not has_disks(t.intent):
+            if not has_disks(t.intent) or snap.guests[t.name].unresponsive_s is not None:
                 continue
             o = snap.guests[t.name]
             rate = None if o.disk_rd is None or o.disk_wr is None else o.disk_rd + o.disk_wr

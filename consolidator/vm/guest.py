@@ -596,6 +596,10 @@ class Guest:
             return None
         return await self.qmp.guest_stats()
 
+    async def ping(self) -> None:
+        """One QMP round trip: whether QEMU answers at all. Raises QMPError."""
+        await self._need_qmp("query-status").status()
+
     async def set_balloon(self, size: int) -> None:
         """Ask the balloon for ``size`` bytes of guest RAM. Raises QMPError."""
         if self.qmp is None:

@@ -32,7 +32,7 @@ class Probe:
 
     async def guest_stats(self):
         if self.stats_error:
-            raise QMPError("no reply", error_class="Timeout")
+            raise QMPError("no reply", error_class="GenericError")
         return None
 
 
@@ -55,12 +55,69 @@ def test_failing_readings_are_named_logged_once_and_cleared():
         broken = False
         healed = observe(obs, usage, Probe())
     assert snap.guests["web"].errors == (
-        "guest stats: Timeout: no reply",
+        "guest stats: GenericError: no reply",
         "cgroup usage: CgroupError: cannot read cgroup of web")
     assert again.guests["web"].errors == snap.guests["web"].errors
     assert healed.guests["web"].errors == () and healed.guests["web"].cgroup_memory == 64 << 20
     events = [e["event"] for e in logs]
     assert events == ["observe.reading_failed", "observe.reading_recovered"]
+
+
+class Stopped(Probe):
+    """A QEMU that stops answering (SIGSTOP) and later answers again (SIGCONT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = False
+        self.asked = 0
+        self.pinged = 0
+
+    async def _answer(self):
+        while self.stopped:
+            await asyncio.sleep(0.01)
+
+    async def guest_stats(self):
+        self.asked += 1
+        await self._answer()
+        return None
+
+    async def ping(self):
+        self.pinged += 1
+        await self._answer()
+
+
+def test_a_guest_that_stops_answering_is_left_alone_then_asked_again():
+    """The loop waits for it once (``answer_within``), then not at all: a ping of its
+    own, off the tick, says when it answers again."""
+    import time
+
+    async def go():
+        probe = Stopped()
+        obs = Observer(ncpu=2)
+        obs.answer_within = 0.2
+        tracked = [Tracked("web", FLEET.guests["web"], probe)]
+        first = await obs.observe(tracked, None)
+        assert first.guests["web"].unresponsive_s is None and probe.asked == 1
+        probe.stopped = True
+        with capture_logs() as logs:
+            t0 = time.monotonic()
+            hung = await obs.observe(tracked, None)             # waits answer_within once
+            ticks = [await obs.observe(tracked, None) for _ in range(5)]
+            took = time.monotonic() - t0
+            assert 0.2 <= took < 0.5, took                     # the later ticks never wait
+            assert probe.asked == 2
+            assert "no answer within 0.2s" in hung.guests["web"].errors[0]
+            assert all(t.guests["web"].unresponsive_s is not None and t.guests["web"].stale
+                       for t in ticks)
+            probe.stopped = False
+            await asyncio.sleep(0.05)                          # the ping answers
+            back = await obs.observe(tracked, None)
+        assert back.guests["web"].unresponsive_s is None and probe.asked == 3
+        assert probe.pinged >= 1
+        assert [e["event"] for e in logs if "responsive" in e["event"]] == \
+            ["observe.unresponsive", "observe.responsive_again"]
+        obs.close()
+    asyncio.run(go())
 
 
 class Counting(Probe):
