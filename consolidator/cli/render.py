@@ -81,6 +81,10 @@ def status_table(doc: dict) -> Table:
     ksm = (doc.get("rebalancer") or {}).get("ksm")
     if ksm and (ksm.get("run") or ksm.get("saved_bytes")):
         notes.append(_ksm_line(ksm))
+    hist = doc.get("history") or {}
+    if hist.get("error"):
+        notes.append(f"history: not recording ({hist['error']}); "
+                     f"{hist.get('lost_samples', 0)} samples lost so far, retried every tick")
     if (doc.get("metrics") or {}).get("error"):
         notes.append(f"metrics: {doc['metrics']['error']} (retried every 10 s)")
     if notes:

@@ -50,10 +50,12 @@ class Reading:
     ticks: int
     backups: dict[str, Any] | None = None   # Backups.figures()
     now: float = 0.0
+    history: dict[str, Any] | None = None   # Recorder.state()
 
 
 def reading(runtime: Runtime, rb: Rebalancer | None,
-            backups: dict[str, Any] | None = None) -> Reading:
+            backups: dict[str, Any] | None = None,
+            history: dict[str, Any] | None = None) -> Reading:
     """The figures of this instant, copied out of the runtime and the rebalancer."""
     fleet = runtime.fleet
     return Reading(
@@ -63,7 +65,7 @@ def reading(runtime: Runtime, rb: Rebalancer | None,
                      for n, g in sorted(runtime.guests.items())),
         snapshot=rb.last if rb else None, weights=dict(rb.weights) if rb else {},
         host_state=rb.host_state.value if rb else None, ticks=rb.ticks if rb else 0,
-        backups=backups, now=time.time())
+        backups=backups, now=time.time(), history=history)
 
 
 class FleetCollector:
@@ -144,6 +146,17 @@ class FleetCollector:
         yield from _backup_metrics(r, fleet)
         yield from _io_metrics(r, fleet)
         yield from _ksm_metrics(r, fleet)
+        if r.history is not None:
+            m = GaugeMetricFamily("consolidator_history_recording",
+                                  "1 while the history records every sample; 0 while its "
+                                  "writes fail (a full disk).", labels=["fleet"])
+            m.add_metric([fleet], 1.0 if r.history.get("recording") else 0.0)
+            yield m
+            m = GaugeMetricFamily("consolidator_history_lost_samples",
+                                  "Samples not recorded since the writes began failing.",
+                                  labels=["fleet"])
+            m.add_metric([fleet], r.history.get("lost_samples") or 0)
+            yield m
         if r.budget is not None:
             m = GaugeMetricFamily("consolidator_host_budget_bytes", "Guest memory budget.",
                                   labels=["fleet"])

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from typing import Any
 
 import structlog
 
 from ..errors import StateError
-from ..report.history import History, Retention, maintain_file
+from ..report.history import History, HistoryUnavailable, Retention, maintain_file
 from ..sched.observe import Snapshot
 from . import guestlog
 from .runtime import Runtime
@@ -34,6 +35,8 @@ class Recorder:
         self.history: History | None = None
         self.record_ms: list[float] = []
         self.error: str | None = None         # why nothing is recorded, said once
+        self.failing_since: float | None = None
+        self.lost = 0                         # samples not recorded since it began failing
         self._retry_at = 0.0
 
     def _history(self) -> History | None:
@@ -44,16 +47,23 @@ class Recorder:
                 self.history = History(self.runtime.state.history_path,
                                        Retention(h.raw, h.minute, h.hour))
             except StateError as e:
-                if e.message != self.error:
-                    log.error("history.unusable", error=e.message, hint=e.hint,
-                              note="nothing is recorded; tried again every minute")
-                self.error = e.message
-                self._retry_at = time.monotonic() + 60
+                # unavailable for now (a full disk): tried again soon; a file that is not
+                # a history: every minute (someone must move it aside)
+                again = 2.0 if isinstance(e, HistoryUnavailable) else 60.0
+                self._failed(e.message, "history.unusable", count=False, hint=e.hint,
+                             note=f"nothing is recorded; tried again every {again:g}s")
+                self._retry_at = time.monotonic() + again
                 return None
-            if self.error:
-                log.info("history.recording_again")
-            self.error = None
         return self.history
+
+    def _failed(self, msg: str, event: str, count: bool = True, **kw: Any) -> None:
+        """A sample not recorded: said once per cause, counted."""
+        if self.error != msg:
+            log.error(event, error=msg, **kw)
+            self.error = msg
+        if self.failing_since is None:
+            self.failing_since = time.time()
+        self.lost += count
 
     def close(self) -> None:
         if self.history is not None:
@@ -64,6 +74,8 @@ class Recorder:
         """One history sample per interval (one transaction)."""
         hist = self._history()
         if hist is None:
+            if self.runtime.fleet is not None and self.error is not None:
+                self.lost += 1
             return
         t0 = time.perf_counter()
         host = snap.host
@@ -86,6 +98,32 @@ class Recorder:
                          "net_rx": o.net_rx if o else None,
                          "net_tx": o.net_tx if o else None,
                          "ksm_saved": o.ksm_saved if o else None}
+        try:
+            self._record(hist, snap, host, info, guests)
+        except (sqlite3.Error, OSError) as e:
+            # a full disk, most likely: said once, counted, retried every tick (the
+            # transaction was rolled back: the file holds every sample it had)
+            self._failed(f"{type(e).__name__}: {e}", "history.write_failed",
+                         note="nothing is recorded until it succeeds again; tried every "
+                              "tick")
+            return
+        if self.failing_since is not None or self.error is not None:
+            log.info("history.recording_again", lost_samples=self.lost,
+                     failed_for_s=round(time.time() - (self.failing_since or time.time()), 1))
+            self.error, self.failing_since, self.lost = None, None, 0
+        self.record_ms.append((time.perf_counter() - t0) * 1000)
+        del self.record_ms[:-200]
+
+    def state(self) -> dict[str, Any]:
+        """For status and the metrics: whether samples are being recorded, and if not,
+        why, since when, and how many were lost."""
+        return {"recording": self.error is None and self.history is not None,
+                "error": self.error, "failing_since": self.failing_since,
+                "lost_samples": self.lost}
+
+    @staticmethod
+    def _record(hist: History, snap: Snapshot, host: Any, info: dict[str, Any],
+                guests: dict[str, Any]) -> None:
         hist.record(snap.t, {"cpu": host.cpu_busy, "mem_available": host.mem_available,
                              "mem_used": host.mem_total - host.mem_available,
                              "psi_mem": host.psi_mem_some10, "psi_cpu": host.psi_cpu_some10,
@@ -96,8 +134,6 @@ class Recorder:
                              "ksm_cpu": host.ksm_cpu,
                              "ksm_fleet": sum(g.get("ksm_saved") or 0 for g in guests.values())
                              if host.ksm else None}, guests, maintain=False)
-        self.record_ms.append((time.perf_counter() - t0) * 1000)
-        del self.record_ms[:-200]
 
     async def maintain(self) -> None:
         """Downsampling and retention, forever, off the event loop."""
@@ -116,6 +152,7 @@ class Recorder:
     async def tail(self) -> None:
         """Every interval: the guests' new serial lines into their event logs."""
         state = self.runtime.state
+        failing: dict[str, str] = {}          # said once per guest and error
         while True:
             fleet = self.runtime.fleet
             interval = fleet.host.rebalance.interval if fleet else 1.0
@@ -125,5 +162,11 @@ class Recorder:
                         state.guest_dir(g.name) / "serial.log",
                         state.guest_log_path(g.name), g.serial_offset, g.serial_seen)
                 except OSError as e:   # the next interval tries again
-                    log.warning("serial.tail_failed", guest=g.name, error=str(e))
+                    if failing.get(g.name) != str(e):
+                        log.warning("serial.tail_failed", guest=g.name, error=str(e),
+                                    note="tried every interval; said once")
+                        failing[g.name] = str(e)
+                    continue
+                if failing.pop(g.name, None) is not None:
+                    log.info("serial.tail_again", guest=g.name)
             await asyncio.sleep(interval)

@@ -78,7 +78,8 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
              explain: bool = False, metrics: dict[str, Any] | None = None,
              net_guard: dict[str, Any] | None = None,
              dhcp: dict[str, Any] | None = None,
-             backups: dict[str, Any] | None = None) -> dict[str, Any]:
+             backups: dict[str, Any] | None = None,
+             history: dict[str, Any] | None = None) -> dict[str, Any]:
     now = time.time()
     snap = rb.last if rb else None
     guests = []
@@ -129,6 +130,7 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
                          for n, s in sorted(runtime.networks.items())],
             "metrics": metrics or {"listen": None, "serving": False, "error": None},
             "net_guard": net_guard or {"restores": 0, "last_restore": None, "error": None},
+            "history": history,
             "rebalancer": ({"enabled": rb.active, "ticks": rb.ticks,
                             "host_state": rb.host_state.value,
                             "budget_bytes": fleet.budget if fleet else None,

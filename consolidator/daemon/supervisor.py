@@ -115,7 +115,8 @@ class Supervisor:
         self.net_guard = NetGuard(self.lifecycle)
         self.backups = Backups(self.runtime)
         self.metrics = metrics.MetricsServer(
-            lambda: metrics.reading(self.runtime, self.rebalancer, self.backups.figures()))
+            lambda: metrics.reading(self.runtime, self.rebalancer, self.backups.figures(),
+                                    self.recorder.state()))
         self.api = Api(self.runtime, self.lifecycle, self.applier,
                        status=self.status, logs=self.logs, report=self.report,
                        destroy=self.destroy,
@@ -322,7 +323,7 @@ class Supervisor:
         return status.document(self.runtime, self.rebalancer, started=self.started,
                                explain=explain, metrics=self.metrics.state(),
                                net_guard=self.net_guard.state(), dhcp=self.dhcp.state(),
-                               backups=self.backups.figures())
+                               backups=self.backups.figures(), history=self.recorder.state())
 
     # =============================================================== destroy
     async def destroy(self, purge: bool) -> dict[str, Any]:

@@ -67,12 +67,22 @@ def _schema() -> list[str]:
     ]
 
 
+class HistoryUnavailable(StateError):
+    """The history cannot be opened for now (a full disk, an I/O error, a lock): the
+    file is not at fault, and opening it again later may succeed."""
+
+
 def open_db(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     """Open (and create or migrate) the history database. A file that is not a SQLite
     database, or of another schema, is a StateError that says so, for writers and readers
-    alike. New files (and their WAL) are created 0600."""
+    alike; one that cannot be opened for now is :class:`HistoryUnavailable`. New files
+    (and their WAL) are created 0600."""
     try:
         return _open(Path(path), readonly)
+    except sqlite3.OperationalError as e:
+        raise HistoryUnavailable(f"{path}: cannot open the history for now ({e})",
+                                 hint="room on the state dir's filesystem, or its access; "
+                                      "the supervisor tries again") from None
     except sqlite3.DatabaseError as e:
         raise StateError(f"{path}: not a usable history database ({e})",
                          hint="move it aside: the supervisor starts a new one, and the "

@@ -106,3 +106,61 @@ def test_a_stopped_dnsmasq_is_shown_and_answers_again_without_a_restart(tmp_path
         after = api_status(f)[0]["networks"][0]["dhcp"]
         assert after["pid"] == dhcp["pid"] and after["restarts"] == 0
         assert after["unresponsive"] is None
+
+
+FULL = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, rebalance: {{interval: 1s}}, metrics: {{enabled: false}}}}
+guests:
+  a: {{memory: {{max: 128MiB}}@LABELS@}}
+  b: {{memory: {{max: 128MiB}}}}
+"""
+
+
+def test_a_full_state_dir_fails_apply_clearly_and_the_history_resumes(tmp_path):
+    """The state dir on a 48 MiB tmpfs, filled to the last byte: apply fails with the
+    kernel's reason and changes nothing; every record still parses; the guests run on;
+    the history says it is not recording, and records again once there is room."""
+    import json
+    import subprocess
+    with cli_fleet(tmp_path, FULL.replace("@LABELS@", "")) as f:
+        f.state.mkdir(mode=0o700)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs",
+                        str(f.state)], check=True)
+        filler = f.state / "filler"
+        try:
+            f.cli("apply")
+            pids = {n: g["pid"] for n, g in f.guests().items()}
+            with open(filler, "wb") as out:         # to the last byte
+                try:
+                    while True:
+                        out.write(b"\0" * (1 << 20))
+                        out.flush()
+                except OSError:
+                    pass
+            hist = wait_for(lambda: (h := api_status(f)[0]["history"] or {}).get("error")
+                            and h, 10, "the history to say it cannot write")
+            assert "full" in hist["error"] or "space" in hist["error"], hist
+            assert hist["lost_samples"] >= 1 and not hist["recording"], hist
+            assert "not recording" in f.cli("status").stdout
+            f.write(FULL.replace("@LABELS@", ", labels: {{tier: web}}").format(
+                inst=f.instance))
+            res = f.cli("apply", check=False)
+            assert res.returncode != 0
+            assert "No space left on device" in res.stdout + res.stderr, res
+            # nothing half-written: every record parses, and the guests run on
+            for p in [f.state / "applied.json", *f.state.glob("guests/*/record.json")]:
+                json.loads(p.read_text())
+            assert {n: g["pid"] for n, g in f.guests().items()} == pids
+            filler.unlink()
+            wait_for(lambda: api_status(f)[0]["history"]["recording"], 10,
+                     "the history to record again")
+            f.cli("apply")                           # converges from there
+            assert f.status()["guests"][0]["name"] == "a"
+            log = (f.state / "supervisor" / "log.jsonl").read_text()
+            assert '"history.recording_again"' in log
+            assert {n: g["pid"] for n, g in f.guests().items()} == pids
+        finally:
+            filler.unlink(missing_ok=True)
+            f.cli("destroy", "--yes", "--purge", check=False, timeout=120)
+            subprocess.run(["umount", "-l", str(f.state)], check=False)
