@@ -144,15 +144,19 @@ def test_auto_merges_settles_and_restores(tmp_path, host_ksm):
         assert used < budget, f"ksmd used {used:.4f} cores at steady state, budget {budget}"
         merge_cpu = ex.get("cpu")
 
-        # 4. the report's "saved by merging" agrees with the kernel's counters
+        # 4. the report's "saved by merging" agrees with the kernel's counters, read
+        # just before and just after it (other QEMUs on the host merge and unmerge too)
         time.sleep(2)
+        k0 = counter("pages_sharing") * 4096
         doc = json.loads(f.cli("report", "--format", "json").stdout)
+        k1 = counter("pages_sharing") * 4096
+        kernel = k1
         mg = doc["merging"]
-        kernel = counter("pages_sharing") * 4096
-        assert mg["host_saved"]["now"] == pytest.approx(kernel, rel=0.05), (mg, kernel)
+        assert min(k0, k1) * 0.95 <= mg["host_saved"]["now"] <= max(k0, k1) * 1.05, \
+            (mg, k0, k1)
+        assert min(k0, k1) <= mg["kernel_now"]["saved_bytes"] <= max(k0, k1), (mg, k0, k1)
         assert 0 < mg["fleet_saved"]["now"] <= mg["host_saved"]["now"] * 1.05
         assert mg["guests"]["v"]["max"] in (0, None)
-        assert mg["kernel_now"]["saved_bytes"] == pytest.approx(kernel, rel=0.05)
         fit = doc["fits"][0]
         assert fit["by_observed_merged"] is not None, fit
         assert fit["by_observed_merged"]["assumed_per_guest"]["memory"] < \

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ instance: {inst}
 host:
   fabric_netns: {inst}-fab
   memory: @BUDGET@MiB
+  overcommit: {cpus: 8}
   ksm: @MODE@
   metrics: {enabled: false}
 guests:
@@ -132,16 +134,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=90)
     ap.add_argument("--tail", type=float, default=30)
     ap.add_argument("--debian", action="store_true", help="also 2 Debian 12 guests")
+    ap.add_argument("--no-tiny", action="store_true", help="only the Debian guests")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
+    # a SIGTERM unwinds too: the fleet is destroyed and KSM put back as found
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     found = {k: read(k) for k in KNOBS}
     try:
         guests = "\n".join(f"  g{i}: {{memory: {{max: 256MiB, min: 96MiB}}}}"
                            for i in range(a.guests))
         budget = a.guests * 256 * 3 // 4                  # maxima over the budget: short
-        run(TINY.replace("@GUESTS@", guests).replace("@BUDGET@", str(budget)), a.guests,
-            a.seconds, a.tail, "builtin tiny guests, idle")
+        if not a.no_tiny:
+            run(TINY.replace("@GUESTS@", guests).replace("@BUDGET@", str(budget)), a.guests,
+                a.seconds, a.tail, "builtin tiny guests, idle")
         if a.debian:
             from consolidator.vm.osimage import find_built
             cache = Path(os.environ.get("CONSOLIDATOR_IMAGE_CACHE",
