@@ -87,6 +87,18 @@ class Env:
         self.run(go())
 
 
+def wait_for(pred: Any, timeout: float, what: str) -> Any:
+    """``pred()``'s first true value within ``timeout`` seconds (polled every 0.2 s)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def leftovers(instance: str) -> list[str]:
     """Everything with the instance prefix that still exists anywhere on the host."""
     found = [f"netns {n}" for n in ns.listing() if names.netns_is_ours(instance, n)]

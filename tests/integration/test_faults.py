@@ -11,7 +11,7 @@ import pytest
 
 from consolidator.daemon import protocol
 
-from .env import CliFleet, cli_fleet
+from .env import CliFleet, cli_fleet, wait_for
 
 # beside the real-OS boots: nothing here measures CPU, and its time bounds (seconds to
 # notice, a second for the API) hold on a loaded host
@@ -26,16 +26,6 @@ guests:
   a: {{memory: {{max: 192MiB, min: 96MiB}}}}
   b: {{memory: {{max: 192MiB, min: 96MiB}}, nics: [{{network: lan}}]}}
 """
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def api_status(f: CliFleet, explain: bool = False) -> tuple[dict, float]:

@@ -20,7 +20,7 @@ from consolidator.net import names, nft
 from consolidator.net import netns as ns
 from consolidator.sched.cgroup import detect
 
-from .env import CliFleet, IMAGE_CACHE, cli_fleet, leftovers
+from .env import CliFleet, IMAGE_CACHE, cli_fleet, leftovers, wait_for
 
 pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
 
@@ -321,16 +321,6 @@ guests:
   flaky: {{restart: always}}
   calm: {{restart: on-failure}}
 """
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_crash_restart_backoff_and_failed(tmp_path):
