@@ -153,6 +153,11 @@ class StateError(ConsolidatorError):
     pass
 
 
+class HistoryUnavailable(StateError):
+    """The history cannot be opened for now (a full disk, an I/O error, a lock): the
+    file is not at fault, and opening it again later may succeed."""
+
+
 class PlanError(ConsolidatorError):
     pass
 

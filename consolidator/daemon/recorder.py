@@ -19,8 +19,8 @@ from typing import Any
 
 import structlog
 
-from ..errors import StateError
-from ..report.history import History, HistoryUnavailable, Retention, maintain_file
+from ..errors import HistoryUnavailable, StateError
+from ..report.history import History, Retention, maintain_file
 from ..sched.observe import Snapshot
 from . import guestlog
 from .runtime import Runtime

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import StateError
+from ..errors import HistoryUnavailable, StateError
 
 SCHEMA_VERSION = 3
 HOST_METRICS = ("cpu", "mem_available", "mem_used", "psi_mem", "psi_cpu", "budget",
@@ -65,11 +65,6 @@ def _schema() -> list[str]:
         f" {guest_agg}, PRIMARY KEY (res, guest, t))",
         "CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, t REAL)",
     ]
-
-
-class HistoryUnavailable(StateError):
-    """The history cannot be opened for now (a full disk, an I/O error, a lock): the
-    file is not at fault, and opening it again later may succeed."""
 
 
 def open_db(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:

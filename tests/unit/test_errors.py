@@ -19,6 +19,7 @@ SAMPLES: list[E.ConsolidatorError] = [
     E.HostError("no tun", fact="/dev/net/tun", fix="modprobe tun"),
     E.ConflictError("stale plan", hint="plan again"),
     E.StateError("corrupt"),
+    E.HistoryUnavailable("disk full", hint="room"),
     E.PlanError("no rule"),
     E.ImageError("no kernel", tried=[("host", "absent"), ("debian", "offline")]),
     E.LaunchError("qemu died", exitcode=1, argv=["qemu", "-m", "64"], stderr_tail="oops",
@@ -61,7 +62,7 @@ def test_an_error_crosses_the_socket_whole(e: E.ConsolidatorError):
 def test_exit_codes_are_the_documented_ones():
     assert {n: int(c.exit_code) for n, c in E.error_classes().items()} == {
         "ConsolidatorError": 1, "InventoryError": 2, "UsageError": 2, "NotYetImplemented": 3,
-        "HostError": 4, "ConflictError": 5, "StateError": 1, "PlanError": 1, "ImageError": 1,
+        "HostError": 4, "ConflictError": 5, "StateError": 1, "HistoryUnavailable": 1, "PlanError": 1, "ImageError": 1,
         "LaunchError": 1, "ReadyTimeout": 1, "QMPError": 1, "AgentError": 1, "RunstateError": 1,
         "CgroupError": 1, "NetError": 1, "AccessDenied": 1, "SupervisorError": 6,
         "SupervisorUnreachable": 6}
