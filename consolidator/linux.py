@@ -140,6 +140,24 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(lib.umount2(target.encode(), flags), f"umount {target}")  # type: ignore
 
 
+#: the OOM killer's view of what consolidator runs (oom_score_adj, -1000..1000): the host's
+#: other processes go first, then a guest, the supervisor last; none is exempt (-1000), so
+#: a runaway one can still be stopped
+OOM_ADJ_SUPERVISOR = -900
+OOM_ADJ_GUEST = -500
+
+
+def set_oom_score_adj(pid: int | str, value: int) -> bool:
+    """Write a process's oom_score_adj (``"self"`` for this one). False where the kernel
+    refuses (lowering it needs CAP_SYS_RESOURCE) or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(value))
+        return True
+    except OSError:
+        return False
+
+
 def pidfd_open(pid: int) -> int:
     if hasattr(os, "pidfd_open"):
         return os.pidfd_open(pid)

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from ..files import rotate_log
+from ..linux import OOM_ADJ_GUEST, set_oom_score_adj
 from ..net import dhcp
 from .lifecycle import Lifecycle
 from .runtime import Runtime
@@ -106,6 +107,7 @@ class DhcpServers:
             rotate_log(logf, LOG_CAP)
             procs = await asyncio.to_thread(self._cgroup, name)
             srv.proc = dhcp.spawn(svc, leases, logf, procs)   # this thread: see docstring
+            set_oom_score_adj(srv.proc.pid, OOM_ADJ_GUEST)    # not the supervisor's
         except Exception as e:  # noqa: BLE001 - reported in status, retried
             srv.error = f"{type(e).__name__}: {e}"
             log.warning("dhcp.start_failed", network=name, error=srv.error)

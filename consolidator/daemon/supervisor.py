@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 
 from ..errors import CgroupError, ConflictError
+from ..linux import OOM_ADJ_SUPERVISOR, set_oom_score_adj
 from ..model import GuestState
 from ..sched.ksm import KsmDecision, KsmMode, KsmObs
 from ..sched.ksmfs import KsmSysfs, available as ksm_available
@@ -143,6 +144,11 @@ class Supervisor:
 
     async def run(self) -> None:
         self.acquire_lock()
+        # the host's OOM killer takes the supervisor last: without it nothing watches,
+        # restarts or rebalances the guests (each guest is set above it, see vm/guest.py)
+        if not set_oom_score_adj("self", OOM_ADJ_SUPERVISOR):
+            log.warning("supervisor.oom_score_adj_refused",
+                        note="the OOM killer may take the supervisor like any process")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)

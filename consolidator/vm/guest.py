@@ -300,6 +300,9 @@ class Guest:
         finally:
             opened.close()               # QEMU has its own copies now
         self._pid = self.proc.pid
+        # it inherited the supervisor's adjustment: a guest is given up before the
+        # supervisor (which keeps the others running), after the host's other processes
+        linux.set_oom_score_adj(self.proc.pid, linux.OOM_ADJ_GUEST)
         write_pidfile(self.paths.pidfile, self.proc.pid)
         self.log.info("guest.spawned", pid=self.proc.pid,
                       placement=placement.describe() if placement else None)
@@ -377,6 +380,7 @@ class Guest:
         self._pid = pid
         self._stop_requested = False
         self._watch_pid(pid)
+        linux.set_oom_score_adj(pid, linux.OOM_ADJ_GUEST)   # one an older version started
         qmp = QMP(self.name)
         try:
             await qmp.connect(str(self.paths.qmp), timeout=self.qmp_timeout, alive=self.alive)

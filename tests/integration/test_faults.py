@@ -47,6 +47,12 @@ def test_a_stopped_qemu_or_dnsmasq_is_unresponsive_left_alone_and_back_unrestart
 
 def stopped_qemu(f: CliFleet) -> None:
     pid = f.guests()["a"]["pid"]
+    # the OOM killer takes the host's other processes first, then a guest, the
+    # supervisor last (and its dnsmasq as a guest)
+    assert open(f"/proc/{pid}/oom_score_adj").read().strip() == "-500"
+    assert open(f"/proc/{f.supervisor_pid()}/oom_score_adj").read().strip() == "-900"
+    dns = api_status(f)[0]["networks"][0]["dhcp"]["pid"]
+    assert open(f"/proc/{dns}/oom_score_adj").read().strip() == "-500"
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
