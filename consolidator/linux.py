@@ -147,6 +147,21 @@ OOM_ADJ_SUPERVISOR = -900
 OOM_ADJ_GUEST = -500
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process holds capability ``cap`` (its effective set)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def set_oom_score_adj(pid: int | str, value: int) -> bool:
     """Write a process's oom_score_adj (``"self"`` for this one). False where the kernel
     refuses (lowering it needs CAP_SYS_RESOURCE) or the process is gone."""

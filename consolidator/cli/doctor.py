@@ -163,6 +163,7 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
         facts.append(metrics_fact(host.metrics.listen))
     facts.append(qemu_user_fact(host))
     facts.append(ksm_fact(host.ksm))
+    facts.append(oom_fact())
     missing = [f.name for f in facts if f.required and not f.ok]
     accel = choose_accel(kvm)
     return {
@@ -179,6 +180,20 @@ def gather(instance: str = "cns", images_dir: Path | None = None,
                    if layout.backend != "none" else {}},
         "facts": [asdict(f) for f in facts],
     }
+
+
+def oom_fact() -> Fact:
+    """Whether the supervisor can set the OOM killer's order (lowering oom_score_adj
+    needs CAP_SYS_RESOURCE, which containers often drop)."""
+    from ..linux import CAP_SYS_RESOURCE, OOM_ADJ_GUEST, OOM_ADJ_SUPERVISOR, has_capability
+    if has_capability(CAP_SYS_RESOURCE):
+        return Fact("OOM killer order", f"supervisor {OOM_ADJ_SUPERVISOR}, guests "
+                    f"{OOM_ADJ_GUEST}: the host's other processes go first", True, False)
+    return Fact("OOM killer order", "cannot be set: no CAP_SYS_RESOURCE (lowering "
+                "oom_score_adj needs it); the supervisor and its guests are ordinary OOM "
+                "victims", False, False,
+                "run the supervisor with CAP_SYS_RESOURCE (a container drops it; systemd "
+                "keeps it for root services)")
 
 
 def ksm_fact(mode: str, root: Path = ksmfs.KSM_DIR,

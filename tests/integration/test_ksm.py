@@ -27,8 +27,9 @@ MiB = 1 << 20
 KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
 # what the test sets before the supervisor starts: values nobody else would choose
 MARKED = {"run": 0, "pages_to_scan": 123, "sleep_millisecs": 77}
-# 4 guests of one image merge at least this much within 60 s (measured here: about
-# 30k pages sharing for four 256 MiB tiny guests after 60 s; the floor leaves room)
+# 4 guests of one image have at least this many merged pages in all within 60 s
+# (measured here: about 16,000 pages sharing on the host 6 s after apply; the floor
+# leaves room for a slower, loaded host)
 FLOOR = 8000
 
 # five guests' maxima (1280 MiB) over a 1000 MiB budget: overcommitted, memory is short
@@ -107,22 +108,26 @@ def test_auto_merges_settles_and_restores(tmp_path, host_ksm):
     with cli_fleet(tmp_path, FLEET.replace("@MODE@", "auto")) as f:
         f.cli("apply")
         t0 = time.monotonic()
-        # 1. merging, within 60 s of the guests being up, past the floor
-        while counter("pages_sharing") < FLOOR and time.monotonic() - t0 < 60:
+        pids = {n: qemu_pid(f, n) for n in ("a", "b", "c", "d", "v")}
+
+        def ours() -> dict[str, int]:
+            return {n: merging(p) for n, p in pids.items()}
+        # 1. merging, within 60 s of the guests being up, past the floor: counted on this
+        # fleet's QEMUs (other QEMUs on the host may merge too)
+        while (sum(ours().values()) < FLOOR or not all(ours()[n] for n in "abcd")) and \
+                time.monotonic() - t0 < 60:
             time.sleep(1)
-        sharing = counter("pages_sharing")
+        merged = ours()
         took = time.monotonic() - t0
-        assert sharing >= FLOOR, f"pages_sharing {sharing} after {took:.0f}s"
+        sharing = sum(merged[n] for n in "abcd")
+        assert sharing >= FLOOR, f"{merged} after {took:.0f}s"
         ex = f.status(explain=True)["rebalancer"]["ksm"]
         assert ex["mode"] == "auto" and ex["explain"]["phase"] in ("merge", "steady"), ex
         assert "over the budget" in json.dumps(ex["explain"]) or \
             ex["explain"]["phase"] == "steady", ex
 
         # 2. the guest that must not merge has no merged page; the others have
-        pids = {n: qemu_pid(f, n) for n in ("a", "b", "c", "d", "v")}
-        assert merging(pids["v"]) == 0
-        assert all(merging(pids[n]) > 0 for n in "abcd"), \
-            {n: merging(p) for n, p in pids.items()}
+        assert merged["v"] == 0 and all(merged[n] > 0 for n in "abcd"), merged
         st = f.guests()
         assert st["v"]["memory_merge"] is False and not st["v"]["ksm_saved_bytes"]
         assert all(st[n]["ksm_saved_bytes"] > 0 for n in "abcd")
@@ -172,7 +177,7 @@ def test_auto_merges_settles_and_restores(tmp_path, host_ksm):
         stop_supervisor(f)
         assert knobs() == MARKED
         assert not (RUN_DIR / "ksm-found.json").exists()
-        print(f"KSM: {sharing} pages sharing after {took:.0f}s; steady ksmd {used:.4f} "
+        print(f"KSM: {sharing} merged pages in the fleet after {took:.0f}s; steady ksmd {used:.4f} "
               f"cores (last tick's reading {merge_cpu}); report {mg['host_saved']['now']} "
               f"vs kernel {kernel}")
 
