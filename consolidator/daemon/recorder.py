@@ -132,8 +132,7 @@ class Recorder:
                              "ksm_saved": host.ksm_saved,
                              "ksm_shared": host.ksm.pages_shared * 4096 if host.ksm else None,
                              "ksm_cpu": host.ksm_cpu,
-                             "ksm_fleet": sum(g.get("ksm_saved") or 0 for g in guests.values())
-                             if host.ksm else None}, guests, maintain=False)
+                             "ksm_fleet": host.ksm_fleet}, guests, maintain=False)
 
     async def maintain(self) -> None:
         """Downsampling and retention, forever, off the event loop."""

@@ -67,7 +67,7 @@ def _ksm(snap: Any, rb: Rebalancer, explain: bool) -> dict[str, Any] | None:
         "pages_to_scan": k.pages_to_scan, "sleep_ms": k.sleep_ms,
         "pages_shared": k.pages_shared, "pages_sharing": k.pages_sharing,
         "saved_bytes": k.saved, "full_scans": k.full_scans,
-        "fleet_saved_bytes": sum(o.ksm_saved or 0 for o in snap.guests.values()),
+        "fleet_saved_bytes": snap.host.ksm_fleet,
         "cpu": None if snap.host.ksm_cpu is None else round(snap.host.ksm_cpu, 4)}
     if explain:
         out["explain"] = rb.ksm_explain

@@ -39,7 +39,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import structlog
 
@@ -136,6 +136,7 @@ class HostObs:
     disk_bps: float | None = None         # the guests' disks, read and written, in all
     ksm: KsmObs | None = None             # ksmd's settings and counters (None: no KSM)
     ksm_cpu: float | None = None          # cores ksmd used over the interval
+    ksm_fleet: int | None = None          # of ksm.saved, the part in the fleet's guests
 
     @property
     def ksm_saved(self) -> int | None:
@@ -215,8 +216,9 @@ class Observer:
     def __init__(self, stale_after: float = 4.0, ncpu: int | None = None,
                  quiet_cpu_s: float = QUIET_CPU_S,
                  refresh_after: float = REFRESH_AFTER_S,
-                 ksm: KsmSysfs | None = None) -> None:
-        self.ksm = ksm if ksm is not None else (KsmSysfs() if ksm_available() else None)
+                 ksm: KsmSysfs | None | Literal["probe"] = "probe") -> None:
+        # "probe": look for KSM here; None: the caller found none, so none is read
+        self.ksm = ksm if ksm != "probe" else (KsmSysfs() if ksm_available() else None)
         self.stale_after = stale_after
         self.refresh_after = refresh_after
         self.quiet_cpu_ns = int(quiet_cpu_s * 1e9)
@@ -303,32 +305,26 @@ class Observer:
                             self._stats.get(t.name), errors.get(t.name), now, mono)
             o = self._io(o, self._disks.get(t.name), disk_errors.get(t.name),
                          nets[0].get(t.name) if nets[0] is not None else None, nets[1], mono)
+            late: dict[str, Any] = self._merged(t.probe.pid, host.ksm)
             if t.name in self._hung:
-                o = dataclasses.replace(o, unresponsive_s=mono - self._hung[t.name],
-                                        stale=True)
-            out[t.name] = o
+                late.update(unresponsive_s=mono - self._hung[t.name], stale=True)
+            out[t.name] = dataclasses.replace(o, **late) if late else o
             self._report(t.name, o.errors)
         rates = [o.disk_rd + o.disk_wr for o in out.values()
                  if o.disk_rd is not None and o.disk_wr is not None]
-        if rates:
-            host = dataclasses.replace(host, disk_bps=sum(rates))
-        if host.ksm is not None:
-            out = self._merged(out, guests, host.ksm)
+        fleet = sum(o.ksm_saved or 0 for o in out.values()) if host.ksm is not None else None
+        host = dataclasses.replace(host, disk_bps=sum(rates) if rates else None,
+                                   ksm_fleet=fleet)
         return Snapshot(now, mono, host, out)
 
-    def _merged(self, out: dict[str, GuestObs], guests: list[Tracked],
-                ksm: KsmObs) -> dict[str, GuestObs]:
-        """Each guest's merged pages (one pread of its QEMU's counter), and its part of
-        what merging saves. Nothing merged anywhere: all zero, nothing read."""
-        for t in guests:
-            pid = t.probe.pid
-            if not pid:
-                continue
-            pages = 0 if ksm.pages_shared == 0 else merging_pages(pid, self._held)
-            if pages is not None:
-                out[t.name] = dataclasses.replace(out[t.name], ksm_pages=pages,
-                                                  ksm_saved=guest_saved(pages, ksm))
-        return out
+    def _merged(self, pid: int | None, ksm: KsmObs | None) -> dict[str, Any]:
+        """A guest's merged pages (one pread of its QEMU's counter), and its part of what
+        merging saves. Nothing merged anywhere: zero, nothing read."""
+        if ksm is None or not pid:
+            return {}
+        pages = 0 if ksm.pages_shared == 0 else merging_pages(pid, self._held)
+        return {} if pages is None else {"ksm_pages": pages,
+                                         "ksm_saved": guest_saved(pages, ksm)}
 
     def _disks_due(self, name: str, cs: CgroupUsage | str | None, mono: float) -> bool:
         """A guest's disks are read when it has run since (QEMU works for every request

@@ -240,8 +240,11 @@ class Rebalancer:
             cpu_in = []
             for t in running:
                 o = snap.guests[t.name]
-                if o.unresponsive_s is not None:
-                    continue                # left alone: its weight stays as it is
+                if o.unresponsive_s is not None:     # left alone: its weight stays
+                    decisions.setdefault(t.name, {})["cpu"] = {
+                        "weight": self.weights.get(t.name), "demand": None,
+                        "reason": "QEMU does not answer: left alone"}
+                    continue
                 want = o.demand if o.demand is not None else (o.cpu_rate or 0.0)
                 self.demand[t.name] = smooth_demand(self.demand.get(t.name), want)
                 cpu_in.append(_cpu_input(t.name, current.get(t.name, t.intent),
@@ -310,10 +313,9 @@ class Rebalancer:
             mem_in.append(MemInput(t.name, m.max, t.intent.memory_min, m.shares, actual,
                                    o.total, o.available, o.major_fault_rate, o.swap_in_rate,
                                    o.stale, self.requested.get(t.name), o.stats_balloon))
-        merged = sum(snap.guests[t.name].ksm_saved or 0 for t in running)
         host = MemHost(settings.budget, snap.host.mem_available, snap.host.mem_total,
                        snap.host.psi_mem_some10, snap.host.psi_mem_full10,
-                       int(merged * self.merge_credit))
+                       int((snap.host.ksm_fleet or 0) * self.merge_credit))
         res = memory_policy(mem_in, host, estimates=self.estimates, holds=self.holds,
                             prev_state=self.host_state, params=self.params)
         if res.host_state is not self.host_state:
@@ -332,9 +334,6 @@ class Rebalancer:
                 "reason": d.reason if hung is None else
                 f"QEMU has not answered for {hung:.0f}s: left alone at its size"}
             if hung is not None:
-                decisions[d.name]["cpu"] = {"weight": self.weights.get(d.name),
-                                            "reason": "QEMU does not answer: left alone",
-                                            "demand": None}
                 continue
             if abs(d.target - d.actual) >= self.params.min_change and \
                     self.requested.get(d.name) != d.target:
