@@ -64,7 +64,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
     for nodeid in _NOT_HERE:
         terminalreporter.write_line(
             f"NOT RUN {nodeid}: needs a pure cgroup v2 host (this one is hybrid v1); "
-            f"run it there with: pytest -m v2host")
+            f"CI runs it inside a Debian 12 guest (tools/v2guest.py)")
 
 
 def _v2_host() -> bool:

@@ -58,11 +58,15 @@ def user_data(text: str | None) -> str:
 
 def build(intent: GuestIntent, instance_id: str, dns: dict[str, str], dest: Path) -> None:
     """Write the seed ISO for ``intent`` to ``dest`` (atomically)."""
-    files = {
+    write_volume({
         "meta-data": meta_data(intent, instance_id),
         "network-config": json.dumps(network_config(intent.nics, dns), indent=2) + "\n",
         "user-data": user_data(intent.cloud_init),
-    }
+    }, dest)
+
+
+def write_volume(files: dict[str, str], dest: Path) -> None:
+    """A ``cidata`` volume holding ``files`` (name -> text), written atomically."""
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     for i, (name, text) in enumerate(sorted(files.items())):

@@ -15,8 +15,7 @@ import pytest
 
 from .env import ROOT
 
-pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.long,
-              pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.timeout(900)]
 SEEDS = 10
 
 

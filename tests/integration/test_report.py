@@ -18,7 +18,8 @@ from consolidator.hostfacts import HostFacts
 
 from .env import CliFleet, cli_fleet, shipped_inventory
 
-pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.quiet]
+# the tests on the loaded fleet compare usage figures: quiet; the others measure nothing
+pytestmark = pytest.mark.usefixtures("need_root", "tiny_image")
 
 
 def free_port() -> int:
@@ -58,6 +59,7 @@ def cpuacct(f: CliFleet, guest: str) -> int:
                .read_text())
 
 
+@pytest.mark.quiet
 def test_report_usage_agrees_with_cgroup_and_qmp_within_5_percent(loaded):
     rep, rates, st = loaded["report"], loaded["rates"], loaded["status"]
     guests = {g["name"]: g for g in rep["guests"]}
@@ -76,6 +78,7 @@ def test_report_usage_agrees_with_cgroup_and_qmp_within_5_percent(loaded):
         assert abs(ws_rep - ws_qmp) <= 0.05 * ws_qmp, (g["name"], ws_qmp, ws_rep)
 
 
+@pytest.mark.quiet
 def test_report_sections_and_fits(loaded):
     rep = loaded["report"]
     assert rep["format"] == 1 and rep["host"]["committed"]["vcpus"] == 3
@@ -93,6 +96,7 @@ def test_report_sections_and_fits(loaded):
     assert "how many more fit" in table and "FAIL" in table
 
 
+@pytest.mark.quiet
 def test_html_report_in_headless_chromium(loaded, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -125,6 +129,7 @@ def test_html_report_in_headless_chromium(loaded, tmp_path):
     assert img.std() > 0.05                       # not a blank page: charts and tables
 
 
+@pytest.mark.quiet
 def test_prometheus_endpoint_serves_every_guest(loaded):
     from prometheus_client.parser import text_string_to_metric_families
     body = urllib.request.urlopen(f"http://127.0.0.1:{loaded['port']}/metrics",
