@@ -1,8 +1,8 @@
 """The state dir: what was applied, and a record per guest and network.
 
-Layout (format 1), mode 0700 throughout::
+Layout (format 2), mode 0700 throughout::
 
-    <state>/FORMAT                   "consolidator-state 1"
+    <state>/FORMAT                   "consolidator-state 2"
     <state>/applied.json             last applied fleet, its hash and the inventory text
     <state>/networks/<name>.json     a network as created (spec + kernel object names)
     <state>/guests/<name>/record.json   a guest as defined/launched (intent, state, pid, ...)
@@ -17,6 +17,21 @@ Layout (format 1), mode 0700 throughout::
     <state>/images/                  the image cache
     <state>/history.sqlite           samples for reports
     <state>/supervisor/              lock, API socket, daemon log
+    <state>/migrated/format-<N>/     each file a migration rewrote, as format N had it
+
+A guest's record holds its own fields (:data:`RECORD_KEYS`) and, under ``facts``, what
+the supervisor learnt running it (pid, boot files, kernel objects, uid...).
+
+**Formats and migrations.** ``FORMAT`` names the layout. A state dir of an older format
+is read by clients as it is (the fields they read did not move) and migrated by the
+supervisor, once, under its lock, before it reads a record: each migration rewrites its
+files one by one, atomically, keeping each original under ``migrated/format-<N>/``, and
+only then is ``FORMAT`` advanced. A supervisor killed in the middle leaves the old tag,
+and the next one runs the migration again: a file already rewritten is passed over. A
+newer format than this version knows is refused. The migrations:
+
+- 1 -> 2: a guest record's facts move under ``facts`` (in format 1 they sat beside the
+  record's own fields, where a fact could shadow one); every file's ``format`` is 2.
 
 Every write is atomic: write a temporary file, fsync, rename, fsync the directory.
 :class:`StateDir` is the only writer of records and of ``applied.json``; in the
@@ -33,7 +48,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import DEFAULT_STATE_DIR as _DEFAULT_STATE_DIR
 from .files import fsync_dir, open_private
@@ -42,8 +57,11 @@ from .inventory.schema import HostSpec, NetworkSpec
 from .model import Fleet, GuestIntent, GuestState
 from .plan import Observed, ObservedGuest
 
-FORMAT = 1
+FORMAT = 2
 FORMAT_TAG = f"consolidator-state {FORMAT}\n"
+#: A guest record's own fields; everything else it knows is under "facts".
+RECORD_KEYS = ("format", "name", "instance", "index", "intent", "spec_hash", "state",
+               "restarts", "last_event")
 DEFAULT_STATE_DIR = _DEFAULT_STATE_DIR
 #: A guest's files that hold its data: kept by destroy and prune unless purged.
 DISK_SUFFIXES = (".qcow2", ".fd")        # overlays, data disks, UEFI variable stores
@@ -221,15 +239,42 @@ class StateDir:
             os.chown(d, -1, gid if gid is not None else os.getegid(), follow_symlinks=False)
             os.chmod(d, 0o710 if gid is not None else 0o700)
 
-    def check_format(self) -> None:
+    def check_format(self) -> int:
+        """The dir's format: this version's, or an older one it migrates. Refuses others."""
         try:
             tag = (self.root / "FORMAT").read_text()
         except FileNotFoundError:
-            return
-        if tag != FORMAT_TAG:
-            raise StateError(f"{self.root}: state format {tag.strip()!r} is not "
-                             f"{FORMAT_TAG.strip()!r}",
-                             hint="this state dir was written by another consolidator version")
+            return FORMAT
+        word, _, n = tag.strip().rpartition(" ")
+        if word == "consolidator-state" and n.isdigit() and \
+                (int(n) == FORMAT or int(n) in MIGRATIONS):
+            return int(n)
+        raise StateError(f"{self.root}: state format {tag.strip()!r} is not "
+                         f"{FORMAT_TAG.strip()!r}",
+                         hint="this state dir was written by a newer consolidator version: "
+                              "run that version, or restore from a backup")
+
+    def migrate(self) -> list[tuple[int, int, int]]:
+        """Bring an older state dir to this format (the supervisor, under its lock).
+        Returns (from, to, files rewritten) per migration run."""
+        done = []
+        n = self.check_format()
+        while n < FORMAT:
+            keep = self.root / "migrated" / f"format-{n}"
+            files = MIGRATIONS[n](self, keep)
+            atomic_write(self.root / "FORMAT", f"consolidator-state {n + 1}\n", 0o644)
+            done.append((n, n + 1, files))
+            n += 1
+        return done
+
+    def _rewrite(self, path: Path, keep: Path, new: dict[str, Any]) -> None:
+        """One file of a migration: its original kept (once: a second run finds it
+        rewritten and passes it over), then the new content, atomically."""
+        saved = keep / path.relative_to(self.root)
+        if not saved.exists():
+            saved.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(saved, path.read_bytes())
+        write_json(path, new)
 
     # -- applied fleet
     def read_applied(self) -> dict[str, Any] | None:
@@ -252,6 +297,11 @@ class StateDir:
         return read_json(p) if p.exists() else None
 
     def write_guest_record(self, name: str, record: dict[str, Any]) -> None:
+        """``record``: its own fields (RECORD_KEYS) and ``facts``, nothing else."""
+        stray = set(record) - set(RECORD_KEYS) - {"facts"}
+        if stray:
+            raise StateError(f"guest {name}: record fields {sorted(stray)} belong in facts",
+                             hint="a supervisor bug: please report it")
         self.guest_dir(name).mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json(self.guest_record_path(name), {"format": FORMAT, **record})
 
@@ -340,3 +390,39 @@ class StateDir:
             instance = next((r.get("instance") for r in
                              (self.read_guest_record(g) for g in guests) if r), None)
         return Observed(instance=instance, host=host, networks=networks, guests=guests)
+
+
+def record_facts(rec: dict[str, Any]) -> dict[str, Any]:
+    """A guest record's facts, in any format this version reads (another state dir, of
+    another supervisor's version, may be read but never migrated by this one)."""
+    if isinstance(rec.get("facts"), dict):
+        return rec["facts"]
+    return {k: v for k, v in rec.items() if k not in RECORD_KEYS}
+
+
+# ------------------------------------------------------------------ migrations
+
+def _v1_to_v2(st: StateDir, keep: Path) -> int:
+    """Facts under "facts"; every file's "format" 2. Returns the files rewritten."""
+    n = 0
+    for name in st.guest_names():
+        path = st.guest_record_path(name)
+        rec = read_json(path)
+        if rec.get("format") == 2:
+            continue
+        new = {k: rec[k] for k in RECORD_KEYS if k in rec}
+        st._rewrite(path, keep, {**new, "format": 2, "facts": record_facts(rec)})
+        n += 1
+    others = [st.applied_path, *st.networks_dir.glob("*.json"),
+              *st.guests_dir.glob("*/snapshots.json")]
+    for path in others:
+        if path.is_file():
+            obj = read_json(path)
+            if isinstance(obj, dict) and obj.get("format") == 1:
+                st._rewrite(path, keep, {**obj, "format": 2})
+                n += 1
+    return n
+
+
+#: format N -> the function that brings a state dir of format N to N + 1
+MIGRATIONS: dict[int, Callable[[StateDir, Path], int]] = {1: _v1_to_v2}

@@ -248,12 +248,13 @@ class Lifecycle:
                 self.after_exit(g, clean=False)
 
     # --------------------------------------------------------------- reattach
-    def find_qemu(self, g: GuestRuntime, rec: dict[str, Any]) -> int | None:
-        """The PID of this guest's QEMU, if one runs: from the record or the pidfile."""
+    def find_qemu(self, g: GuestRuntime) -> int | None:
+        """The PID of this guest's QEMU, if one runs: from its facts or the pidfile."""
         ex = self.executor
         if ex is None or ex.cgroups is None:
             return None
         gdir = self.runtime.state.guest_dir(g.name)
+        rec = g.facts
         candidates = [rec.get("pid")]
         with contextlib.suppress(OSError, ValueError):
             candidates.append(int((gdir / "run" / "qemu.pid").read_text()))
@@ -275,10 +276,10 @@ class Lifecycle:
                 return pid
         return None
 
-    async def reattach(self, g: GuestRuntime, rec: dict[str, Any]) -> None:
+    async def reattach(self, g: GuestRuntime) -> None:
         ex = self.executor
         assert ex is not None
-        pid = self.find_qemu(g, rec)
+        pid = self.find_qemu(g)
         if pid is None:
             self.runtime.transition(g, S.CRASHED, "vanished", facts={"pid": None},
                                     note="no QEMU of this guest runs (it died while no "
@@ -286,6 +287,7 @@ class Lifecycle:
             await asyncio.to_thread(ex.teardown_guest, g.intent, None)
             self.after_exit(g, clean=False)
             return
+        rec = g.facts
         boot = Boot(**rec["boot"]) if isinstance(rec.get("boot"), dict) else Boot(None, None)
         spec = launch_spec(g.intent, boot, RunPaths.for_guest(self.runtime.state.guest_dir(
             g.name)), ex.virt)

@@ -26,7 +26,7 @@ from ..errors import StateError, UsageError
 from ..inventory.schema import NetworkSpec
 from ..model import Fleet, GuestIntent, GuestState
 from ..plan import Observed, ObservedGuest
-from ..state import StateDir
+from ..state import StateDir, record_facts
 from ..vm.guest import Guest
 from . import guestlog
 
@@ -68,10 +68,11 @@ class GuestRuntime:
         return self.facts.get("started_at")
 
     def record(self, instance: str | None, index: int) -> dict[str, Any]:
-        return {**self.facts, "name": self.name, "instance": instance, "index": index,
+        return {"name": self.name, "instance": instance, "index": index,
                 "intent": self.intent.model_dump(mode="json"),
                 "spec_hash": self.intent.spec_hash(), "state": self._state.value,
-                "restarts": self.restart_count, "last_event": self.last_event}
+                "restarts": self.restart_count, "last_event": self.last_event,
+                "facts": self.facts}
 
 
 class Runtime:
@@ -101,9 +102,9 @@ class Runtime:
             guests={n: ObservedGuest(g.intent, g.state) for n, g in self.guests.items()})
 
     # ------------------------------------------------------------------ loading
-    def load(self) -> list[tuple[GuestRuntime, dict[str, Any]]]:
-        """What the state dir records. Returns the guests recorded as active, with their
-        records: they may still run, and are to be reattached."""
+    def load(self) -> list[GuestRuntime]:
+        """What the state dir records. Returns the guests recorded as active: they may
+        still run, and are to be reattached (from their facts)."""
         applied = self.state.read_applied()
         if applied:
             self.fleet = Fleet.model_validate(applied["fleet"])
@@ -128,11 +129,11 @@ class Runtime:
             index = max(index, int(rec.get("index", 0)))
             g.restart_count = int(rec.get("restarts", 0))
             g.last_event = rec.get("last_event")
-            g.facts = {k: v for k, v in rec.items() if k not in _RECORD_KEYS}
+            g.facts = dict(record_facts(rec))
             g.serial_offset = guestlog.last_serial_offset(self.state.guest_log_path(name))
             self.guests[name] = g
             if g.state.active:
-                active.append((g, rec))
+                active.append(g)
         self.index = index + 1      # past every plan made before: the index never goes back
         return active
 
@@ -223,6 +224,3 @@ class Runtime:
         except OSError as e:     # a full disk must not take the supervisor down
             log.warning("guest.record_failed", guest=g.name, error=str(e))
 
-
-_RECORD_KEYS = {"format", "name", "instance", "index", "intent", "spec_hash", "state",
-                "restarts", "last_event"}

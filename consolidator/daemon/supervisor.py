@@ -144,6 +144,10 @@ class Supervisor:
 
     async def run(self) -> None:
         self.acquire_lock()
+        # an older version's state dir: brought to this format before a record is read
+        for old, new, files in self.state.migrate():
+            log.warning("state.migrated", from_format=old, to_format=new, files=files,
+                        originals=str(self.state.root / "migrated" / f"format-{old}"))
         # the host's OOM killer takes the supervisor last: without it nothing watches,
         # restarts or rebalances the guests (each guest is set above it, see vm/guest.py)
         if not set_oom_score_adj("self", OOM_ADJ_SUPERVISOR):
@@ -181,12 +185,12 @@ class Supervisor:
         active = self.runtime.load()
         if self.runtime.fleet is None:
             if active:       # records without an applied fleet: no instance to look in
-                log.warning("supervisor.cannot_reattach", guests=[g.name for g, _ in active],
+                log.warning("supervisor.cannot_reattach", guests=[g.name for g in active],
                             reason="the state dir has guest records but no applied.json")
             return
         await asyncio.to_thread(self.lifecycle.use, self.runtime.fleet)
-        for g, rec in active:
-            await self.lifecycle.reattach(g, rec)
+        for g in active:
+            await self.lifecycle.reattach(g)
         # The ruleset is the fabric's to render: take over the networks and the ports
         # of the guests still wired, and load it whole (the guard watches from here).
         ex, fleet = self.lifecycle.executor, self.runtime.fleet

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 
 from ..errors import HostError
-from ..state import StateDir
+from ..state import StateDir, record_facts
 
 REGISTRY = Path("/run/consolidator/ids")
 FRESH = 300.0          # seconds a claim is honoured before its guest's record names it
@@ -70,7 +70,7 @@ class Owner:
         with contextlib.suppress(Exception):
             rec = StateDir(self.state).read_guest_record(self.guest)
             return isinstance(rec, dict) and \
-                (rec.get("identity") or {}).get("uid") == uid
+                (record_facts(rec).get("identity") or {}).get("uid") == uid
         return False
 
 

@@ -83,7 +83,7 @@ def test_every_qemu_runs_as_a_uid_of_its_own_never_root(fleet):
             int(st["CapPrm"], 16) == 0
         assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
         rec = json.loads((fleet.state / "guests" / name / "record.json").read_text())
-        assert rec["identity"] == {"uid": uid, "gid": uid} and g["uid"] == uid
+        assert rec["facts"]["identity"] == {"uid": uid, "gid": uid} and g["uid"] == uid
         claim = json.loads((REGISTRY / str(uid)).read_text())
         assert claim["guest"] == name and claim["state"] == str(fleet.state.resolve())
         uids[name] = uid

@@ -435,7 +435,7 @@ def test_stale_pidfile_with_a_reused_pid_is_not_adopted(tmp_path):
         try:
             rec = f.state / "guests" / "web" / "record.json"
             r = json.loads(rec.read_text())
-            r["pid"] = impostor.pid
+            r["facts"]["pid"] = impostor.pid
             rec.write_text(json.dumps(r))
             (f.state / "guests" / "web" / "run" / "qemu.pid").write_text(f"{impostor.pid}\n")
             g = f.guests()                                # a new supervisor starts

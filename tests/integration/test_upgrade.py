@@ -1,5 +1,7 @@
 """Upgrades in place: a supervisor of this version adopts guests that the previous version
-started, with the same PIDs and no restart, and the next apply restarts nothing.
+started, with the same PIDs and no restart, and the next apply restarts nothing. The
+previous version wrote state format 1; this one migrates it to format 2, once, while the
+guests run.
 
 The previous version is taken from the repository's history (``git archive``), so the
 test runs the very code an operator would have had running."""
@@ -78,10 +80,23 @@ def test_a_newer_supervisor_adopts_the_previous_version_s_guests(tmp_path):
         while f.supervisor_pid() is not None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert f.supervisor_pid() is None
+        assert (f.state / "FORMAT").read_text() == "consolidator-state 1\n"
+        flat = json.loads((f.state / "guests" / "a" / "record.json").read_text())
+        assert "facts" not in flat and flat["pid"] == before["a"]["pid"]
 
         after = f.guests()                                  # this version's supervisor
         assert "history" in f.status()
         new_sup = f.supervisor_pid()
+        # migrated once, under the new supervisor's lock, the originals kept
+        assert (f.state / "FORMAT").read_text() == "consolidator-state 2\n"
+        nested = json.loads((f.state / "guests" / "a" / "record.json").read_text())
+        assert nested["format"] == 2 and nested["facts"]["pid"] == before["a"]["pid"]
+        kept = f.state / "migrated" / "format-1"
+        assert json.loads((kept / "guests" / "a" / "record.json").read_text())["pid"] == \
+            before["a"]["pid"]
+        migrated = [json.loads(x) for x in (f.state / "supervisor" / "log.jsonl")
+                    .read_text().splitlines() if '"state.migrated"' in x]
+        assert [(m["from_format"], m["to_format"]) for m in migrated] == [(1, 2)], migrated
         from .test_faults import check_oom_order      # adopted guests get it too
         check_oom_order(f, [g["pid"] for g in before.values()])
         assert new_sup and f"PYTHONPATH={old}".encode() not in \

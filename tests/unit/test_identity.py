@@ -25,8 +25,8 @@ def owner(tmp_path, guest: str, uid: int | None = None) -> Owner:
     """A guest of the state dir under tmp_path; with ``uid``, its record names it."""
     state = StateDir(tmp_path / "state")
     if uid is not None:
-        state.write_guest_record(guest, {"name": guest, "identity": {"uid": uid,
-                                                                     "gid": uid}})
+        state.write_guest_record(guest, {"name": guest, "facts": {
+            "identity": {"uid": uid, "gid": uid}}})
     return Owner(str(state.root), guest)
 
 

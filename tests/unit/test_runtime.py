@@ -90,7 +90,7 @@ def test_load_restores_what_was_recorded_and_returns_the_active(rt, tmp_path):
     rt.transition(web, S.RUNNING, "ready", facts={"pid": 4242, "started_at": 12.0})
     other = Runtime(StateDir(tmp_path))
     active = other.load()
-    assert [g.name for g, _ in active] == ["web"]
+    assert [g.name for g in active] == ["web"]
     g = other.guests["web"]
     assert g.state is S.RUNNING and g.facts["pid"] == 4242 and g.started_at == 12.0
     assert other.fleet == FLEET
