@@ -106,6 +106,9 @@ def check_message(line: bytes) -> tuple[int, str, dict[str, Any]]:
     if not isinstance(args, dict):
         raise UsageError(f"{op}: args is not an object")
     spec = ARGS[op]
+    # null for an optional argument is the argument not given (`snapshot create` without
+    # --tag sent "tag": null, and was refused: no default tag was ever made)
+    args = {k: v for k, v in args.items() if not (v is None and k in spec and not spec[k][1])}
     for k, v in args.items():
         if k not in spec:
             raise UsageError(f"{op}: unknown argument {k!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -125,6 +126,10 @@ def test_the_fleet_is_frozen_snapshotted_and_thawed_at_one_instant(fleet):
     assert res.returncode == 5 and "already has a snapshot 'tier'" in res.stderr
     for g in ("app", "db"):
         fleet.cli("snapshot", "rm", g, "tier")
+    # without --tag: the default tag, snap-DATE-TIME (it was refused as a null tag)
+    res = json.loads(fleet.cli("snapshot", "create", "app", "--json").stdout)
+    assert re.fullmatch(r"snap-\d{8}-\d{6}", res["tag"]), res
+    fleet.cli("snapshot", "rm", "app", res["tag"])
 
 
 def test_a_stopped_guest_is_snapshotted_and_reverted_offline(fleet):
