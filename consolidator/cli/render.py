@@ -107,6 +107,7 @@ def explain_table(doc: dict) -> Table:
     rb = doc.get("rebalancer") or {}
     title = ("rebalancer: off (static settings)" if not rb.get("enabled") else
              f"rebalancer: host memory {rb.get('host_state')}, budget "
+             f"{human_size(rb.get('budget_now_bytes') or rb.get('budget_bytes'))} of "
              f"{human_size(rb.get('budget_bytes'))}, {rb.get('ticks')} ticks")
     t = Table(title=title, title_justify="left", show_lines=True)
     for col in ("guest", "CPU weight", "why", "balloon", "why", "disk share", "why"):

@@ -134,6 +134,7 @@ def document(runtime: Runtime, rb: Rebalancer | None, *, started: float,
             "rebalancer": ({"enabled": rb.active, "ticks": rb.ticks,
                             "host_state": rb.host_state.value,
                             "budget_bytes": fleet.budget if fleet else None,
+                            "budget_now_bytes": rb.budget_now,
                             "io_budget_bps": getattr(rb.settings(), "io_bps", None),
                             "disk_bps": (round(snap.host.disk_bps, 1) if snap is not None
                                          and snap.host.disk_bps is not None else None),

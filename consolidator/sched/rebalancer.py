@@ -105,6 +105,7 @@ class Rebalancer:
         self.ksm_params = KsmParams()
         self.ksm_state: KsmState | None = None
         self.ksm_explain: dict[str, Any] | None = None
+        self.budget_now: int | None = None        # the budget after host pressure
         self.merge_credit = 0.9     # of what KSM saves, counted into the memory budget
         self.host_state = HostState.NORMAL
         self.explain: dict[str, dict[str, Any]] = {}
@@ -230,6 +231,7 @@ class Rebalancer:
             if t.name in self.cpu_explain and snap.guests[t.name].unresponsive_s is None:
                 # a respec may have decided since
                 self.explain[t.name]["cpu"] = self.cpu_explain[t.name]
+        self.budget_now = budget
         self._notify(snap, {"budget": budget, "host_state": self.host_state.value,
                             "io_budget": settings.io_bps, "decisions": decisions})
 
