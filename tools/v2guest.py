@@ -4,16 +4,16 @@
 The development and CI hosts are hybrid (controllers on v1), so the tests marked
 ``v2host`` cannot run on them. This boots the project's own Debian 12 image (``consolidator
 image build debian --release bookworm --firmware uefi``: systemd mounts pure cgroup v2
-there), shares the repository and this interpreter's site-packages into it read-only over
-9p at the same paths, and runs ``pytest -m v2host`` in a systemd service with
+there; its kernel and initrd booted directly, with systemd's ``systemd.run=`` in place of
+cloud-init), shares the repository and this interpreter's site-packages into it read-only
+over 9p at the same paths, and runs ``pytest -m v2host`` in a systemd service with
 ``Delegate=yes``, as consolidator.service runs on a production host. The guest's own
 python3 (3.11, like the host's) runs the host's installed packages.
 
     python tools/v2guest.py [pytest args...]      # default: tests/integration/test_cgroup_v2.py
 
 It prints the guest's pytest output and exits with its exit code; the guest's console
-and the run's files stay in --workdir when given. The guest has one NIC on QEMU's
-user-mode network with ``restrict=on``: it can reach nothing outside QEMU.
+and the run's files stay in --workdir when given. The guest has no network at all.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -35,11 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from consolidator.vm.accel import choose_accel, probe_kvm  # noqa: E402
-from consolidator.vm.osimage import build_debian  # noqa: E402
-from consolidator.vm.seed import write_volume  # noqa: E402
+from consolidator.vm.osimage import ESP_MIB, build_debian  # noqa: E402
 
-OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 CACHE = Path(os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images"))
 DEFAULT_TESTS = ["tests/integration/test_cgroup_v2.py"]
 UNIT = "consolidator-v2tests"
@@ -66,8 +62,9 @@ def shares(site: Path) -> dict[str, Path]:
 
 
 def script(tests: list[str], dirs: dict[str, Path], site: Path) -> str:
-    """Pure: what the guest runs once booted (cloud-init's runcmd): mount the shares,
-    run pytest in a delegated service, leave the results in the writable share, power off."""
+    """Pure: what the guest runs once booted (from the kernel's command line, with the
+    writable share already mounted at /run/v2out): mount the shares, run pytest in a
+    delegated service, leave the results in the writable share."""
     mnt = "\n".join(f"mkdir -p {shlex.quote(str(p))} && mount -t 9p -o "
                     f"trans=virtio,version=9p2000.L,ro,msize=262144 {tag} "
                     f"{shlex.quote(str(p))}" for tag, p in dirs.items())
@@ -76,11 +73,11 @@ def script(tests: list[str], dirs: dict[str, Path], site: Path) -> str:
                                              "--junitxml=/run/v2out/junit.xml", *tests])
     return f"""#!/bin/sh
 set -u
-mkdir -p /run/v2out
-mount -t 9p -o trans=virtio,version=9p2000.L out /run/v2out
 {{
 {mnt}
 grep cgroup /proc/self/mountinfo > /run/v2out/mounts
+# this runs early in the boot (after basic.target): systemd-run --wait needs the bus
+systemctl start dbus.service
 systemd-run --unit={UNIT} --property=Delegate=yes --wait --pipe --collect --quiet \\
     --working-directory={shlex.quote(str(ROOT))} \\
     --setenv=PYTHONPATH={shlex.quote(path)} --setenv=PYTHONDONTWRITEBYTECODE=1 \\
@@ -89,26 +86,38 @@ systemd-run --unit={UNIT} --property=Delegate=yes --wait --pipe --collect --quie
 echo $? > /run/v2out/rc
 }} > /run/v2out/script.log 2>&1
 sync
-systemctl poweroff
 """
 
 
-def user_data(run: str) -> str:
-    """Pure: cloud-config that writes the script and runs it once."""
-    body = "\n".join("      " + line for line in run.splitlines())
-    return ("#cloud-config\nwrite_files:\n  - path: /root/v2run.sh\n    permissions: '0755'\n"
-            f"    content: |\n{body}\nruncmd:\n  - [/root/v2run.sh]\n")
+#: the kernel's command line: the image's root, no cloud-init (nothing to configure, and
+#: its four stages are a minute under TCG), and systemd's kernel-command-line service
+#: mounting the writable share and running the script in it, then powering off
+CMDLINE = ("root=LABEL=root ro console=ttyS0,115200 net.ifnames=0 quiet cloud-init=disabled "
+           "systemd.run_success_action=poweroff systemd.run_failure_action=poweroff "
+           "systemd.run=\"/bin/sh -c 'mkdir -p /run/v2out && mount -t 9p -o "
+           "trans=virtio,version=9p2000.L out /run/v2out && exec /bin/sh /run/v2out/run.sh'\"")
+
+
+def extract_boot(disk: Path, work: Path) -> None:
+    """The image's kernel and initrd, from its EFI system partition (from the first MiB,
+    see osimage.partition_script), to boot them directly with the command line above.
+    (UEFI boot itself is test_realos's.)"""
+    esp = work / "esp.raw"
+    subprocess.run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", "bs=1M", "skip=1",
+                    f"count={ESP_MIB}", f"if={disk}", f"of={esp}"], check=True)
+    for f in ("vmlinuz", "initrd.img"):
+        subprocess.run(["mcopy", "-n", "-i", str(esp), f"::/{f}", str(work / f)], check=True)
+    esp.unlink()
 
 
 def qemu_argv(work: Path, dirs: dict[str, Path], accel: str) -> list[str]:
     argv = ["qemu-system-x86_64", "-name", "consolidator-v2tests", "-nodefaults",
             "-no-user-config", "-machine", f"q35,accel={accel}", "-cpu", "max",
             "-smp", "1", "-m", "1536", "-display", "none",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}",
+            "-kernel", str(work / "vmlinuz"), "-initrd", str(work / "initrd.img"),
+            "-append", CMDLINE,
             "-drive", f"if=virtio,format=qcow2,file={work / 'overlay.qcow2'}",
-            "-drive", f"if=virtio,format=raw,readonly=on,file={work / 'seed.iso'}",
-            "-nic", "user,restrict=on,model=virtio-net-pci",
+            "-nic", "none",
             "-serial", f"file:{work / 'console.log'}",
             "-virtfs", f"local,path={work / 'out'},mount_tag=out,security_model=none"]
     for tag, p in dirs.items():
@@ -123,12 +132,10 @@ def run(work: Path, tests: list[str] | None = None, timeout: float = 900) -> Out
     site = site_packages()
     dirs = shares(site)
     (work / "out").mkdir()
-    shutil.copy(OVMF_VARS, work / "vars.fd")
+    extract_boot(disk, work)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(disk),
                     str(work / "overlay.qcow2")], check=True)
-    write_volume({"meta-data": '{"instance-id": "v2tests", "local-hostname": "v2tests"}\n',
-                  "user-data": user_data(script(tests or DEFAULT_TESTS, dirs, site))},
-                 work / "seed.iso")
+    (work / "out" / "run.sh").write_text(script(tests or DEFAULT_TESTS, dirs, site))
     accel = choose_accel(probe_kvm())
     print(f"v2guest: {accel.reason}", file=sys.stderr)
     proc = subprocess.Popen(qemu_argv(work, dirs, accel.name), stdin=subprocess.DEVNULL,
