@@ -6,7 +6,8 @@ itself, and ``--seed N`` runs it again.
 Each seed picks one command and a moment in it, both from the seed:
 
   create   apply, adding a guest            change   apply, a live change (shares)
-  restart  apply --allow-restart, memory    prune    apply --prune, removing the guest
+  restart  apply --allow-restart, memory    replace  apply --allow-restart, another root
+  prune    apply --prune, removing a guest            disk image for the plain guest
   destroy  destroy (disks kept)             snapshot snapshot create of the disk guest
   backup   backup of the disk guest         restore  restore --yes of the disk guest
 
@@ -18,6 +19,7 @@ from [0, what the command takes here x --scale], if the command is still running
   - no guest runs twice: one QEMU per guest (found by its UUID, unique per state dir);
   - nothing is left over: no QEMU, netns or cgroup of a guest the inventory no longer has;
   - the data disk's checksum is what was written at the start (read in the guest);
+  - the replaced guest's overlay is on the root disk of the image it now names;
   - every backup verifies (``backup verify``), and the history opens.
 
 Run as root: python tools/crashtest.py [--seeds 50] [--first N] [--scale 1.0]
@@ -32,6 +34,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,22 +48,27 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-OPS = ("create", "change", "restart", "prune", "destroy", "snapshot", "backup", "restore")
+OPS = ("create", "change", "restart", "replace", "prune", "destroy", "snapshot", "backup",
+       "restore")
 #: about how long each command takes here (s): the kill falls within it, the CLI's own
 #: start (0.3 s) included, so a kill may also land before the supervisor hears of it
-TAKES = {"create": 3.0, "change": 0.8, "restart": 3.0, "prune": 1.2, "destroy": 1.8,
+TAKES = {"create": 3.0, "change": 0.8, "restart": 3.0, "replace": 3.0, "prune": 1.2,
+         "destroy": 1.8,
          "snapshot": 1.2, "backup": 1.5, "restore": 2.5}
 CACHE = os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images")
 
 FLEET = """
 instance: {inst}
 host: {{fabric_netns: {inst}-fab, metrics: {{enabled: false}}}}
+images:
+  ra: {{builtin: tiny, disk: ./root-a.raw}}
+  rb: {{builtin: tiny, disk: ./root-b.raw}}
 guests:
   disk:
     memory: {{max: {mem}MiB, min: 96MiB}}
     cpu: {{shares: {shares}}}
     disks: [{{size: 64MiB, name: data}}]
-  plain: {{memory: {{max: 128MiB}}}}
+  plain: {{memory: {{max: 128MiB}}, image: {image}}}
 {extra}"""
 EXTRA = "  extra: {memory: {max: 128MiB}}\n"
 
@@ -71,9 +79,10 @@ class Wanted:
     extra: bool = False
     shares: int = 1000
     mem: int = 160
+    image: str = "ra"       # plain's root disk: another image's disk replaces the guest
 
     def text(self, inst: str) -> str:
-        return FLEET.format(inst=inst, mem=self.mem, shares=self.shares,
+        return FLEET.format(inst=inst, mem=self.mem, shares=self.shares, image=self.image,
                             extra=EXTRA if self.extra else "")
 
     def guests(self) -> set[str]:
@@ -137,12 +146,23 @@ class Harness:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_disks()
         self.inventory.write_text(self.wanted.text(self.inst))
         self.cli("apply")
         self.sh("disk", "dd if=/dev/urandom of=/dev/vda bs=1M count=8 conv=fsync "
                         "2>/dev/null")
         self.checksum = self.data_sum()
         self.cli("backup", "disk")               # restore always has one to go back to
+
+    def _root_disks(self) -> None:
+        """Two ext4 root disks holding tiny's tree, one per image: switching plain from
+        one image to the other replaces it (a new overlay on the other base)."""
+        from consolidator.vm.image import busybox_path, guest_tree
+        tree = self.root / "rootfs"
+        guest_tree(busybox_path(), []).write_dir(tree)
+        for name in ("root-a.raw", "root-b.raw"):
+            subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree),
+                            str(self.root / name), "32M"], check=True, capture_output=True)
 
     def teardown(self) -> list[str]:
         """Destroy everything; what is left of the instance anywhere (must be nothing)."""
@@ -168,9 +188,12 @@ class Harness:
             w.shares = 1000 if w.shares != 1000 else 2000
         elif op == "restart":
             w.mem = 160 if w.mem != 160 else 192
+        elif op == "replace":
+            w.image = "rb" if w.image == "ra" else "ra"
         self.inventory.write_text(w.text(self.inst))
         return {"create": ["apply"], "change": ["apply"],
-                "restart": ["apply", "--allow-restart"], "prune": ["apply", "--prune"],
+                "restart": ["apply", "--allow-restart"],
+                "replace": ["apply", "--allow-restart"], "prune": ["apply", "--prune"],
                 "destroy": ["destroy", "--yes"],
                 "snapshot": ["snapshot", "create", "disk", "--tag", f"s{seed}"],
                 "backup": ["backup", "disk"],
@@ -227,6 +250,7 @@ class Harness:
             if g["state"] != "running":
                 fails.append(f"{n} is {g['state']}")
         fails += self._one_qemu_each(guests)
+        fails += self._plain_on_its_image()
         fails += self._nothing_left_over(set(guests))
         try:
             got = self.data_sum()
@@ -244,6 +268,19 @@ class Harness:
             except Exception as e:  # noqa: BLE001 - any failure to open is the finding
                 fails.append(f"history does not open: {e}")
         return fails
+
+    def _plain_on_its_image(self) -> list[str]:
+        """plain's overlay is on the disk of the image the inventory names now."""
+        want = self.root / f"root-{self.wanted.image[1]}.raw"
+        info = subprocess.run(["qemu-img", "info", "-U", "--output=json",
+                               str(self.state / "guests" / "plain" / "disk.qcow2")],
+                              capture_output=True, text=True)
+        try:
+            backing = json.loads(info.stdout).get("backing-filename")
+        except ValueError:
+            return [f"plain's overlay is unreadable: {info.stderr.strip()}"]
+        return [] if backing == str(want) else \
+            [f"plain's overlay is on {backing}, not {want}"]
 
     def _one_qemu_each(self, guests: dict[str, dict]) -> list[str]:
         import psutil
@@ -296,6 +333,8 @@ def main() -> None:
             failed += fails
     finally:
         left = h.teardown()
+        if not left:
+            shutil.rmtree(h.root, ignore_errors=True)
     killed = sum("killed at" in x for x in h.log)
     print(f"\n{len(seeds)} seeds in {time.monotonic() - t0:.0f}s, {killed} kills, "
           f"{len(failed)} failures; left over after destroy: {left or 'nothing'}")

@@ -120,7 +120,20 @@ class Soak:
         perf = self.call("rebalancer")
         return {"t": time.monotonic() - t0, "rss": p.memory_info().rss,
                 "fds": p.num_fds(), "threads": p.num_threads(), "history": hist,
+                "rows": self.rows(), "running": sum(g["state"] == "running" for g in
+                                                    self.call("status")["guests"]),
                 "ticks": perf["ticks"], "tick_ms": perf["tick_cpu_ms"]}
+
+    def rows(self) -> int:
+        """Raw rows in the history (host and guest samples): what grows with time, unlike
+        the file, whose pages SQLite allocates and reuses in steps."""
+        from consolidator.report.history import open_db
+        db = open_db(self.dir / "state" / "history.sqlite", readonly=True)
+        try:
+            return sum(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                       for t in ("raw_host", "raw_guest"))
+        finally:
+            db.close()
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
@@ -190,6 +203,12 @@ def main() -> None:
     print(f"history: {samples[-1]['history'] / 2**20:.2f} MiB, predicted "
           f"{predicted / 2**20:.2f} MiB from the first {warm['t']:.0f}s "
           f"(ratio {samples[-1]['history'] / predicted:.2f})")
+    # by design one host row and one row per running guest each tick (no raw row is old
+    # enough to be downsampled away within a soak of an hour or less)
+    want = samples[0]["rows"] + sum((b["ticks"] - a["ticks"]) * (1 + b["running"])
+                                    for a, b in zip(samples, samples[1:]))
+    print(f"history rows: {samples[-1]['rows']}, predicted {want:.0f} (one host row and one "
+          f"per running guest a tick; ratio {samples[-1]['rows'] / max(want, 1):.3f})")
     print(f"left over after destroy: {left or 'nothing'}")
 
 

@@ -1,5 +1,5 @@
 """Crash injection in CI: ten seeds of tools/crashtest.py, each a command (apply's create,
-change, restart and prune, destroy, snapshot, backup, restore) whose supervisor is killed
+change, restart, replace and prune, destroy, snapshot, backup, restore) whose supervisor is killed
 with SIGKILL at a random point, then the fleet's invariants (see the tool's docstring).
 
 The seeds start from CONSOLIDATOR_CRASH_BASE, or a fresh random base each run (more of
