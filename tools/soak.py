@@ -128,7 +128,10 @@ class Soak:
         """Raw rows in the history (host and guest samples): what grows with time, unlike
         the file, whose pages SQLite allocates and reuses in steps."""
         from consolidator.report.history import open_db
-        db = open_db(self.dir / "state" / "history.sqlite", readonly=True)
+        path = self.dir / "state" / "history.sqlite"
+        if not path.exists():                  # before the first tick's sample
+            return 0
+        db = open_db(path, readonly=True)
         try:
             return sum(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                        for t in ("raw_host", "raw_guest"))
