@@ -211,6 +211,10 @@ class CliFleet:
     def guests(self) -> dict[str, dict]:
         return {g["name"]: g for g in self.status()["guests"]}
 
+    def balloons(self) -> dict[str, int]:
+        """Each guest's balloon size (bytes the guest may use), as status shows it."""
+        return {n: g["balloon_bytes"] for n, g in self.guests().items()}
+
     def supervisor_pid(self) -> int | None:
         try:
             pid = int((self.state / "supervisor" / "pid").read_text())

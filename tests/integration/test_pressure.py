@@ -67,10 +67,6 @@ def rebalancer(f: CliFleet) -> dict:
     return f.status()["rebalancer"]
 
 
-def balloons(f: CliFleet) -> dict[str, int]:
-    return {n: g["balloon_bytes"] for n, g in f.guests().items()}
-
-
 def test_a_process_outside_the_fleet_takes_memory_and_the_balloons_give_way(tmp_path):
     with cli_fleet(tmp_path, FLEET) as f:
         f.cli("apply")
@@ -78,7 +74,7 @@ def test_a_process_outside_the_fleet_takes_memory_and_the_balloons_give_way(tmp_
         wait_for(lambda: rebalancer(f)["budget_now_bytes"] == budget, 15,
                  "the first ticks, in the normal state")
         pids = {n: g["pid"] for n, g in f.guests().items()}
-        before = balloons(f)
+        before = f.balloons()
         kills = vmstat("oom_kill")
         hog = subprocess.Popen([sys.executable, "-c", HOG, "0.07"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
@@ -92,9 +88,9 @@ def test_a_process_outside_the_fleet_takes_memory_and_the_balloons_give_way(tmp_
             rb = rebalancer(f)
             tight = rb["budget_now_bytes"]
             assert tight <= int(budget * 0.95), rb
-            wait_for(lambda: sum(balloons(f).values()) <= tight + 8 * MiB, 20,
+            wait_for(lambda: sum(f.balloons().values()) <= tight + 8 * MiB, 20,
                      f"the balloons to fit {tight // MiB} MiB (from {before})")
-            shrunk = balloons(f)
+            shrunk = f.balloons()
             assert all(shrunk[n] < before[n] for n in ("a", "b", "c")), (before, shrunk)
             assert all(b >= 96 * MiB for b in shrunk.values()), shrunk    # floors kept
             ex = json.loads(f.cli("status", "--json", "--explain").stdout)
@@ -111,7 +107,7 @@ def test_a_process_outside_the_fleet_takes_memory_and_the_balloons_give_way(tmp_
         wait_for(lambda: rebalancer(f)["budget_now_bytes"] == budget, 10,
                  "the budget to be whole again")
         assert "mem_mib=200" in f.cli("agent", "a", "mem", "200", "--timeout", "60").stdout
-        wait_for(lambda: balloons(f)["a"] >= shrunk["a"] + 150 * MiB, 20,
+        wait_for(lambda: f.balloons()["a"] >= shrunk["a"] + 150 * MiB, 20,
                  f"a's balloon to give it the 200 MiB it holds (from {shrunk['a'] // MiB} MiB)")
         status = dict(x.split("=") for x in f.cli("agent", "a", "status").stdout.split())
         assert status["oom_kill"] == "0", status                    # nor in the guest

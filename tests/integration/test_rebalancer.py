@@ -142,18 +142,14 @@ guests:
 """
 
 
-def balloons(f: CliFleet) -> dict[str, int]:
-    return {n: g["balloon_bytes"] for n, g in f.guests().items()}
-
-
 def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
     with cli_fleet(tmp_path, BUDGET) as f:
         f.cli("apply")
         budget = 640 * MiB
         # idle guests shrink towards their min, and the budget holds
-        wait_for(lambda: all(b is not None and b <= 200 * MiB for b in balloons(f).values()),
+        wait_for(lambda: all(b is not None and b <= 200 * MiB for b in f.balloons().values()),
                  10, "idle guests to shrink")
-        shrunk = balloons(f)
+        shrunk = f.balloons()
         assert sum(shrunk.values()) <= budget, shrunk
         assert all(b >= 96 * MiB for b in shrunk.values()), shrunk
         # the baseline is a's settled idle size, not a size on its way down: the burst's
@@ -161,11 +157,11 @@ def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
         last: dict[str, dict[str, int]] = {}
 
         def settled() -> bool:                 # no balloon moved by 8 MiB in a second
-            now, prev = balloons(f), last.get("b")
+            now, prev = f.balloons(), last.get("b")
             last["b"] = now
             return prev is not None and all(abs(now[n] - prev[n]) < 8 * MiB for n in now)
         wait_for(lambda: (time.sleep(1.0), settled())[1], 15, "idle balloons to settle")
-        before = balloons(f)
+        before = f.balloons()
         seen_min = dict(before)
         # a allocates 150 MiB: its balloon deflates before the allocation fails
         t1 = time.monotonic()
@@ -175,7 +171,7 @@ def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
         trace = []
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            b = balloons(f)
+            b = f.balloons()
             trace.append(b["a"] // MiB)
             for n, v in b.items():
                 seen_min[n] = min(seen_min[n], v)
@@ -200,16 +196,16 @@ def test_memory_budget_idle_shrink_then_a_burst_is_fed_without_oom(tmp_path):
 def test_a_stopped_loop_lets_balloons_drift_to_deflated(tmp_path):
     with cli_fleet(tmp_path, BUDGET.replace("memory: 640MiB", "memory: 1200MiB")) as f:
         f.cli("apply")
-        wait_for(lambda: all(b is not None and b <= 256 * MiB for b in balloons(f).values()),
+        wait_for(lambda: all(b is not None and b <= 256 * MiB for b in f.balloons().values()),
                  25, "idle guests to shrink")
-        low = balloons(f)
+        low = f.balloons()
         with protocol.connect(f.state, start=False) as client:
             client.call("rebalancer", action="stop-loop")
         time.sleep(1)
         with protocol.connect(f.state, start=False) as client:
             assert client.call("rebalancer")["loop_alive"] is False
         # one watchdog step (32 MiB) a tick, towards max, for every guest
-        wait_for(lambda: all(balloons(f)[n] > low[n] + 32 * MiB for n in low), 30,
+        wait_for(lambda: all(f.balloons()[n] > low[n] + 32 * MiB for n in low), 30,
                  "the watchdog to deflate the balloons")
         log = (f.state / "supervisor" / "log.jsonl").read_text()
         assert "rebalancer.stalled" in log
