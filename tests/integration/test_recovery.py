@@ -295,6 +295,7 @@ guests:
 """
 
 
+@pytest.mark.long          # beside the real-OS boots: it evens the two parallel phases
 def test_the_disaster_drill_brings_the_fleet_back_on_an_empty_state_dir(tmp_path, fleet):
     backups = tmp_path / "offsite"
     with cli_fleet(tmp_path, DRILL.replace("BACKUPS", str(backups))) as f:
