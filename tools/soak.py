@@ -181,7 +181,10 @@ def main() -> None:
                       f"{smp['fds']:4d}  threads {smp['threads']:3d}  history "
                       f"{smp['history'] / 2**20:6.2f} MiB  ticks {smp['ticks']}", flush=True)
             time.sleep(a.every)
-        running = sum(g["state"] == "running" for g in s.call("status")["guests"])
+        final = s.call("status")["guests"]
+        running = sum(g["state"] == "running" for g in final)
+        others = {g["name"]: (g["state"], g["restarts"], g["last_event"]) for g in final
+                  if g["state"] != "running"}
     finally:
         s.cli("destroy", "--yes", "--purge", check=False)
         from consolidator.daemon import teardown
@@ -195,7 +198,8 @@ def main() -> None:
     tk = sorted(ticks_ms)
     print(f"\n{a.guests} guests, {samples[-1]['t'] / 60:.1f} min, seed {a.seed}; actions: "
           f"{json.dumps(s.actions)}")
-    print(f"guests running at the end: {running}/{a.guests}")
+    print(f"guests running at the end: {running}/{a.guests}" +
+          (f"; the others (state, restarts, last event): {others}" if others else ""))
     for key, unit, scale in (("rss", "MiB", 2**20), ("fds", "", 1), ("threads", "", 1)):
         pts = [(x["t"], x[key] / scale) for x in half]
         print(f"supervisor {key}: {samples[0][key] / scale:.1f} -> "

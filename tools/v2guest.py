@@ -39,6 +39,7 @@ from consolidator.vm.osimage import ESP_MIB, build_debian  # noqa: E402
 CACHE = Path(os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images"))
 DEFAULT_TESTS = ["tests/integration/test_cgroup_v2.py"]
 UNIT = "consolidator-v2tests"
+NOBODY = 65534
 
 
 @dataclass
@@ -117,7 +118,7 @@ def qemu_argv(work: Path, dirs: dict[str, Path], accel: str) -> list[str]:
             "-kernel", str(work / "vmlinuz"), "-initrd", str(work / "initrd.img"),
             "-append", CMDLINE,
             "-drive", f"if=virtio,format=qcow2,file={work / 'overlay.qcow2'}",
-            "-nic", "none",
+            "-nic", "none", "-runas", "nobody",    # root only to open its files
             "-serial", f"file:{work / 'console.log'}",
             "-virtfs", f"local,path={work / 'out'},mount_tag=out,security_model=none"]
     for tag, p in dirs.items():
@@ -132,6 +133,7 @@ def run(work: Path, tests: list[str] | None = None, timeout: float = 900) -> Out
     site = site_packages()
     dirs = shares(site)
     (work / "out").mkdir()
+    os.chown(work / "out", NOBODY, -1)      # QEMU writes the results there as nobody
     extract_boot(disk, work)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(disk),
                     str(work / "overlay.qcow2")], check=True)
