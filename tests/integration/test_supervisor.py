@@ -233,12 +233,22 @@ def test_reattach_after_supervisor_sigkill_keeps_the_pids(shipped):
         sum(len(g.get("ips", [])) for g in first.values())
 
 
-def _wait_for_tables(f: CliFleet, want: dict[str, list[str]], limit: float) -> float:
+def _wait_for_tables(f: CliFleet, want: dict[str, list[str]], restores: int,
+                     limit: float) -> float:
+    """Seconds until the tables are ``want`` again and the guard has counted ``restores``.
+
+    The guard loads the tables in a thread and counts the restore when that returns, so a
+    poll can see the tables back a moment before ``status`` counts them.
+    """
     t0 = time.monotonic()
     while our_tables(f) != want:
         assert time.monotonic() - t0 < limit, f"tables not restored within {limit} s"
         time.sleep(0.1)
-    return time.monotonic() - t0
+    took = time.monotonic() - t0
+    while f.status()["net_guard"]["restores"] < restores:
+        assert time.monotonic() - t0 < limit, f"restore not counted within {limit} s"
+        time.sleep(0.05)
+    return took
 
 
 def test_the_guard_tables_come_back_when_removed_or_changed(shipped):
@@ -252,9 +262,9 @@ def test_the_guard_tables_come_back_when_removed_or_changed(shipped):
     assert shipped.status()["net_guard"]["checks"] == idle["checks"]
     before = idle["restores"]
     ns.run(shipped.fabric, ["nft", "flush", "ruleset"])
-    took = _wait_for_tables(shipped, want, 5)
+    took = _wait_for_tables(shipped, want, before + 1, 5)
     ns.run(shipped.fabric, ["nft", "insert", "rule", "bridge", guard, "pre", "accept"])
-    took = max(took, _wait_for_tables(shipped, want, 5))
+    took = max(took, _wait_for_tables(shipped, want, before + 2, 5))
     st = shipped.status()["net_guard"]
     assert st["restores"] == before + 2 and st["error"] is None
     assert st["last_restore"]["tables"] == {f"bridge {guard}": "changed"}
