@@ -30,7 +30,7 @@ from ..net import netns as ns
 from ..net.fabric import Fabric, GuestWiring, NicShape, NicWiring
 from ..sched.cgroup import (PIDS_MAX, CgroupDriver, CgroupSettings, detect, memory_limit,
                             memory_protection)
-from ..state import StateDir, record_facts
+from ..state import StateDir
 from ..vm.guest import Guest
 from ..vm.identity import Identity, Owner, Registry, named_user
 from ..vm.jail import Jail, plan_jail
@@ -113,8 +113,8 @@ class Executor:
             return Identity(0, 0)
         if runas:
             return named_user(runas)
-        rec = self.state.read_guest_record(name) or {}
-        want = (record_facts(rec).get("identity") or {}).get("uid")
+        facts = (self.state.read_guest_record(name) or {}).get("facts")
+        want = ((facts if isinstance(facts, dict) else {}).get("identity") or {}).get("uid")
         ids = self.fleet.host.guest_ids
         uid = self.ids.claim(self.owner(name), ids.first, ids.count,
                              want=want if isinstance(want, int) else None)

@@ -254,13 +254,13 @@ class Lifecycle:
         if ex is None or ex.cgroups is None:
             return None
         gdir = self.runtime.state.guest_dir(g.name)
-        rec = g.facts
-        candidates = [rec.get("pid")]
+        facts = g.facts
+        candidates = [facts.get("pid")]
         with contextlib.suppress(OSError, ValueError):
             candidates.append(int((gdir / "run" / "qemu.pid").read_text()))
         in_cgroup = ex.cgroups.pids(g.name)
         qmp = str(RunPaths.for_guest(gdir).qmp)
-        recorded_uid = (rec.get("identity") or {}).get("uid")
+        recorded_uid = (facts.get("identity") or {}).get("uid")
         for pid in candidates:
             if not pid:
                 continue
@@ -270,7 +270,7 @@ class Lifecycle:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             if is_guest_qemu(g.name, guest_uuid(gdir), argv, started, pid,
-                             recorded_pid=rec.get("pid"), recorded_start=rec.get("pid_start"),
+                             recorded_pid=facts.get("pid"), recorded_start=facts.get("pid_start"),
                              in_cgroup=in_cgroup, uid=uid, recorded_uid=recorded_uid,
                              qmp_path=qmp):
                 return pid
@@ -287,8 +287,8 @@ class Lifecycle:
             await asyncio.to_thread(ex.teardown_guest, g.intent, None)
             self.after_exit(g, clean=False)
             return
-        rec = g.facts
-        boot = Boot(**rec["boot"]) if isinstance(rec.get("boot"), dict) else Boot(None, None)
+        facts = g.facts
+        boot = Boot(**facts["boot"]) if isinstance(facts.get("boot"), dict) else Boot(None, None)
         spec = launch_spec(g.intent, boot, RunPaths.for_guest(self.runtime.state.guest_dir(
             g.name)), ex.virt)
         guest = g.guest = Guest(spec, ready_probe=g.intent.ready)

@@ -26,7 +26,7 @@ from ..errors import StateError, UsageError
 from ..inventory.schema import NetworkSpec
 from ..model import Fleet, GuestIntent, GuestState
 from ..plan import Observed, ObservedGuest
-from ..state import StateDir, record_facts
+from ..state import StateDir
 from ..vm.guest import Guest
 from . import guestlog
 
@@ -129,7 +129,8 @@ class Runtime:
             index = max(index, int(rec.get("index", 0)))
             g.restart_count = int(rec.get("restarts", 0))
             g.last_event = rec.get("last_event")
-            g.facts = dict(record_facts(rec))
+            facts = rec.get("facts")      # format 2: the supervisor migrated older dirs
+            g.facts = dict(facts) if isinstance(facts, dict) else {}
             g.serial_offset = guestlog.last_serial_offset(self.state.guest_log_path(name))
             self.guests[name] = g
             if g.state.active:
