@@ -26,9 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ..units import format_size, human_size
+from ..units import MiB, format_size, human_size
 
-MiB = 1 << 20
 INF = 10 ** 9
 
 

@@ -20,14 +20,13 @@ from ..inventory.files import QemuImgError, run_qemu_img
 from ..hostfacts import HostFacts
 from ..model import Fleet
 from ..state import StateDir
-from ..units import human_duration, parse_duration, parse_size
+from ..units import MiB, human_duration, parse_duration, parse_size
 from . import capacity as cap
 from .history import (choose_source, covered_since, guest_table, host_table, open_db,
                       percentile, thin)
 
 FORMAT = 1
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
-MiB = 1 << 20
 
 
 def parse_shape(text: str) -> cap.Shape:

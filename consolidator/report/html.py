@@ -13,10 +13,9 @@ matplotlib.use("Agg")   # no display: render to SVG only
 import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..units import human_duration, human_size  # noqa: E402
+from ..units import MiB, human_duration, human_size  # noqa: E402
 from .text import cores, size  # noqa: E402
 
-MiB = 1 << 20
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;
 color:#1d2330}

@@ -8,9 +8,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..units import human_duration, human_size
-
-MiB = 1 << 20
+from ..units import MiB, human_duration, human_size
 
 
 def to_prom(doc: dict[str, Any]) -> str:

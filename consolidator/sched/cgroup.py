@@ -33,6 +33,7 @@ from pathlib import Path
 from ..errors import CgroupError
 from ..linux import HeldFiles
 from ..inventory.schema import format_cpulist
+from ..units import MiB
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
 V2_CONTROLLERS = ("cpu", "cpuset", "memory", "io", "pids")
@@ -155,7 +156,6 @@ def detect(pid: int | str = "self") -> CgroupLayout:
 
 # --------------------------------------------------------------------- settings
 
-MiB = 1 << 20
 QEMU_OVERHEAD = 96 * MiB
 CFS_PERIOD_US = 100_000
 PIDS_MAX = 512

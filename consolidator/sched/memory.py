@@ -48,7 +48,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-MiB = 1 << 20
+from ..units import MiB
 
 
 class HostState(enum.StrEnum):

@@ -33,6 +33,7 @@ import structlog
 
 from ..errors import QMPError
 from ..model import GuestIntent
+from ..units import MiB
 from .cpu import CpuDecision, CpuInput, cpu_policy, smooth_demand
 from .memory import (HostState, MemDecision, MemHost, MemInput, MemParams, memory_policy,
                      watchdog_target)
@@ -42,7 +43,6 @@ from .observe import NetReader, Observer, Snapshot, Tracked, UsageReader, has_di
 from .psi import PsiWatch, watch_memory_pressure
 
 log = structlog.get_logger("rebalancer")
-MiB = 1 << 20
 
 
 def _mib(n: int | None) -> str:

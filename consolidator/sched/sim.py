@@ -37,9 +37,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..units import MiB
 from .memory import HostState, MemHost, MemInput, MemParams, memory_policy
 
-MiB = 1 << 20
 Trace = Callable[[float], tuple[float, float]]     # t -> (ws, cache) in MiB
 
 

@@ -14,13 +14,12 @@ import psutil
 import pytest
 
 from consolidator.errors import ConflictError, LaunchError, ReadyTimeout
+from consolidator.units import MiB
 from consolidator.vm.guest import Runstate
 from consolidator.vm.image import build_tiny, busybox_path, guest_tree
 from consolidator.vm.qemu import Boot
 
 from .conftest import running
-
-MiB = 1 << 20
 
 
 def rss(pid: int) -> int:

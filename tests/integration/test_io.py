@@ -11,10 +11,11 @@ from datetime import datetime
 
 import pytest
 
+from consolidator.units import MiB
+
 from .env import CliFleet, cli_fleet, leftovers
 
 pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.quiet]
-MiB = 1 << 20
 
 FLEET = """
 instance: {inst}

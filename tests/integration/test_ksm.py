@@ -23,7 +23,6 @@ from consolidator.sched.ksmfs import KSM_DIR, RUN_DIR, ksmd_pid
 from .env import CliFleet, cli_fleet
 
 pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.quiet]
-MiB = 1 << 20
 KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
 # what the test sets before the supervisor starts: values nobody else would choose
 MARKED = {"run": 0, "pages_to_scan": 123, "sleep_millisecs": 77}

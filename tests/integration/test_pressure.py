@@ -16,10 +16,11 @@ import textwrap
 
 import pytest
 
+from consolidator.units import MiB
+
 from .env import CliFleet, cli_fleet, wait_for
 
 pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.quiet]
-MiB = 1 << 20
 
 FLEET = """
 instance: {inst}

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from consolidator.daemon import protocol
+from consolidator.units import MiB
 
 from .env import CliFleet, cli_fleet
 from .test_supervisor import wait_for
 
 pytestmark = [pytest.mark.usefixtures("need_root", "tiny_image"), pytest.mark.quiet]
-MiB = 1 << 20
 
 
 def cpu_ns(f: CliFleet, guest: str) -> int:
