@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools.fleetdir import FleetDir  # noqa: E402
+
 OPS = ("create", "change", "restart", "replace", "prune", "destroy", "snapshot", "backup",
        "restore")
 #: about how long each command takes here (s): the kill falls within it, the CLI's own
@@ -55,7 +57,6 @@ OPS = ("create", "change", "restart", "replace", "prune", "destroy", "snapshot",
 TAKES = {"create": 3.0, "change": 0.8, "restart": 3.0, "replace": 3.0, "prune": 1.2,
          "destroy": 1.8,
          "snapshot": 1.2, "backup": 1.5, "restore": 2.5}
-CACHE = os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images")
 
 FLEET = """
 instance: {inst}
@@ -90,44 +91,11 @@ class Wanted:
 
 
 @dataclass
-class Harness:
-    root: Path
+class Harness(FleetDir):
     inst: str = field(default_factory=lambda: "k" + uuid.uuid4().hex[:7])
     wanted: Wanted = field(default_factory=Wanted)
     checksum: str | None = None
     log: list[str] = field(default_factory=list)
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def inventory(self) -> Path:
-        return self.root / "inventory.yaml"
-
-    def cli(self, *args: str, check: bool = True,
-            timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "consolidator", *args]
-        if args[0] in ("apply", "plan"):
-            cmd += ["-f", str(self.inventory)]
-        res = subprocess.run(cmd, env=self.env(), capture_output=True, text=True,
-                             timeout=timeout, cwd=ROOT)
-        if check and res.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} exited {res.returncode}:\n"
-                                 f"{res.stdout}\n{res.stderr}")
-        return res
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "CONSOLIDATOR_STATE_DIR": str(self.state),
-                "CONSOLIDATOR_IMAGE_CACHE": CACHE, "COLUMNS": "200"}
-
-    def supervisor_pid(self) -> int | None:
-        try:
-            pid = int((self.state / "supervisor" / "pid").read_text())
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError):
-            return None
 
     def sh(self, guest: str, command: str) -> str:
         from consolidator.daemon import protocol
@@ -206,11 +174,8 @@ class Harness:
         op = rng.choice(OPS)
         delay = rng.uniform(0.0, TAKES[op] * scale)
         args = self.command(op, seed)
-        cmd = [sys.executable, "-m", "consolidator", *args]
-        if args[0] == "apply":
-            cmd += ["-f", str(self.inventory)]
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, env=self.env(), cwd=ROOT, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(self.argv(*args), env=self.env(), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         time.sleep(delay)
         killed = None

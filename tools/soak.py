@@ -28,7 +28,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CACHE = os.environ.get("CONSOLIDATOR_IMAGE_CACHE", "/var/tmp/consolidator-test-images")
+
+from tools.fleetdir import FleetDir  # noqa: E402
 
 HEAD = """
 instance: {inst}
@@ -50,40 +50,20 @@ guests:
 """
 
 
-class Soak:
+class Soak(FleetDir):
     def __init__(self, n: int, seed: int) -> None:
         self.n = n
         self.rng = random.Random(seed)
         self.inst = "s" + uuid.uuid4().hex[:7]
-        self.dir = Path(tempfile.mkdtemp(prefix="soak-"))
+        super().__init__(Path(tempfile.mkdtemp(prefix="soak-")))
         self.shares = {f"g{i}": 1000 for i in range(n)}
         self.actions: dict[str, int] = {}
-        self.env = {**os.environ, "CONSOLIDATOR_STATE_DIR": str(self.dir / "state"),
-                    "CONSOLIDATOR_IMAGE_CACHE": CACHE}
 
     def write(self) -> None:
         text = HEAD.format(inst=self.inst, budget=self.n * 96)
         text += "".join(f"  {g}: {{memory: {{max: 128MiB, min: 64MiB}}, restart: always, "
                         f"cpu: {{shares: {s}}}}}\n" for g, s in self.shares.items())
-        (self.dir / "inventory.yaml").write_text(text)
-
-    def cli(self, *args: str, check: bool = True) -> str:
-        cmd = [sys.executable, "-m", "consolidator", *args]
-        if args[0] == "apply":
-            cmd += ["-f", str(self.dir / "inventory.yaml")]
-        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, cwd=ROOT,
-                             timeout=300)
-        if check and res.returncode != 0:
-            raise RuntimeError(f"{args}: {res.stdout}\n{res.stderr}")
-        return res.stdout
-
-    def call(self, op: str, **args):
-        from consolidator.daemon import protocol
-        with protocol.connect(self.dir / "state", start=False) as c:
-            return c.call(op, **args)
-
-    def sup(self) -> int:
-        return int((self.dir / "state" / "supervisor" / "pid").read_text())
+        self.write(text)
 
     # ------------------------------------------------------------------ driving
     def act(self) -> None:
@@ -115,8 +95,11 @@ class Soak:
 
     def sample(self, t0: float) -> dict:
         import psutil
-        p = psutil.Process(self.sup())
-        hist = sum(f.stat().st_size for f in (self.dir / "state").glob("history.sqlite*"))
+        pid = self.supervisor_pid()
+        if pid is None:      # psutil.Process(None) would be this process
+            raise RuntimeError("the supervisor is not running")
+        p = psutil.Process(pid)
+        hist = sum(f.stat().st_size for f in self.state.glob("history.sqlite*"))
         perf = self.call("rebalancer")
         return {"t": time.monotonic() - t0, "rss": p.memory_info().rss,
                 "fds": p.num_fds(), "threads": p.num_threads(), "history": hist,
@@ -128,7 +111,7 @@ class Soak:
         """Raw rows in the history (host and guest samples): what grows with time, unlike
         the file, whose pages SQLite allocates and reuses in steps."""
         from consolidator.report.history import open_db
-        path = self.dir / "state" / "history.sqlite"
+        path = self.state / "history.sqlite"
         if not path.exists():                  # before the first tick's sample
             return 0
         db = open_db(path, readonly=True)

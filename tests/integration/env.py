@@ -23,9 +23,8 @@ from consolidator.net import nft
 from consolidator.sched.cgroup import detect
 from consolidator.state import StateDir
 from consolidator.vm.guest import Guest
+from tools.fleetdir import IMAGE_CACHE, ROOT, FleetDir
 
-IMAGE_CACHE = Path(os.environ.get("CONSOLIDATOR_IMAGE_CACHE",
-                                  "/var/tmp/consolidator-test-images"))
 
 THREE_GUESTS = """
 instance: {inst}
@@ -146,10 +145,7 @@ def fleet_env(tmp_path: Path, template: str = THREE_GUESTS) -> Iterator[Env]:
 
 import json as _json  # noqa: E402
 import signal as _signal  # noqa: E402
-import subprocess as _sp  # noqa: E402
-import sys as _sys  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "inventory.yaml"
 
 
@@ -171,52 +167,13 @@ def shipped_inventory(instance: str, metrics_port: int | None = None) -> str:
 
 
 @dataclass
-class CliFleet:
-    instance: str
-    root: Path
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def inventory(self) -> Path:
-        return self.root / "inventory.yaml"
+class CliFleet(FleetDir):
+    """A fleet's directory under a unique instance, its fabric in a netns of its own."""
+    instance: str = ""
 
     @property
     def fabric(self) -> str:
         return f"{self.instance}-fab"
-
-    def write(self, text: str) -> None:
-        self.inventory.write_text(text)
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 240,
-            input: str | None = None, inventory: Path | None = None) -> _sp.CompletedProcess:
-        env = {**os.environ, "CONSOLIDATOR_STATE_DIR": str(self.state),
-               "CONSOLIDATOR_IMAGE_CACHE": str(IMAGE_CACHE), "COLUMNS": "200"}
-        cmd = [_sys.executable, "-m", "consolidator", *args]
-        if args and args[0] in ("apply", "plan", "validate", "doctor"):
-            cmd += ["-f", str(inventory or self.inventory)]
-        res = _sp.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                      input=input, cwd=ROOT)
-        if check and res.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} exited {res.returncode}:\n"
-                                 f"{res.stdout}\n{res.stderr}")
-        return res
-
-    def status(self, explain: bool = False) -> dict:
-        """``status --json``'s document. Asked of the running supervisor in-process (what
-        the CLI asks, without a Python start each poll: tests poll it by the hundred, and
-        the quiet tests measure CPU); with none running, the CLI starts one, as before."""
-        from consolidator.daemon import protocol
-        from consolidator.errors import SupervisorError
-        try:
-            with protocol.Client(protocol.socket_path(self.state), timeout=120) as c:
-                return c.call("status", explain=explain)
-        except (OSError, SupervisorError):     # none runs, or it is going away
-            pass
-        return _json.loads(self.cli("status", "--json", *(["--explain"] if explain else []))
-                           .stdout)
 
     def guests(self) -> dict[str, dict]:
         return {g["name"]: g for g in self.status()["guests"]}
@@ -224,17 +181,6 @@ class CliFleet:
     def balloons(self) -> dict[str, int]:
         """Each guest's balloon size (bytes the guest may use), as status shows it."""
         return {n: g["balloon_bytes"] for n, g in self.guests().items()}
-
-    def supervisor_pid(self) -> int | None:
-        try:
-            pid = int((self.state / "supervisor" / "pid").read_text())
-        except (OSError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
 
     def log(self, guest: str) -> list[dict]:
         p = self.state / "guests" / guest / "log.jsonl"
@@ -247,7 +193,7 @@ class CliFleet:
 @contextlib.contextmanager
 def cli_fleet(tmp_path: Path, text: str | None = None) -> Iterator[CliFleet]:
     inst = unique_instance()
-    f = CliFleet(inst, tmp_path / inst)
+    f = CliFleet(tmp_path / inst, inst)
     f.root.mkdir(parents=True)
     f.write(text.format(inst=inst) if text else shipped_inventory(inst))
     try:

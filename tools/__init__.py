@@ -1,0 +1,2 @@
+"""The project's tools; scripts run as ``python tools/<name>.py``, and ``fleetdir`` is
+shared with the tests."""
