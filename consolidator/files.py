@@ -4,9 +4,12 @@ the standard library, so that ``logs`` and the daemon's log writer cost nothing 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
 SERIAL_LOG_CAP = 4 << 20
 
@@ -44,3 +47,30 @@ def rotate_log(path: Path, cap: int = SERIAL_LOG_CAP) -> bool:
         os.replace(tmp, path.with_name(path.name + ".1"))
         src.truncate(0)
     return True
+
+
+SUN_PATH_MAX = 107      # sockaddr_un's sun_path: 108 bytes, its NUL included
+
+
+@contextlib.contextmanager
+def unix_address(path: str | os.PathLike[str]) -> Iterator[str]:
+    """The address to ``bind`` or ``connect`` the AF_UNIX socket at ``path`` by, whatever
+    the path's length.
+
+    sun_path holds 107 bytes, and a deep state dir (or a guest with a 63-character name)
+    makes a longer path. Such a path is reached through a descriptor held on its
+    directory for the block, as ``/proc/self/fd/N/<name>``, which the kernel resolves to
+    the same file (the socket is made, or found, where ``path`` says)."""
+    raw = os.fsencode(path)
+    if len(raw) <= SUN_PATH_MAX:
+        yield os.fsdecode(raw)
+        return
+    parent, name = os.path.split(raw)
+    fd = os.open(parent or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        short = b"/proc/self/fd/%d/%s" % (fd, name)
+        if len(short) > SUN_PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, f"socket name too long: {os.fsdecode(name)}")
+        yield os.fsdecode(short)
+    finally:
+        os.close(fd)

@@ -181,7 +181,6 @@ def pidfd_open(pid: int) -> int:
                               ffi.cast("unsigned int", 0)), "pidfd_open")
 
 
-
 class HeldFiles:
     """Kernel pseudo-files (procfs, cgroupfs) read again and again through descriptors
     kept open: each read is one ``pread`` at offset 0, which makes the kernel generate

@@ -20,13 +20,15 @@ from rich.console import Console
 from rich.text import Text
 
 from ..daemon.guestlog import last_entries, read_entries
+from ..files import unix_address
 
 DETACH = b"\x1d"   # Ctrl-]
 
 
 def attach(sock_path: Path, name: str) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(str(sock_path))
+    with unix_address(sock_path) as addr:
+        s.connect(addr)
     try:
         if sys.stdin.isatty():
             _interactive(s, name)
@@ -159,7 +161,8 @@ def forward_vnc(sock: Path, name: str, port: int, say: Callable[[str], None]) ->
 
     async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
-            gr, gw = await asyncio.open_unix_connection(str(sock))
+            with unix_address(sock) as addr:
+                gr, gw = await asyncio.open_unix_connection(addr)
         except OSError as e:
             say(f"vnc {name}: cannot reach the guest's screen: {e}")
             w.close()

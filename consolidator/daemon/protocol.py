@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ConsolidatorError, SupervisorError, SupervisorUnreachable, from_wire
+from ..files import unix_address
 
 if TYPE_CHECKING:
     import subprocess
@@ -70,7 +71,8 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(str(self.path))
+            with unix_address(self.path) as addr:
+                self.sock.connect(addr)
         except OSError:
             self.sock.close()
             raise

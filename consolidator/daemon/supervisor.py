@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 
 from ..errors import CgroupError, ConflictError
+from ..files import unix_address
 from ..linux import OOM_ADJ_SUPERVISOR, set_oom_score_adj
 from ..model import GuestState
 from ..sched.ksm import KsmDecision, KsmMode, KsmObs
@@ -163,8 +164,9 @@ class Supervisor:
                 sock.unlink()
             old = os.umask(0o177)
             try:
-                self._server = await asyncio.start_unix_server(self.api.serve, path=str(sock),
-                                                               limit=MAX_MESSAGE)
+                with unix_address(sock) as addr:
+                    self._server = await asyncio.start_unix_server(self.api.serve, path=addr,
+                                                                   limit=MAX_MESSAGE)
             finally:
                 os.umask(old)
             self._share()

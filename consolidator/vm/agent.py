@@ -13,6 +13,7 @@ import contextlib
 import itertools
 
 from ..errors import AgentError
+from ..files import unix_address
 
 
 def parse_kv(payload: str) -> dict[str, str]:
@@ -29,8 +30,9 @@ class Agent:
 
     async def connect(self, path: str, timeout: float = 10.0) -> None:
         """Connect and wait for the guest's ``ready`` greeting."""
-        self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path), timeout)
+        with unix_address(path) as addr:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(addr), timeout)
         line = await self._readline(timeout)
         parts = line.split()
         if parts[:2] != ["0", "ready"]:

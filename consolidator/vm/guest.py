@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import structlog
 
 from .. import linux
-from ..files import rotate_log
+from ..files import rotate_log, unix_address
 from ..errors import (AgentError, ConflictError, LaunchError, QMPError, ReadyTimeout,
                       RunstateError)
 from .agent import Agent
@@ -442,7 +442,8 @@ class Guest:
             finally:
                 w.close()           # QEMU holds its own copy of the connection
 
-        self._vnc_server = await asyncio.start_unix_server(client, str(path))
+        with unix_address(path) as addr:
+            self._vnc_server = await asyncio.start_unix_server(client, addr)
         os.chmod(path, 0o600)
 
     async def screenshot(self, max_bytes: int = 16 << 20) -> bytes:

@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 
 from ..errors import LaunchError
+from ..files import unix_address
 from .disk import backing_chain
 from .qemu import DiskLayer, Handles, LaunchSpec
 
@@ -72,7 +73,8 @@ class Opened:
             path.unlink()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._socks.append(s)
-        s.bind(str(path))
+        with unix_address(path) as addr:
+            s.bind(addr)
         os.chmod(path, 0o600)
         s.listen(8)
         return s.fileno()

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from ..errors import AgentError
+from ..files import unix_address
 
 PORT_NAME = "org.qemu.guest_agent.0"
 MAX_REPLY = 1 << 20
@@ -42,8 +43,9 @@ class GuestAgent:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             try:
-                r, w = await asyncio.wait_for(asyncio.open_unix_connection(
-                    self.path, limit=MAX_REPLY), timeout)
+                with unix_address(self.path) as addr:
+                    r, w = await asyncio.wait_for(asyncio.open_unix_connection(
+                        addr, limit=MAX_REPLY), timeout)
             except (OSError, asyncio.TimeoutError) as e:
                 raise AgentError(f"{self.name}: cannot reach the guest agent: {e}") from None
             try:

@@ -17,6 +17,7 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, StateError
 from qemu.qmp.error import QMPError as _LibQMPError
 
 from ..errors import QMPError
+from ..files import unix_address
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # we report failures ourselves
 
@@ -101,8 +102,9 @@ class QMP:
                 raise QMPError(f"{self.name}: QEMU exited before QMP answered",
                                error_class="ConnectFailed")
             try:
-                await asyncio.wait_for(self._client.connect(path),
-                                       timeout=max(0.1, min(2.0, deadline - loop.time())))
+                with unix_address(path) as addr:
+                    await asyncio.wait_for(self._client.connect(addr),
+                                           timeout=max(0.1, min(2.0, deadline - loop.time())))
                 return
             except (ConnectError, OSError, asyncio.TimeoutError) as e:
                 last = e

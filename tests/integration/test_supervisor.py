@@ -278,6 +278,36 @@ def test_the_guard_tables_come_back_when_removed_or_changed(shipped):
     assert r.stdout == "ok\n"
 
 
+LONG_NAME = "g" + "0123456789" * 6 + "xy"          # 63 characters: a DNS label's most
+
+DEEP = """
+instance: {inst}
+host: {{fabric_netns: {inst}-fab, metrics: {{enabled: false}}}}
+guests:
+  %s: {{memory: {{max: 128MiB}}}}
+""" % LONG_NAME
+
+
+def test_a_deep_state_dir_and_a_63_character_guest_name_reach_every_socket(tmp_path):
+    # sun_path holds 107 bytes: the API socket, and the guest's QMP, agent and console
+    # sockets, lie deeper than that here, and must be bound and reached all the same
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with cli_fleet(deep, DEEP) as f:
+        for sock in (f.state / "supervisor" / "api.sock",
+                     f.state / "guests" / LONG_NAME / "run" / "qmp.sock"):
+            assert len(os.fsencode(sock)) > 108, sock
+        f.cli("apply")
+        g = f.guests()[LONG_NAME]
+        assert g["state"] == "running", g
+        assert f.cli("agent", LONG_NAME, "ping").stdout.startswith("pong")          # agent
+        out = f.cli("console", LONG_NAME, input="echo deep-$((6*7))\n").stdout      # console
+        assert "deep-42" in out, out
+        f.cli("restart", LONG_NAME)                    # QMP: a graceful stop, then a start
+        assert f.guests()[LONG_NAME]["pid"] not in (None, g["pid"])
+        f.cli("destroy", "--yes")
+        assert leftovers(f.instance) == []
+
+
 # ------------------------------------------------------------- faults, one by one
 
 def test_invalid_inventory_touches_nothing(tmp_path):
