@@ -21,7 +21,7 @@ import ipaddress
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -91,6 +91,23 @@ class NicIntent(_Frozen):
         return f"{self.ip}/{self.prefix}" if self.ip else None
 
 
+BOOT_NODE = "disk0"          # the image's disk (the guest's overlay of it), in QEMU
+
+
+def data_node(name: str) -> str:
+    """Data disk ``name``'s QEMU node, its file's stem and its label in backups."""
+    return f"data-{name}"
+
+
+class Drive(NamedTuple):
+    """One writable disk of a guest, as every part names it."""
+
+    node: str                  # QEMU's node: disk0, data-<name>
+    file: str                  # in the guest's dir: disk.qcow2, data-<name>.qcow2
+    label: str                 # in backup manifests: "disk", data-<name>
+    io: DiskIo | None          # its own limits from the inventory
+
+
 class DiskIntent(_Frozen):
     """A data disk: ``<guest dir>/data-<name>.qcow2``."""
 
@@ -133,6 +150,15 @@ class GuestIntent(_Frozen):
     def memory_min(self) -> int:
         assert self.memory.min is not None
         return self.memory.min
+
+    def drives(self) -> tuple[Drive, ...]:
+        """The writable disks: the image's disk (its overlay) first, then the data disks.
+        The one list launch, throttling, the rebalancer's I/O reads and backups go by."""
+        out = [Drive(BOOT_NODE, "disk.qcow2", "disk", self.disk_io)] if self.image_spec.disk \
+            else []
+        out += [Drive(data_node(d.name), f"{data_node(d.name)}.qcow2", data_node(d.name), d.io)
+                for d in self.disks]
+        return tuple(out)
 
     def spec_hash(self) -> str:
         return _hash(self.model_dump(mode="json"))

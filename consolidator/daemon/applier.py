@@ -173,8 +173,7 @@ class Applier:
         if g.guest is not None and any(c.field.startswith("disk_io") or
                                        (c.field.startswith("disks.") and
                                         c.field.endswith(".io")) for c in a.changes):
-            for drive, limits in throttle.guest_limits(intent,
-                                                       bool(g.guest.spec.boot.disk)).items():
+            for drive, limits in throttle.guest_limits(intent).items():
                 await g.guest.set_disk_limits(drive, limits)
                 written.append(f"{drive} limits: {throttle.shown(limits) or 'none'}")
         self.runtime.update_intent(g, intent, "updated", changes=changes, written=written)

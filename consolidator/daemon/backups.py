@@ -32,7 +32,7 @@ import structlog
 from ..backup import retention
 from ..backup.repo import Backup, Repo
 from ..errors import ConflictError, ConsolidatorError
-from ..model import GuestState
+from ..model import BOOT_NODE, GuestState
 from ..state import write_json
 from ..vm import storage
 from ..vm.disk import backing_chain
@@ -176,7 +176,7 @@ class Backups:
         entries: dict[str, dict[str, Any]] = {}
         bases: dict[str, dict[str, Any]] = {}
         for d in disks:
-            if d.node == "disk0":
+            if d.node == BOOT_NODE:
                 chain = await asyncio.to_thread(backing_chain, d.path)
                 if len(chain) > 1:
                     bases[d.label] = await asyncio.to_thread(repo.store_base, chain[1:])

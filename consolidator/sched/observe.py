@@ -164,10 +164,6 @@ class Snapshot:
 _HUNG = object()     # an answer that did not come in time
 
 
-def has_disks(intent: GuestIntent) -> bool:
-    return bool(intent.disks or intent.image_spec.disk)
-
-
 async def _no_net() -> tuple[None, None]:
     return None, None
 
@@ -268,7 +264,7 @@ class Observer:
                 self._pings[t.name] = asyncio.ensure_future(self._ping(t.probe))
         due = [t for t in guests if t.name not in self._hung and
                self._stats_due(t.name, cgroup[t.name], t.probe.balloon_actual, mono)]
-        disk_due = [t for t in guests if has_disks(t.intent) and t.name not in self._hung
+        disk_due = [t for t in guests if t.intent.drives() and t.name not in self._hung
                     and self._disks_due(t.name, cgroup[t.name], mono)]
         # the NICs' counters are a netlink dump: in a thread (pyroute2's sync socket will
         # not run inside the loop), while the loop asks the QEMUs

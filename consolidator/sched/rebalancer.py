@@ -39,7 +39,7 @@ from .memory import (HostState, MemDecision, MemHost, MemInput, MemParams, memor
                      watchdog_target)
 from .io import IoInput, io_policy
 from .ksm import KsmDecision, KsmMode, KsmNeed, KsmObs, KsmParams, KsmState, ksm_policy
-from .observe import NetReader, Observer, Snapshot, Tracked, UsageReader, has_disks
+from .observe import NetReader, Observer, Snapshot, Tracked, UsageReader
 from .psi import PsiWatch, watch_memory_pressure
 
 log = structlog.get_logger("rebalancer")
@@ -387,7 +387,7 @@ class Rebalancer:
         """Each busy guest's part of the host's disk budget, by its io.shares."""
         io_in = []
         for t in running:
-            if not has_disks(t.intent) or snap.guests[t.name].unresponsive_s is not None:
+            if not t.intent.drives() or snap.guests[t.name].unresponsive_s is not None:
                 continue
             o = snap.guests[t.name]
             rate = None if o.disk_rd is None or o.disk_wr is None else o.disk_rd + o.disk_wr

@@ -38,6 +38,7 @@ import structlog
 
 from .. import linux
 from ..files import rotate_log, unix_address
+from ..model import BOOT_NODE, data_node
 from ..errors import (AgentError, ConflictError, LaunchError, QMPError, ReadyTimeout,
                       RunstateError)
 from .agent import Agent
@@ -638,7 +639,7 @@ class Guest:
         out = {}
         for node, c in (await self._need_qmp("query-blockstats").blockstats()).items():
             drive = node[:-3] if node.endswith("-io") else node
-            if drive == "disk0" or drive.startswith("data-"):
+            if drive == BOOT_NODE or drive.startswith(data_node("")):
                 out[drive] = c
         return out
 
@@ -649,7 +650,7 @@ class Guest:
             raise LaunchError(f"guest {self.name}: no QMP to resize disk {name}")
         # through the node the device is attached to: a resize below the throttle filters
         # reaches the file but never the guest (QEMU tells only a root's device)
-        node = f"data-{name}"
+        node = data_node(name)
         if await self._throttle_nodes():
             node = throttle.top_node(node)
         await self.qmp.block_resize(node, size)

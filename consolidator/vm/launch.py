@@ -12,7 +12,7 @@ from ..errors import ImageError
 from ..hostfacts import host_tsc_khz
 from ..inventory.files import disk_problems, inside, regular_file
 from ..inventory.schema import NetworkSpec, Uefi
-from ..model import GuestIntent
+from ..model import GuestIntent, data_node
 from . import throttle
 from .accel import KvmFacts, KvmKind, choose_accel, probe_kvm
 from .disk import own, prepare_data_disk, prepare_overlay, prepare_vars
@@ -100,7 +100,7 @@ def prepare_boot(intent: GuestIntent, cache: Path, guest_dir: Path,
     writable = []
     data = []
     for d in intent.disks:
-        path = guest_dir / f"data-{d.name}.qcow2"
+        path = guest_dir / f"{data_node(d.name)}.qcow2"
         prepare_data_disk(path, d.size)
         writable.append(path)
         data.append(DataDisk(d.name, str(path), d.bus))
@@ -149,4 +149,4 @@ def launch_spec(intent: GuestIntent, boot: Boot, paths: RunPaths, host: VirtHost
         display=intent.display, rtc=intent.rtc, cpu_model=intent.cpu.model,
         hyperv=intent.hyperv, boot_order=intent.boot, mem_merge=intent.memory.merge,
         limits=tuple((k, tuple(v.items())) for k, v in
-                     throttle.guest_limits(intent, bool(boot.disk)).items()), **extra)
+                     throttle.guest_limits(intent).items()), **extra)

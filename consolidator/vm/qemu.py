@@ -315,6 +315,8 @@ def disk_args(layers: tuple[DiskLayer, ...]) -> list[str]:
     must exist before the node that names it as its backing). Layers below the top are
     read-only. The device that shows node ``disk0`` to the guest is added by :class:`Bays`."""
     argv: list[str] = []
+    # disk0 and data-<name>: the nodes GuestIntent.drives() names (spelt out here, to keep
+    # this module free of the model's imports; tests/unit/test_realos.py holds them equal)
     node = ["disk0" if i == 0 else f"disk0-b{i}" for i in range(len(layers))]
     for i in reversed(range(len(layers))):
         argv += _node(layers[i].fd, DISK_FDSET + i, node[i], layers[i].format,

@@ -47,12 +47,7 @@ class DiskNode:
 
 def guest_disks(intent: GuestIntent, guest_dir: Path) -> tuple[DiskNode, ...]:
     """Pure: the writable qcow2 disks of a guest (its overlay first), as launched."""
-    out = []
-    if intent.image_spec.disk:
-        out.append(DiskNode("disk0", guest_dir / "disk.qcow2", "disk"))
-    out += [DiskNode(f"data-{d.name}", guest_dir / f"data-{d.name}.qcow2", f"data-{d.name}")
-            for d in intent.disks]
-    return tuple(out)
+    return tuple(DiskNode(d.node, guest_dir / d.file, d.label) for d in intent.drives())
 
 
 

@@ -77,14 +77,9 @@ def share_limits(bps: int | None, iops: int | None) -> dict[str, int]:
     return out
 
 
-def guest_limits(intent: GuestIntent, boot_disk: bool) -> dict[str, dict[str, int]]:
+def guest_limits(intent: GuestIntent) -> dict[str, dict[str, int]]:
     """Each drive's own limits, by drive node name (``disk0``, ``data-<name>``)."""
-    out: dict[str, dict[str, int]] = {}
-    if boot_disk:
-        out["disk0"] = disk_limits(intent.disk_io)
-    for d in intent.disks:
-        out[f"data-{d.name}"] = disk_limits(d.io)
-    return out
+    return {d.node: disk_limits(d.io) for d in intent.drives()}
 
 
 def object_arg(group_id: str, limits: dict[str, int] | None = None) -> str:

@@ -18,7 +18,8 @@ from consolidator.net import dhcp, nft
 from consolidator.plan import Impact, guest_changes
 from consolidator.vm.accel import KvmFacts, KvmKind
 from consolidator.vm.launch import VirtHost, launch_spec
-from consolidator.vm.qemu import Boot, DataDisk, Handles, RunPaths, build_argv
+from consolidator.vm import storage, throttle
+from consolidator.vm.qemu import Boot, DataDisk, DiskLayer, Handles, RunPaths, build_argv
 from consolidator.vm.seed import network_config
 
 FACTS = HostFacts(cpus=(0, 1), memory_total=8 << 30)
@@ -152,6 +153,36 @@ def test_growing_a_data_disk_is_live_and_shrinking_is_refused(tmp_path):
     more = fleet(tmp_path, "  a: {image: inst, disks: [{size: 1GiB}, {size: 1GiB}]}\n")
     (c,) = guest_changes(g("1GiB"), more.guests["a"])
     assert c.impact is Impact.RESTART
+
+
+def test_one_list_of_drives_names_each_disk_for_qemu_its_limits_and_backups(tmp_path):
+    (tmp_path / "root.raw").write_bytes(b"\0" * 4096)
+    intent = fleet(tmp_path, "  a:\n    image: os\n    disk_io: {write_bps: 8MiB/s}\n"
+                             "    disks: [{size: 1GiB}, {size: 2GiB, name: logs,"
+                             " io: {iops: 300}}]\n",
+                   images=f"  os: {{disk: {tmp_path / 'root.raw'}, firmware: bios}}\n"
+                   ).guests["a"]
+    drives = intent.drives()
+    assert [(d.node, d.file, d.label) for d in drives] == [
+        ("disk0", "disk.qcow2", "disk"), ("data-data0", "data-data0.qcow2", "data-data0"),
+        ("data-logs", "data-logs.qcow2", "data-logs")]
+    # QEMU: a qcow2 node and its own throttle group for each drive, by the same name
+    boot = Boot(None, None, disk="/s/guests/a/disk.qcow2", firmware="bios",
+                data=tuple(DataDisk(d.name, f"/d/{d.name}", d.bus) for d in intent.disks))
+    spec = launch_spec(intent, boot, PATHS, TCG_HOST)
+    argv = build_argv(spec, Handles(qmp=3, console=4, agent=5, serial_log=6,
+                                    disk=(DiskLayer(40, "qcow2"),), data=(50, 51)))
+    for d in drives:
+        assert f"driver=qcow2,node-name={d.node}," in " ".join(argv), d
+        assert f"throttle-group,id=io-{d.node}" in " ".join(argv), d
+    assert throttle.guest_limits(intent) == {
+        "disk0": throttle.disk_limits(intent.disk_io),
+        "data-data0": throttle.disk_limits(None),
+        "data-logs": throttle.disk_limits(intent.disks[1].io)}
+    assert "x-bps-write=8388608" in " ".join(argv) and "x-iops-total=300" in " ".join(argv)
+    # backups and snapshots: the same drives, at their files in the guest's dir
+    assert storage.guest_disks(intent, tmp_path / "g") == tuple(
+        storage.DiskNode(d.node, tmp_path / "g" / d.file, d.label) for d in drives)
 
 
 # ----------------------------------------------------------- cloud-init seed
