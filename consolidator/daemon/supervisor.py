@@ -79,6 +79,15 @@ class GuestControls:
         if self.ksm is not None:
             self.ksm.restore()
 
+    def ksm_host(self) -> tuple[int, int] | None:
+        if self.ksm is None:
+            return None
+        try:
+            return self.ksm.host_scanning()
+        except (OSError, ValueError) as e:
+            log.warning("ksm.found_unreadable", error=f"{type(e).__name__}: {e}")
+            return None
+
     async def set_weight(self, name: str, weight: int) -> bool:
         ex = self.lifecycle.executor
         if ex is None or ex.cgroups is None:

@@ -68,6 +68,7 @@ class KsmSysfs:
         self._pid: int | None = None
         self._lock_fd: int | None = None
         self.other: str | None = None     # why we may not write (another owner), said once
+        self._found: dict[str, Any] | None = None     # recorded, while this one owns KSM
 
     @property
     def owner(self) -> bool:
@@ -89,9 +90,12 @@ class KsmSysfs:
         scanned = None
         with contextlib.suppress(OSError, ValueError):
             scanned = int(held.read(str(self.root / "pages_scanned")))
+        advisor = False                  # advisor_mode: "[none] scan-time", 6.8 and later
+        with contextlib.suppress(OSError):
+            advisor = b"[scan-time]" in held.read(str(self.root / "advisor_mode"))
         return KsmObs(mono, v["run"], v["pages_to_scan"], v["sleep_millisecs"],
                       v["pages_shared"], v["pages_sharing"], v["full_scans"],
-                      self._cpu(held), scanned)
+                      self._cpu(held), scanned, advisor)
 
     def _cpu(self, held: HeldFiles) -> float:
         for _ in range(2):
@@ -108,6 +112,18 @@ class KsmSysfs:
 
     def settings(self) -> dict[str, int]:
         return {k: int((self.root / k).read_text()) for k in KNOBS}
+
+    def host_scanning(self) -> tuple[int, int] | None:
+        """(pages_to_scan, sleep_millisecs) the host ran ksmd at before any supervisor
+        changed its settings; None: the host had it stopped. Those are what an owner
+        recorded (``ksm-found.json``), or, while no owner has written, what is set now."""
+        if self._found is None:
+            path = self.found_path
+            found = json.loads(path.read_text()) if path.exists() else self.settings()
+            if not self.owner:
+                return _scanning(found)    # may change until this one records it
+            self._found = found
+        return _scanning(self._found)
 
     # --------------------------------------------------------------- writing
     def claim(self) -> bool:
@@ -173,7 +189,14 @@ class KsmSysfs:
             (self.run_dir / "ksm.owner").unlink()
         os.close(self._lock_fd)
         self._lock_fd = None
+        self._found = None
         return found
+
+
+def _scanning(found: dict[str, Any]) -> tuple[int, int] | None:
+    if int(found.get("run", 0)) != 1:
+        return None
+    return int(found["pages_to_scan"]), int(found["sleep_millisecs"])
 
 
 def read_owner(path: Path) -> str | None:

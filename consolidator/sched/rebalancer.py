@@ -80,6 +80,10 @@ class Controls(Protocol):
     def release_ksm(self) -> None:
         """Put back KSM's settings as they were found, if they were changed."""
 
+    def ksm_host(self) -> tuple[int, int] | None:
+        """(pages_to_scan, sleep_millisecs) the host ran KSM at before this supervisor
+        changed it; None: the host had it stopped."""
+
 
 TickHook = Callable[[Snapshot, dict[str, Any]], None]
 
@@ -353,7 +357,8 @@ class Rebalancer:
         mergeable = [t for t in running if t.intent.memory.merge]
         need = KsmNeed(self.host_state, sum(t.intent.memory.max for t in running),
                        settings.budget, len(mergeable))
-        d = ksm_policy(settings.ksm, obs, need, self.ksm_state, self.ksm_params)
+        d = ksm_policy(settings.ksm, obs, need, self.ksm_state, self.ksm_params,
+                       host=self.controls.ksm_host())
         assert d is not None
         prev_phase = self.ksm_state.phase if self.ksm_state else None
         self.ksm_state = d.state

@@ -137,6 +137,43 @@ def test_memory_no_longer_short_stops_the_scanner():
     assert d_on.run and d_on.phase == "steady"
 
 
+def test_a_host_that_ran_ksm_before_keeps_at_least_its_own_rate():
+    host = (400, 50)             # the host's own settings, found with run 1
+    # memory not short: auto would stop the scanner, but ksmd serves the whole host
+    d = ksm_policy(KsmMode.AUTO, obs(run=1, pages=400, sleep=50), FITS, None, P, host=host)
+    assert (d.run, d.pages_to_scan, d.sleep_ms, d.phase) == (True, 400, 50, "idle")
+    assert "the host ran KSM before this supervisor" in d.reason
+    assert not d.changed(obs(run=1, pages=400, sleep=50))     # nothing written
+    # no guest may merge: the same
+    d = ksm_policy(KsmMode.AUTO, obs(run=1), replace(FITS, guests=0), None, P, host=host)
+    assert (d.run, d.pages_to_scan, d.sleep_ms) == (True, 400, 50)
+    # steady: at the faster of the steady rate and the host's
+    state, last = _steady_state()
+    later = replace(last, mono=last.mono + 1)
+    d = ksm_policy(KsmMode.AUTO, later, SHORT, state, P, host=host)
+    assert d.phase == "steady" and "host ran KSM" not in d.reason    # 400/50 ms is slower
+    d = ksm_policy(KsmMode.AUTO, later, SHORT, state, P, host=(4000, 20))
+    assert (d.run, d.pages_to_scan, d.sleep_ms, d.phase) == (True, 4000, 20, "steady")
+    # merging faster than the host's rate: the policy's own settings
+    d = ksm_policy(KsmMode.AUTO, obs(), replace(SHORT, host_state=HostState.HARD), None, P,
+                   host=(16, 1000))
+    assert d.run and d.phase == "merge" and "host ran KSM" not in d.reason
+    assert d.predicted > predicted_cpu(16, 1000, P.cost_prior)
+    # a host that had KSM stopped: stopped as before
+    d = ksm_policy(KsmMode.AUTO, obs(), FITS, None, P, host=None)
+    assert not d.run
+
+
+def test_under_the_kernel_s_scan_time_advisor_only_run_is_the_policy_s():
+    advised = replace(obs(run=1, pages=2500, sleep=20), advisor=True)
+    d = ksm_policy(KsmMode.AUTO, advised, SHORT, None, P)
+    assert (d.run, d.pages_to_scan, d.sleep_ms, d.phase) == (True, 2500, 20, "merge")
+    assert "scan-time advisor" in d.reason and not d.changed(advised)
+    # memory not short: the scanner is stopped all the same
+    d = ksm_policy(KsmMode.AUTO, advised, FITS, None, P)
+    assert not d.run and d.changed(advised)
+
+
 def test_judging_waits_for_two_full_scans():
     # nothing gained yet, but only one full scan done: KSM merges on the second
     readings = [obs(t, 0, t * 0.08, scans=min(t // 15, 1), scanned=t * 80_000, run=1)
@@ -219,3 +256,26 @@ def test_steady_state_never_exceeds_the_cpu_budget(cost, ticks, gained, level, m
         assert measured
     for d in measured[3:]:
         assert not d.run or predicted_cpu(d.pages_to_scan, d.sleep_ms, cost) <= P.cpu_steady
+
+
+def test_the_cost_is_measured_over_smart_scan_s_whole_cycle():
+    """ksmd with smart_scan: 8 scans at 0.3 us a page, then one at 2 us (it looks at every
+    page again). Sampled per scan the estimate swung with the cycle; over 9 scans it is
+    the cycle's average, and holds still from one cycle to the next."""
+    cheap, dear, per_scan = 0.3e-6, 2.0e-6, 10_000
+    state: KsmState | None = None
+    t, cpu, scanned, costs = 0.0, 0.0, 0, []
+    for scan in range(1, 5 * P.cost_scans + 1):       # one full scan a tick
+        cpu += per_scan * (dear if scan % P.cost_scans == 0 else cheap)
+        scanned += per_scan
+        t += 1.0
+        o = KsmObs(t, 1, 1000, 100, 1000, 3000, scan, cpu, scanned)
+        d = ksm_policy(KsmMode.ON, o, SHORT, state, P)
+        state = d.state
+        costs.append(state.cost)
+    average = (8 * cheap + dear) / 9
+    settled = [c for c in costs[3 * P.cost_scans:] if c is not None]
+    assert settled and all(abs(c - average) / average < 0.15 for c in settled), \
+        (average, settled)
+    # within a cycle the estimate does not move
+    assert len(set(costs[3 * P.cost_scans:4 * P.cost_scans])) <= 2
