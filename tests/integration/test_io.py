@@ -202,7 +202,10 @@ def test_shares_divide_the_host_budget_while_both_write_and_one_takes_all_alone(
                  if e.get("event") == "io.share" and e.get("guest") == "b"
                  and (e.get("bps") or 0) >= budget * 0.95]
         at = datetime.fromisoformat(given[-1]["timestamp"].replace("Z", "+00:00"))
-        assert at.timestamp() - t_stop <= 2.0, at.timestamp() - t_stop
+        # two ticks at most: the one whose interval holds the writer's end still sees it
+        # busy, the next sees it idle; plus the loop's lateness, as the two writing TCG
+        # guests keep both cores busy (2.1 s seen once in CI)
+        assert at.timestamp() - t_stop <= 2.5, at.timestamp() - t_stop
         assert rows["a"]["share_bps"] is None      # idle: keeps nothing back
     finally:
         sh(fleet, "a", stop)
