@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from consolidator.daemon.restartpolicy import MAX_RESTARTS, WINDOW  # noqa: E402
 from tools.fleetdir import FleetDir  # noqa: E402
 
 HEAD = """
@@ -58,8 +59,9 @@ class Soak(FleetDir):
         super().__init__(Path(tempfile.mkdtemp(prefix="soak-")))
         self.shares = {f"g{i}": 1000 for i in range(n)}
         self.actions: dict[str, int] = {}
+        self.kills: dict[str, list[float]] = {}     # each guest's QEMU kills (monotonic)
 
-    def write(self) -> None:
+    def write_inventory(self) -> None:
         text = HEAD.format(inst=self.inst, budget=self.n * 96)
         text += "".join(f"  {g}: {{memory: {{max: 128MiB, min: 64MiB}}, restart: always, "
                         f"cpu: {{shares: {s}}}}}\n" for g, s in self.shares.items())
@@ -80,7 +82,7 @@ class Soak(FleetDir):
                           arg=str(self.rng.choice([0, 0, 16, 32, 48])), timeout=20)
             elif kind == "apply":
                 self.shares[g] = self.rng.choice([500, 1000, 2000, 4000])
-                self.write()
+                self.write_inventory()
                 self.cli("apply")
             elif kind == "restart":
                 self.cli("restart", g)
@@ -88,6 +90,7 @@ class Soak(FleetDir):
                 pid = {x["name"]: x["pid"] for x in self.call("status")["guests"]}.get(g)
                 if pid:
                     os.kill(pid, signal.SIGKILL)
+                    self.kills.setdefault(g, []).append(time.monotonic())
         except Exception as e:  # noqa: BLE001 - a guest mid-restart may not answer
             self.actions[f"{kind} failed"] = self.actions.get(f"{kind} failed", 0) + 1
             if kind in ("apply",):
@@ -122,6 +125,13 @@ class Soak(FleetDir):
             db.close()
 
 
+def most_in(times: list[float], window: float) -> int:
+    """The most of ``times`` that fall within any ``window`` seconds."""
+    ts = sorted(times)
+    return max((sum(1 for u in ts[i:] if u - t <= window) for i, t in enumerate(ts)),
+               default=0)
+
+
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, value) points, per hour."""
     if len(points) < 3:
@@ -149,7 +159,7 @@ def main() -> None:
     ticks_ms: list[float] = []
     left: list[str] = []
     try:
-        s.write()
+        s.write_inventory()
         s.cli("apply")
         t0 = time.monotonic()
         next_sample = 0.0
@@ -166,8 +176,11 @@ def main() -> None:
             time.sleep(a.every)
         final = s.call("status")["guests"]
         running = sum(g["state"] == "running" for g in final)
-        others = {g["name"]: (g["state"], g["restarts"], g["last_event"]) for g in final
-                  if g["state"] != "running"}
+        others = {g["name"]: (g["state"], g["restarts"], g["last_event"],
+                              f"killed {len(s.kills.get(g['name'], []))}x, at most "
+                              f"{most_in(s.kills.get(g['name'], []), WINDOW)} in "
+                              f"{WINDOW:g}s (limit {MAX_RESTARTS})")
+                  for g in final if g["state"] != "running"}
     finally:
         s.cli("destroy", "--yes", "--purge", check=False)
         from consolidator.daemon import teardown
