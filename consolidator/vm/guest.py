@@ -23,6 +23,7 @@ import contextlib
 import enum
 import fcntl
 import functools
+import itertools
 import os
 import re
 import shutil
@@ -161,8 +162,10 @@ class Guest:
         self.hint_pvm = hint_pvm
         self.log = structlog.get_logger("guest").bind(guest=spec.name)
         self._state = Runstate.DEFINED
-        self.transitions: list[Transition] = [Transition(Runstate.DEFINED, time.time(),
-                                                         time.monotonic(), 0.0)]
+        # the last few lives' (the object is kept across restarts: unbounded, it grew
+        # with each one, as the events did before their deque)
+        self.transitions: deque[Transition] = deque(
+            [Transition(Runstate.DEFINED, time.time(), time.monotonic(), 0.0)], maxlen=64)
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.argv: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -215,7 +218,7 @@ class Guest:
         if self.transitions[-1].state is state:
             return time.monotonic() - self.transitions[-1].mono
         last = None
-        for a, b in zip(self.transitions, self.transitions[1:]):
+        for a, b in itertools.pairwise(self.transitions):
             if a.state is state:
                 last = b.mono - a.mono
         return last

@@ -89,6 +89,11 @@ def test_boot_agent_balloon_load_and_graceful_stop(make_guest):
             assert before_rss - after_rss > 64 * MiB, seen
             await g.qmp.set_balloon(256 * MiB)
             await settle_balloon(g, 256 * MiB)
+            # -- the events are the guest's (a bounded log); QMP's listeners keep none of
+            # them (qemu.qmp's would keep each for the connection's life: a slow leak)
+            assert [e for e in g.events if e["event"] == "BALLOON_CHANGE"], list(g.events)
+            listeners = g.qmp._client._listeners
+            assert listeners and not any(x.history for x in listeners), listeners
 
             # -- mem 64: guest-stats available memory falls by about 64 MiB
             base = await fresh_stats(g, 0)
